@@ -1,0 +1,183 @@
+//! The lifecycle of a mirrored table and of a mirror, as pure state-transition functions.
+//!
+//! Table states (as users see them in `get_all_tables_mirror_status()`):
+//! ```text
+//!   Snapshotting --SnapshotPublished--> Replicating
+//!   Snapshotting --Failed-------------> Failed
+//!   Failed       --SnapshotRestarted--> Snapshotting   (a new attempt of the whole mirror's snapshot)
+//!   Snapshotting --SnapshotRestarted--> Snapshotting
+//!   any          --Stopped------------> Stopped        (stop_mirror)
+//! ```
+//! Replicating with no change stream yet means: the snapshot is published and the mirror's slot holds
+//! every later change from the snapshot's consistent point.
+
+use crate::error::{Error, ErrorKind, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableState {
+    Snapshotting,
+    Replicating,
+    Stopped,
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableEvent {
+    SnapshotPublished,
+    SnapshotRestarted,
+    Failed,
+    Stopped,
+}
+
+/// OK / WARNING / ERROR, as in Fabric's status functions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Ok,
+    Warning,
+    Error,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Ok => "OK",
+            Health::Warning => "WARNING",
+            Health::Error => "ERROR",
+        }
+    }
+}
+
+impl TableState {
+    pub const ALL: [TableState; 4] =
+        [TableState::Snapshotting, TableState::Replicating, TableState::Stopped, TableState::Failed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TableState::Snapshotting => "Snapshotting",
+            TableState::Replicating => "Replicating",
+            TableState::Stopped => "Stopped",
+            TableState::Failed => "Failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<TableState> {
+        TableState::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| Error::new(ErrorKind::Internal, format!("unknown table state \"{s}\"")))
+    }
+
+    /// The state after `event`, or an error for a transition that must not happen.
+    pub fn on(self, event: TableEvent) -> Result<TableState> {
+        use TableEvent as E;
+        use TableState as S;
+        match (self, event) {
+            (_, E::Stopped) => Ok(S::Stopped),
+            (S::Snapshotting, E::SnapshotPublished) => Ok(S::Replicating),
+            (S::Snapshotting | S::Failed, E::SnapshotRestarted) => Ok(S::Snapshotting),
+            (S::Snapshotting | S::Replicating, E::Failed) => Ok(S::Failed),
+            (s, e) => Err(Error::new(
+                ErrorKind::Internal,
+                format!("table state {} cannot take event {e:?}", s.as_str()),
+            )),
+        }
+    }
+
+    /// The health shown next to the state: Failed is an error; a table without key columns is a warning
+    /// (its rows can be inserted but later updates and deletes cannot be expressed).
+    pub fn health(self, has_key_columns: bool) -> Health {
+        match self {
+            TableState::Failed => Health::Error,
+            _ if !has_key_columns => Health::Warning,
+            _ => Health::Ok,
+        }
+    }
+}
+
+/// Mirror states (catalog `azure_cdc.mirrors.state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorState {
+    /// Recorded; its snapshot has not completed yet.
+    Starting,
+    /// Its snapshot is published.
+    Running,
+    Stopped,
+}
+
+impl MirrorState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MirrorState::Starting => "Starting",
+            MirrorState::Running => "Running",
+            MirrorState::Stopped => "Stopped",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<MirrorState> {
+        [MirrorState::Starting, MirrorState::Running, MirrorState::Stopped]
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| Error::new(ErrorKind::Internal, format!("unknown mirror state \"{s}\"")))
+    }
+
+    /// Whether the mirror needs its workers (and so a place among `max_fabric_mirrors`).
+    pub fn is_active(self) -> bool {
+        !matches!(self, MirrorState::Stopped)
+    }
+}
+
+/// Back-off before restarting a worker that failed `failures` times in a row: 1 s doubling to 5 min.
+pub fn restart_backoff_secs(failures: u32) -> u64 {
+    let exp = failures.saturating_sub(1).min(9);
+    (1u64 << exp).min(300)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use TableEvent as E;
+    use TableState as S;
+
+    #[test]
+    fn transitions() {
+        assert_eq!(S::Snapshotting.on(E::SnapshotPublished).unwrap(), S::Replicating);
+        assert_eq!(S::Snapshotting.on(E::Failed).unwrap(), S::Failed);
+        assert_eq!(S::Failed.on(E::SnapshotRestarted).unwrap(), S::Snapshotting);
+        for s in S::ALL {
+            assert_eq!(s.on(E::Stopped).unwrap(), S::Stopped);
+        }
+        assert!(S::Replicating.on(E::SnapshotPublished).is_err());
+        assert!(S::Stopped.on(E::SnapshotPublished).is_err());
+        assert!(S::Replicating.on(E::SnapshotRestarted).is_err());
+        assert!(S::Stopped.on(E::Failed).is_err());
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for s in S::ALL {
+            assert_eq!(S::parse(s.as_str()).unwrap(), s);
+        }
+        assert!(S::parse("Running").is_err());
+        for m in [MirrorState::Starting, MirrorState::Running, MirrorState::Stopped] {
+            assert_eq!(MirrorState::parse(m.as_str()).unwrap(), m);
+        }
+        assert!(!MirrorState::Stopped.is_active());
+    }
+
+    #[test]
+    fn health() {
+        assert_eq!(S::Failed.health(true), Health::Error);
+        assert_eq!(S::Replicating.health(false), Health::Warning);
+        assert_eq!(S::Replicating.health(true), Health::Ok);
+        assert_eq!(Health::Warning.as_str(), "WARNING");
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(restart_backoff_secs(1), 1);
+        assert_eq!(restart_backoff_secs(2), 2);
+        assert_eq!(restart_backoff_secs(5), 16);
+        assert_eq!(restart_backoff_secs(50), 300);
+        assert_eq!(restart_backoff_secs(0), 1);
+    }
+}

@@ -1,0 +1,276 @@
+//! Every name azure_cdc shows to the outside world is generated, and parsed back, here: mirror names,
+//! replication slot names, background worker names, and the object keys of the landing zone (table
+//! folders, data files, temporary files). Pure; round-trip tested.
+//!
+//! Object keys come from database names (schema, table) only through [`table_folder`], whose encoding
+//! cannot produce `..`, an absolute path, a separator or a collision:
+//! ASCII letters, digits, `_` and `-` and every non-ASCII character are kept; any other byte
+//! (including `.`, `/`, `\`, space, quotes, `%` and control characters) becomes `%XX` (upper-case hex).
+//! Because `%` itself is encoded, the mapping is injective and [`decode_component`] inverts it.
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// PostgreSQL's identifier limit (NAMEDATALEN - 1).
+pub const MAX_IDENTIFIER_BYTES: usize = 63;
+/// Prefix of every replication slot azure_cdc creates.
+pub const SLOT_PREFIX: &str = "azure_cdc_";
+/// Longest mirror name: the slot name `azure_cdc_<mirror>` must fit in 63 bytes.
+pub const MAX_MIRROR_NAME_BYTES: usize = MAX_IDENTIFIER_BYTES - SLOT_PREFIX.len();
+/// Number of digits of a data file number.
+pub const FILE_NUMBER_DIGITS: usize = 20;
+/// Suffix of the folder of a schema in the landing zone.
+pub const SCHEMA_FOLDER_SUFFIX: &str = ".schema";
+
+/// Checks a mirror name: 1 to 53 bytes of lower-case ASCII letters, digits and `_`, not starting with a
+/// digit. The rules of replication slot names, so that the slot can carry the mirror's name.
+pub fn validate_mirror_name(name: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Error::new(ErrorKind::InvalidName, format!("invalid mirror name \"{name}\""))
+            .with_detail(why.to_string())
+            .with_hint(format!(
+                "A mirror name has 1 to {MAX_MIRROR_NAME_BYTES} characters: lower-case letters, digits and underscores, not starting with a digit."
+            ))
+    };
+    if name.is_empty() {
+        return Err(bad("The name is empty."));
+    }
+    if name.len() > MAX_MIRROR_NAME_BYTES {
+        return Err(bad(&format!("The name is {} bytes long.", name.len())));
+    }
+    if name.as_bytes()[0].is_ascii_digit() {
+        return Err(bad("The name starts with a digit."));
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')) {
+        return Err(bad(&format!("The name contains \"{c}\".")));
+    }
+    Ok(())
+}
+
+/// The logical replication slot of a mirror.
+pub fn slot_name(mirror: &str) -> String {
+    format!("{SLOT_PREFIX}{mirror}")
+}
+
+/// The mirror a slot belongs to, if the slot is one of ours.
+pub fn mirror_of_slot(slot: &str) -> Option<&str> {
+    slot.strip_prefix(SLOT_PREFIX).filter(|m| validate_mirror_name(m).is_ok())
+}
+
+/// The kinds of background workers, as shown in `pg_stat_activity.backend_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerKind {
+    Launcher,
+    Scout,
+    Snapshot,
+}
+
+impl WorkerKind {
+    pub fn backend_type(self) -> &'static str {
+        match self {
+            WorkerKind::Launcher => "azure_cdc launcher",
+            WorkerKind::Scout => "azure_cdc scout",
+            WorkerKind::Snapshot => "azure_cdc snapshot",
+        }
+    }
+}
+
+/// The name of one background worker (at most 95 bytes, PostgreSQL's BGW_MAXLEN - 1).
+pub fn worker_name(kind: WorkerKind, database: &str, mirror: Option<&str>) -> String {
+    let mut s = match mirror {
+        Some(m) => format!("{} for mirror {m} in database {database}", kind.backend_type()),
+        None => format!("{} for database {database}", kind.backend_type()),
+    };
+    truncate_utf8(&mut s, 95);
+    s
+}
+
+fn truncate_utf8(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+/// Encodes one database name (schema or table) as one path component of an object key.
+pub fn encode_component(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        if c.is_ascii_alphanumeric() || c == '_' || c == '-' || !c.is_ascii() {
+            out.push(c);
+        } else {
+            out.push_str(&format!("%{:02X}", c as u32));
+        }
+    }
+    out
+}
+
+/// Inverts [`encode_component`]; fails on anything it cannot have produced.
+pub fn decode_component(encoded: &str) -> Result<String> {
+    let bad = || Error::new(ErrorKind::InvalidParameter, format!("\"{encoded}\" is not an encoded name"));
+    let mut out = String::with_capacity(encoded.len());
+    let mut chars = encoded.chars();
+    while let Some(c) = chars.next() {
+        if c == '%' {
+            let hex: String = chars.by_ref().take(2).collect();
+            if hex.len() != 2 || hex.chars().any(|h| h.is_ascii_lowercase()) {
+                return Err(bad());
+            }
+            let v = u8::from_str_radix(&hex, 16).map_err(|_| bad())?;
+            let ch = v as char;
+            if !v.is_ascii() || ch.is_ascii_alphanumeric() || ch == '_' || ch == '-' {
+                return Err(bad());
+            }
+            out.push(ch);
+        } else if c.is_ascii_alphanumeric() || c == '_' || c == '-' || !c.is_ascii() {
+            out.push(c);
+        } else {
+            return Err(bad());
+        }
+    }
+    Ok(out)
+}
+
+/// The folder of a table relative to the landing-zone root: `<schema>.schema/<table>`.
+pub fn table_folder(schema: &str, table: &str) -> String {
+    format!("{}{SCHEMA_FOLDER_SUFFIX}/{}", encode_component(schema), encode_component(table))
+}
+
+/// Parses a table folder back into (schema, table).
+pub fn parse_table_folder(folder: &str) -> Result<(String, String)> {
+    let bad = || Error::new(ErrorKind::InvalidParameter, format!("\"{folder}\" is not a table folder"));
+    let (schema, table) = folder.split_once('/').ok_or_else(bad)?;
+    let schema = schema.strip_suffix(SCHEMA_FOLDER_SUFFIX).ok_or_else(bad)?;
+    if table.contains('/') {
+        return Err(bad());
+    }
+    Ok((decode_component(schema)?, decode_component(table)?))
+}
+
+/// The published name of data file `number` (`00000000000000000001.parquet`).
+pub fn data_file_name(number: u64) -> String {
+    format!("{number:0width$}.parquet", width = FILE_NUMBER_DIGITS)
+}
+
+/// The name a data file is written under before it is published. Readers ignore names starting with `_`.
+pub fn temporary_file_name(number: u64) -> String {
+    format!("_{}", data_file_name(number))
+}
+
+/// The number of a published data file, or None for any other name (metadata, temporary files).
+pub fn parse_data_file_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".parquet")?;
+    if digits.len() != FILE_NUMBER_DIGITS || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirror_names() {
+        for ok in ["sales", "a", "_x", "m_1", &"a".repeat(MAX_MIRROR_NAME_BYTES)] {
+            assert!(validate_mirror_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "1abc", "Sales", "a-b", "a b", "ä", &"a".repeat(MAX_MIRROR_NAME_BYTES + 1), "a;drop"] {
+            let e = validate_mirror_name(bad).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidName, "{bad}");
+        }
+    }
+
+    #[test]
+    fn slot_name_round_trip_and_length() {
+        let longest = "m".repeat(MAX_MIRROR_NAME_BYTES);
+        assert_eq!(slot_name(&longest).len(), MAX_IDENTIFIER_BYTES);
+        for m in ["sales", &longest] {
+            assert_eq!(mirror_of_slot(&slot_name(m)), Some(m));
+        }
+        assert_eq!(mirror_of_slot("other_slot"), None);
+        assert_eq!(mirror_of_slot("azure_cdc_Bad"), None);
+    }
+
+    #[test]
+    fn worker_names_fit_bgw_maxlen() {
+        let db = "d".repeat(63);
+        let m = "m".repeat(53);
+        assert!(worker_name(WorkerKind::Snapshot, &db, Some(&m)).len() <= 95);
+        let uni = "é".repeat(31);
+        let n = worker_name(WorkerKind::Snapshot, &uni, Some(&m));
+        assert!(n.len() <= 95);
+        assert!(n.starts_with("azure_cdc snapshot for mirror"));
+    }
+
+    #[test]
+    fn component_encoding_is_safe() {
+        for (raw, enc) in [
+            ("public", "public"),
+            ("..", "%2E%2E"),
+            ("a/b", "a%2Fb"),
+            ("a b", "a%20b"),
+            ("\"q\"", "%22q%22"),
+            ("50%", "50%25"),
+            ("Ünïcode_名前", "Ünïcode_名前"),
+            ("back\\slash", "back%5Cslash"),
+            ("", ""),
+        ] {
+            assert_eq!(encode_component(raw), enc);
+            assert_eq!(decode_component(enc).unwrap(), raw);
+        }
+    }
+
+    #[test]
+    fn component_round_trip_exhaustive_ascii_pairs() {
+        let mut seen = std::collections::HashMap::new();
+        for a in 0u8..128 {
+            for b in [b'a', b'.', b'%', b'/', 0x7f] {
+                let raw = String::from_utf8(vec![a, b]).unwrap();
+                let enc = encode_component(&raw);
+                assert!(!enc.contains('/') && !enc.contains('.') && !enc.contains('\\'));
+                assert_eq!(decode_component(&enc).unwrap(), raw);
+                if let Some(prev) = seen.insert(enc.clone(), raw.clone()) {
+                    panic!("{prev:?} and {raw:?} both encode to {enc}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn decode_rejects_what_encode_never_makes() {
+        for bad in ["%2", "%zz", "%41", "%2e", "a.b", "a/b", "%C3"] {
+            assert!(decode_component(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn table_folders() {
+        let long = "t".repeat(63);
+        let f = table_folder("my schema", &long);
+        assert_eq!(f, format!("my%20schema.schema/{long}"));
+        assert_eq!(parse_table_folder(&f).unwrap(), ("my schema".to_string(), long));
+        // worst case: 63 bytes all encoded stays within one 255-byte path component
+        let worst = ".".repeat(63);
+        assert!(encode_component(&worst).len() + SCHEMA_FOLDER_SUFFIX.len() <= 255);
+        assert_eq!(parse_table_folder(&table_folder("..", "..")).unwrap(), ("..".into(), "..".into()));
+        assert!(parse_table_folder("public/t").is_err());
+        assert!(parse_table_folder("public.schema/a/b").is_err());
+    }
+
+    #[test]
+    fn data_file_names() {
+        assert_eq!(data_file_name(1), "00000000000000000001.parquet");
+        assert_eq!(temporary_file_name(2), "_00000000000000000002.parquet");
+        assert_eq!(data_file_name(u64::MAX), "18446744073709551615.parquet");
+        for n in [1u64, 42, 99_999, u64::MAX] {
+            assert_eq!(parse_data_file_name(&data_file_name(n)), Some(n));
+            assert_eq!(parse_data_file_name(&temporary_file_name(n)), None);
+        }
+        assert_eq!(parse_data_file_name("_metadata.json"), None);
+        assert_eq!(parse_data_file_name("1.parquet"), None);
+        assert_eq!(parse_data_file_name("0000000000000000000a.parquet"), None);
+    }
+}
