@@ -3,6 +3,7 @@
 //! Pure (no PostgreSQL); runs on the encoder thread of a worker, never on the thread that calls
 //! PostgreSQL.
 
+use std::io::Write;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -14,7 +15,7 @@ use parquet::file::properties::WriterProperties;
 use parquet::file::metadata::KeyValue;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::target::LocalTarget;
+use crate::target::{LocalTarget, TempFile};
 
 /// Rows per Parquet row group: large enough to compress well, small enough to bound encoder memory.
 pub const ROW_GROUP_ROWS: usize = 128 * 1024;
@@ -56,22 +57,27 @@ impl FromStr for Compression {
     }
 }
 
-/// One Parquet file being encoded in memory.
-pub struct DataFileWriter {
-    writer: ArrowWriter<Vec<u8>>,
+/// Most bytes of one row group held in memory while it is encoded. Encoder memory is bounded by this,
+/// whatever the file size.
+pub const ROW_GROUP_MAX_BYTES: usize = 64 * 1024 * 1024;
+
+/// One Parquet file being encoded into `W` (the target's temporary file).
+pub struct DataFileWriter<W: Write + Send> {
+    writer: ArrowWriter<W>,
     rows: u64,
 }
 
-impl DataFileWriter {
-    pub fn new(schema: SchemaRef, compression: Compression, metadata: &[(String, String)]) -> Result<Self> {
+impl<W: Write + Send> DataFileWriter<W> {
+    pub fn new(sink: W, schema: SchemaRef, compression: Compression, metadata: &[(String, String)]) -> Result<Self> {
         let kv: Vec<KeyValue> = metadata.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())).collect();
         let props = WriterProperties::builder()
             .set_compression(compression.codec())
             .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+            .set_max_row_group_bytes(Some(ROW_GROUP_MAX_BYTES))
             .set_created_by(format!("azure_cdc {}", env!("CARGO_PKG_VERSION")))
             .set_key_value_metadata(if kv.is_empty() { None } else { Some(kv) })
             .build();
-        let writer = ArrowWriter::try_new(Vec::new(), schema, Some(props))?;
+        let writer = ArrowWriter::try_new(sink, schema, Some(props))?;
         Ok(DataFileWriter { writer, rows: 0 })
     }
 
@@ -90,8 +96,8 @@ impl DataFileWriter {
         self.rows
     }
 
-    /// Closes the file and returns its bytes.
-    pub fn finish(self) -> Result<Vec<u8>> {
+    /// Writes the footer and returns the sink.
+    pub fn finish(self) -> Result<W> {
         Ok(self.writer.into_inner()?)
     }
 }
@@ -114,7 +120,7 @@ pub struct TableFileSink {
     max_file_bytes: usize,
     next_number: u64,
     metadata: Vec<(String, String)>,
-    current: Option<DataFileWriter>,
+    current: Option<DataFileWriter<TempFile>>,
     published: Vec<PublishedFile>,
 }
 
@@ -146,7 +152,8 @@ impl TableFileSink {
             return Ok(());
         }
         if self.current.is_none() {
-            self.current = Some(DataFileWriter::new(self.schema.clone(), self.compression, &self.metadata)?);
+            let file = self.target.create_temp_data_file(&self.folder, self.next_number)?;
+            self.current = Some(DataFileWriter::new(file, self.schema.clone(), self.compression, &self.metadata)?);
         }
         let full = match self.current.as_mut() {
             Some(w) => {
@@ -164,13 +171,14 @@ impl TableFileSink {
     fn publish_current(&mut self) -> Result<()> {
         let Some(writer) = self.current.take() else { return Ok(()) };
         let rows = writer.rows();
-        if rows == 0 {
-            return Ok(());
-        }
-        let bytes = writer.finish()?;
         let number = self.next_number;
-        self.target.publish_data_file(&self.folder, number, &bytes)?;
-        self.published.push(PublishedFile { number, rows, bytes: bytes.len() as u64 });
+        let file = writer.finish()?;
+        if rows == 0 {
+            return self.target.discard_temp_data_file(&self.folder, number);
+        }
+        let bytes = file.sync()?;
+        self.target.publish_temp_data_file(&self.folder, number)?;
+        self.published.push(PublishedFile { number, rows, bytes });
         self.next_number += 1;
         Ok(())
     }

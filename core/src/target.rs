@@ -6,7 +6,7 @@
 //! Pure: plain file-system calls, safe on any thread.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
@@ -103,16 +103,36 @@ impl LocalTarget {
         Ok(dir)
     }
 
-    /// Publishes data file `number` of the table folder `rel` atomically and durably. Fails if a file
-    /// with that number is already published.
-    pub fn publish_data_file(&self, rel: &str, number: u64, bytes: &[u8]) -> Result<()> {
-        if bytes.is_empty() {
-            return Err(Error::new(ErrorKind::Internal, "refusing to publish an empty data file"));
-        }
+    /// Opens the temporary file that data file `number` of table folder `rel` is written to before it
+    /// is published. A leftover from an interrupted attempt is truncated.
+    pub fn create_temp_data_file(&self, rel: &str, number: u64) -> Result<TempFile> {
         let dir = self.folder(rel)?;
+        let path = dir.join(names::temporary_file_name(number));
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| Error::io("create", &path, &e))?;
+        Ok(TempFile { out: BufWriter::with_capacity(1 << 20, file), path, written: 0 })
+    }
+
+    /// Removes the temporary file of data file `number` (nothing was written to it).
+    pub fn discard_temp_data_file(&self, rel: &str, number: u64) -> Result<()> {
+        let path = self.root.join(rel).join(names::temporary_file_name(number));
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove", &path, &e)),
+        }
+    }
+
+    /// Publishes the (synced) temporary file of data file `number` under its final name. Fails rather
+    /// than replace a published file.
+    pub fn publish_temp_data_file(&self, rel: &str, number: u64) -> Result<()> {
+        let dir = self.root.join(rel);
         let tmp = dir.join(names::temporary_file_name(number));
         let fin = dir.join(names::data_file_name(number));
-        write_synced(&tmp, bytes)?;
         match fs::hard_link(&tmp, &fin) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -127,6 +147,17 @@ impl LocalTarget {
         }
         fs::remove_file(&tmp).map_err(|e| Error::io("remove", &tmp, &e))?;
         sync_dir(&dir)
+    }
+
+    /// Publishes data file `number` of the table folder `rel` from bytes in memory.
+    pub fn publish_data_file(&self, rel: &str, number: u64, bytes: &[u8]) -> Result<()> {
+        if bytes.is_empty() {
+            return Err(Error::new(ErrorKind::Internal, "refusing to publish an empty data file"));
+        }
+        let mut f = self.create_temp_data_file(rel, number)?;
+        f.write_all(bytes).map_err(|e| Error::io("write", &f.path, &e))?;
+        f.sync()?;
+        self.publish_temp_data_file(rel, number)
     }
 
     /// Writes a small document (`_metadata.json`, `_partnerEvents.json`) atomically, replacing any
@@ -182,6 +213,34 @@ impl LocalTarget {
         }
         v.sort_unstable();
         Ok(v)
+    }
+}
+
+/// A data file being written under its temporary name.
+#[derive(Debug)]
+pub struct TempFile {
+    out: BufWriter<File>,
+    path: PathBuf,
+    written: u64,
+}
+
+impl TempFile {
+    /// Flushes and fsyncs the file; returns its size.
+    pub fn sync(mut self) -> Result<u64> {
+        self.out.flush().map_err(|e| Error::io("write", &self.path, &e))?;
+        self.out.get_ref().sync_all().map_err(|e| Error::io("sync", &self.path, &e))?;
+        Ok(self.written)
+    }
+}
+
+impl Write for TempFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
     }
 }
 
