@@ -13,6 +13,7 @@
 //! - **snapshot file / change file**: a data file holding a table's initial rows / later changes.
 //! - **file number**: the 20-digit, contiguous-from-1 sequence number of a data file within its table.
 
+pub mod batch;
 pub mod datafile;
 pub mod error;
 pub mod landing_zone;

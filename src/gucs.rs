@@ -1,0 +1,97 @@
+//! Server parameters of azure_cdc, all in one place. Each has a doc comment with its unit, range and
+//! reload behaviour; README.md has the same table for users. Registered from `_PG_init` (postmaster);
+//! read by any process.
+
+use azure_cdc_core::datafile::Compression;
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+/// `azure_cdc.max_fabric_mirrors`: how many mirrors the server can run at once (all databases).
+/// Range 1–6, default 3. Restart to change (it sizes shared memory).
+pub static MAX_FABRIC_MIRRORS: GucSetting<i32> = GucSetting::<i32>::new(3);
+/// Upper bound of `azure_cdc.max_fabric_mirrors`, and the number of mirror entries in shared memory.
+pub const MAX_FABRIC_MIRRORS_LIMIT: i32 = 6;
+
+/// `azure_cdc.max_snapshot_workers`: background workers that copy tables of one mirror's initial
+/// snapshot in parallel, all in the same consistent snapshot. Range 1–16, default 3. Reload (SIGHUP);
+/// read when a snapshot starts.
+pub static MAX_SNAPSHOT_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(3);
+
+/// `azure_cdc.snapshot_buffer_size`: the size, in MB, at which a snapshot data file is closed and
+/// published (files are at most about this big). Range 10–4000, default 1000. Reload (SIGHUP); read
+/// when a table's snapshot starts. Worker memory does not grow with it: rows are encoded straight into
+/// the target's temporary file, one row group (at most 64 MB) at a time.
+pub static SNAPSHOT_BUFFER_SIZE_MB: GucSetting<i32> = GucSetting::<i32>::new(1000);
+
+/// Values of `azure_cdc.parquet_compression`.
+#[derive(pgrx::PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ParquetCompression {
+    #[name = c"zstd"]
+    Zstd,
+    #[name = c"snappy"]
+    Snappy,
+    #[name = c"gzip"]
+    Gzip,
+    #[name = c"uncompressed"]
+    Uncompressed,
+}
+
+/// `azure_cdc.parquet_compression`: codec of data files: zstd (default), snappy, gzip or
+/// uncompressed. Reload (SIGHUP); read when a data file is started.
+pub static PARQUET_COMPRESSION: GucSetting<ParquetCompression> =
+    GucSetting::<ParquetCompression>::new(ParquetCompression::Zstd);
+
+pub fn init() {
+    GucRegistry::define_int_guc(
+        c"azure_cdc.max_fabric_mirrors",
+        c"Maximum number of mirrors that can run at once on this server.",
+        c"Each running mirror needs 3 background workers; see max_worker_processes.",
+        &MAX_FABRIC_MIRRORS,
+        1,
+        MAX_FABRIC_MIRRORS_LIMIT,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"azure_cdc.max_snapshot_workers",
+        c"Maximum number of background workers copying tables of one mirror's snapshot in parallel.",
+        c"",
+        &MAX_SNAPSHOT_WORKERS,
+        1,
+        16,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"azure_cdc.snapshot_buffer_size",
+        c"Size at which a snapshot data file is closed and published.",
+        c"",
+        &SNAPSHOT_BUFFER_SIZE_MB,
+        10,
+        4000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MB,
+    );
+    GucRegistry::define_enum_guc(
+        c"azure_cdc.parquet_compression",
+        c"Compression codec of Parquet data files: zstd, snappy, gzip or uncompressed.",
+        c"",
+        &PARQUET_COMPRESSION,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+}
+
+/// The compression codec in force.
+pub fn parquet_compression() -> Compression {
+    match PARQUET_COMPRESSION.get() {
+        ParquetCompression::Zstd => Compression::Zstd,
+        ParquetCompression::Snappy => Compression::Snappy,
+        ParquetCompression::Gzip => Compression::Gzip,
+        ParquetCompression::Uncompressed => Compression::Uncompressed,
+    }
+}
+
+/// Snapshot file size limit in bytes.
+pub fn snapshot_file_bytes() -> usize {
+    SNAPSHOT_BUFFER_SIZE_MB.get().max(1) as usize * 1024 * 1024
+}
