@@ -1,2 +1,64 @@
+//! azure_cdc: keeps a read-only, continuously replicated copy of a database's tables in a lakehouse
+//! landing zone (Microsoft Fabric Open Mirroring format) — this crate is the PostgreSQL side.
+//!
+//! Processes (see DESIGN.md): one static **launcher** per server; per mirrored database a short-lived
+//! **scout** that reports the database's mirrors after a restart; per mirror a **snapshot** worker
+//! that creates the mirror's logical replication slot and copies its tables into Parquet files in the
+//! same consistent snapshot. The SQL API ([`api`]) only validates, writes catalog rows and wakes the
+//! launcher.
+//!
+//! Vocabulary (shared with the pure crate `azure_cdc_core`): mirror, target, landing zone, table
+//! folder, data file, file number, slot, consistent point. Pure logic lives in `azure_cdc_core`;
+//! everything in this crate is PostgreSQL glue and runs on the main thread of a backend or worker,
+//! except the encoder thread of the snapshot worker, which never calls PostgreSQL.
+
 use pgrx::prelude::*;
+
+mod api;
+mod catalog;
+mod errors;
+mod gucs;
+mod launcher;
+mod shmem;
+mod slot;
+mod snapshot;
+mod tuples;
+
 ::pgrx::pg_module_magic!();
+
+pgrx::extension_sql_file!("../sql/catalog.sql", name = "catalog", bootstrap);
+
+/// Set when the library was loaded by the postmaster through `shared_preload_libraries`.
+static PRELOADED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub(crate) fn preloaded() -> bool {
+    PRELOADED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    // SAFETY: reading a PostgreSQL global flag from the main thread during library load.
+    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "azure_cdc must be loaded via shared_preload_libraries",
+            function_name!(),
+        )
+        .set_hint("Add azure_cdc to shared_preload_libraries in postgresql.conf and restart the server.")
+        .report(PgLogLevel::ERROR);
+        return;
+    }
+    PRELOADED.store(true, std::sync::atomic::Ordering::Relaxed);
+    gucs::init();
+    shmem::init();
+    launcher::register();
+}
+
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries='azure_cdc'", "wal_level=logical", "max_worker_processes=16"]
+    }
+}

@@ -83,12 +83,14 @@ impl TableState {
         }
     }
 
-    /// The health shown next to the state: Failed is an error; a table without key columns is a warning
-    /// (its rows can be inserted but later updates and deletes cannot be expressed).
-    pub fn health(self, has_key_columns: bool) -> Health {
+    /// The health shown next to the state: Failed is an error; an error being retried, or a table
+    /// without key columns (its rows can be inserted but later updates and deletes cannot be
+    /// expressed), is a warning.
+    pub fn health(self, has_key_columns: bool, has_error: bool) -> Health {
         match self {
             TableState::Failed => Health::Error,
-            _ if !has_key_columns => Health::Warning,
+            TableState::Stopped => Health::Ok,
+            _ if has_error || !has_key_columns => Health::Warning,
             _ => Health::Ok,
         }
     }
@@ -166,9 +168,11 @@ mod tests {
 
     #[test]
     fn health() {
-        assert_eq!(S::Failed.health(true), Health::Error);
-        assert_eq!(S::Replicating.health(false), Health::Warning);
-        assert_eq!(S::Replicating.health(true), Health::Ok);
+        assert_eq!(S::Failed.health(true, true), Health::Error);
+        assert_eq!(S::Replicating.health(false, false), Health::Warning);
+        assert_eq!(S::Snapshotting.health(true, true), Health::Warning);
+        assert_eq!(S::Replicating.health(true, false), Health::Ok);
+        assert_eq!(S::Stopped.health(false, false), Health::Ok);
         assert_eq!(Health::Warning.as_str(), "WARNING");
     }
 

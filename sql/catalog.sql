@@ -1,0 +1,50 @@
+-- Catalog of azure_cdc: what is mirrored, where, and how far. Written by the SQL API and the
+-- background workers; read by the status functions. Nothing here is granted to PUBLIC.
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'azure_cdc_admin') THEN
+        CREATE ROLE azure_cdc_admin NOLOGIN;
+    END IF;
+END
+$$;
+
+-- Everyone may look up the functions (and get a clear error from those reserved to admins).
+GRANT USAGE ON SCHEMA azure_cdc TO PUBLIC;
+
+CREATE TABLE azure_cdc.mirrors (
+    mirror_id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    mirror_name            text NOT NULL UNIQUE,
+    target                 text NOT NULL,
+    all_tables             boolean NOT NULL,
+    options                jsonb NOT NULL DEFAULT '{}',
+    state                  text NOT NULL DEFAULT 'Starting'
+                           CHECK (state IN ('Starting', 'Running', 'Stopped')),
+    slot_name              name NOT NULL,
+    consistent_lsn         pg_lsn,
+    created_by             name NOT NULL DEFAULT current_user,
+    created_at             timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    snapshot_completed_at  timestamptz,
+    stopped_at             timestamptz,
+    last_error             text
+);
+
+CREATE TABLE azure_cdc.mirror_tables (
+    mirror_id          bigint NOT NULL REFERENCES azure_cdc.mirrors ON DELETE CASCADE,
+    relid              oid NOT NULL,
+    schema_name        name NOT NULL,
+    table_name         name NOT NULL,
+    state              text NOT NULL DEFAULT 'Snapshotting'
+                       CHECK (state IN ('Snapshotting', 'Replicating', 'Stopped', 'Failed')),
+    key_columns        text[] NOT NULL DEFAULT '{}',
+    rows_replicated    bigint NOT NULL DEFAULT 0,
+    files_published    bigint NOT NULL DEFAULT 0,
+    bytes_published    bigint NOT NULL DEFAULT 0,
+    next_file_number   bigint NOT NULL DEFAULT 1,
+    last_completed_at  timestamptz,
+    last_error         text,
+    PRIMARY KEY (mirror_id, relid)
+);
+
+REVOKE ALL ON azure_cdc.mirrors, azure_cdc.mirror_tables FROM PUBLIC;
+GRANT SELECT, INSERT, UPDATE, DELETE ON azure_cdc.mirrors, azure_cdc.mirror_tables TO azure_cdc_admin;

@@ -1,0 +1,440 @@
+//! The SQL API of azure_cdc. Functions here validate their arguments, write catalog rows and wake the
+//! launcher; the background workers do the work. Runs in the calling backend, on its main thread.
+//!
+//! Control and status functions are for superusers and members of `azure_cdc_admin`; anyone else gets
+//! SQLSTATE 42501 with a hint naming the role. `check_prerequisites()` is open to every user, since
+//! "am I an admin?" is one of its checks. The functions run with the caller's rights (no SECURITY
+//! DEFINER): admins are granted the catalog tables, nobody else is.
+
+use azure_cdc_core::lifecycle::{MirrorState, TableState};
+use azure_cdc_core::names;
+use azure_cdc_core::prerequisites::{self, ServerFacts};
+use azure_cdc_core::target::{LocalTarget, TargetUrl};
+use azure_cdc_core::{Error, ErrorKind, Result};
+use pgrx::prelude::*;
+use pgrx::{register_xact_callback, JsonB, PgXactCallbackEvent};
+
+use crate::catalog::{self, RelationInfo};
+use crate::errors::{spi, OrRaise};
+use crate::shmem::{self, Desired, Phase};
+
+pub const ADMIN_ROLE: &str = "azure_cdc_admin";
+
+/// Whether the current user is a superuser or has the privileges of azure_cdc_admin.
+pub fn caller_is_admin() -> bool {
+    // SAFETY: plain catalog lookups on the main thread inside a transaction; the role name is a valid
+    // NUL-terminated string; get_role_oid with missing_ok = true returns InvalidOid instead of raising.
+    unsafe {
+        if pg_sys::superuser() {
+            return true;
+        }
+        let role = pg_sys::get_role_oid(c"azure_cdc_admin".as_ptr(), true);
+        role != pg_sys::InvalidOid && pg_sys::has_privs_of_role(pg_sys::GetUserId(), role)
+    }
+}
+
+fn require_admin(function: &str) -> Result<()> {
+    if caller_is_admin() {
+        return Ok(());
+    }
+    Err(Error::new(ErrorKind::InsufficientPrivilege, format!("permission denied for function {function}"))
+        .with_detail("Only superusers and members of azure_cdc_admin can run this function.")
+        .with_hint(format!("A superuser can run: GRANT {ADMIN_ROLE} TO <user>;")))
+}
+
+fn database_oid() -> u32 {
+    // SAFETY: MyDatabaseId is set once at connection start and only read here.
+    unsafe { pg_sys::MyDatabaseId }.to_u32()
+}
+
+fn setting_i64(name: &str) -> Result<i64> {
+    Spi::get_one_with_args::<String>("SELECT pg_catalog.current_setting($1)", &[name.into()])
+        .map_err(spi)?
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Error::new(ErrorKind::Internal, format!("setting {name} is not a number")))
+}
+
+fn count(query: &str) -> Result<i64> {
+    Ok(Spi::get_one::<i64>(query).map_err(spi)?.unwrap_or(0))
+}
+
+/// Gathers what the prerequisite rules look at.
+fn server_facts() -> Result<ServerFacts> {
+    Ok(ServerFacts {
+        wal_level: Spi::get_one::<String>("SELECT pg_catalog.current_setting('wal_level')").map_err(spi)?.unwrap_or_default(),
+        preloaded: crate::preloaded(),
+        max_worker_processes: setting_i64("max_worker_processes")?,
+        other_static_workers: i64::from(setting_i64("max_logical_replication_workers")? > 0),
+        active_mirrors: shmem::active_mirrors() as i64,
+        max_fabric_mirrors: shmem::capacity() as i64,
+        max_replication_slots: setting_i64("max_replication_slots")?,
+        used_replication_slots: count("SELECT pg_catalog.count(*) FROM pg_catalog.pg_replication_slots")?,
+        max_wal_senders: setting_i64("max_wal_senders")?,
+        used_wal_senders: count("SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_replication")?,
+        // SAFETY: RecoveryInProgress only reads shared state.
+        in_recovery: unsafe { pg_sys::RecoveryInProgress() },
+        admin_role_exists: Spi::get_one_with_args::<bool>(
+            "SELECT pg_catalog.to_regrole($1) IS NOT NULL",
+            &[ADMIN_ROLE.into()],
+        )
+        .map_err(spi)?
+        .unwrap_or(false),
+        caller_is_admin: caller_is_admin(),
+        caller_has_create_on_database: Spi::get_one::<bool>(
+            "SELECT pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE')",
+        )
+        .map_err(spi)?
+        .unwrap_or(false),
+    })
+}
+
+/// One row per prerequisite of mirroring: `code`, `status` (OK / WARNING / ERROR) and `detail` (what
+/// was found, what is required, and a hint).
+#[pg_extern]
+fn check_prerequisites(
+) -> TableIterator<'static, (name!(code, String), name!(status, String), name!(detail, JsonB))> {
+    let facts = server_facts().or_raise();
+    let rows: Vec<_> = prerequisites::evaluate(&facts)
+        .into_iter()
+        .map(|c| (c.code.to_string(), c.status.as_str().to_string(), JsonB(c.detail)))
+        .collect();
+    TableIterator::new(rows)
+}
+
+/// Relations of the mirror, validated: ordinary, permanent heap tables outside the system schemas.
+fn resolve_tables(tables: Option<Vec<Option<String>>>) -> Result<Vec<RelationInfo>> {
+    let Some(list) = tables else {
+        return catalog::all_user_tables();
+    };
+    if list.is_empty() {
+        return Err(Error::new(ErrorKind::InvalidParameter, "no tables given")
+            .with_hint("Pass NULL to mirror every table of the database."));
+    }
+    let mut out: Vec<RelationInfo> = Vec::new();
+    for name in list {
+        let Some(name) = name else {
+            return Err(Error::new(ErrorKind::InvalidParameter, "table names cannot be NULL"));
+        };
+        let rel = catalog::resolve_relation(&name)?.ok_or_else(|| {
+            Error::new(ErrorKind::UndefinedTable, format!("relation \"{name}\" does not exist"))
+        })?;
+        let what = match rel.relkind.as_str() {
+            "r" => None,
+            "v" => Some("a view"),
+            "m" => Some("a materialized view"),
+            "f" => Some("a foreign table"),
+            "p" => Some("a partitioned table"),
+            "S" => Some("a sequence"),
+            "i" | "I" => Some("an index"),
+            "c" => Some("a composite type"),
+            "t" => Some("a TOAST table"),
+            _ => Some("not a table"),
+        };
+        let what = what.or(match rel.persistence.as_str() {
+            "u" => Some("an unlogged table"),
+            "t" => Some("a temporary table"),
+            _ => None,
+        });
+        let what = what.or(if catalog::SYSTEM_SCHEMAS.contains(&format!("'{}'", rel.schema)) {
+            Some("a system table")
+        } else if !rel.heap {
+            Some("a table with a table access method other than heap")
+        } else {
+            None
+        });
+        if let Some(what) = what {
+            return Err(Error::new(
+                ErrorKind::WrongObjectType,
+                format!("\"{}.{}\" is {what}", rel.schema, rel.table),
+            )
+            .with_hint("Only ordinary, permanent tables can be mirrored."));
+        }
+        if !out.iter().any(|r| r.relid == rel.relid) {
+            out.push(rel);
+        }
+    }
+    Ok(out)
+}
+
+/// The first failing prerequisite as an error of the right kind.
+fn prerequisite_error(facts: &ServerFacts) -> Option<Error> {
+    let checks = prerequisites::evaluate(facts);
+    let failed = checks.iter().find(|c| c.is_error())?;
+    let kind = match failed.code {
+        "MAX_FABRIC_MIRRORS_REACHED" => ErrorKind::ConfigurationLimit,
+        "USER_NOT_CDC_ADMIN" | "NO_CREATE_PRIVILEGE_ON_DATABASE" => ErrorKind::InsufficientPrivilege,
+        _ => ErrorKind::PrerequisiteNotMet,
+    };
+    let hint = failed.detail.get("hint").and_then(|h| h.as_str()).unwrap_or_default().to_string();
+    Some(
+        Error::new(kind, format!("prerequisite {} is not met", failed.code))
+            .with_detail(failed.detail.to_string())
+            .with_hint(hint),
+    )
+}
+
+fn paths_overlap(a: &std::path::Path, b: &std::path::Path) -> bool {
+    a.starts_with(b) || b.starts_with(a)
+}
+
+fn start_mirror_impl(
+    mirror_name: &str,
+    target: &str,
+    tables: Option<Vec<Option<String>>>,
+    options: JsonB,
+) -> Result<String> {
+    require_admin("start_mirror")?;
+    names::validate_mirror_name(mirror_name)?;
+    if let Some(m) = catalog::mirror_by_name(mirror_name)? {
+        let mut e = Error::new(ErrorKind::DuplicateObject, format!("mirror \"{mirror_name}\" already exists"));
+        if m.state == MirrorState::Stopped.as_str() {
+            e = e.with_hint(format!(
+                "The mirror is stopped. Remove it with SELECT azure_cdc.drop_mirror('{mirror_name}'); or choose another name."
+            ));
+        }
+        return Err(e);
+    }
+    let url = TargetUrl::parse(target)?;
+    let TargetUrl::Local(path) = &url;
+    for (other, other_target) in catalog::active_targets()? {
+        if let Ok(TargetUrl::Local(p)) = TargetUrl::parse(&other_target) {
+            if paths_overlap(&p, path) {
+                return Err(Error::new(
+                    ErrorKind::DuplicateObject,
+                    format!("target \"{}\" overlaps the target of mirror \"{other}\"", url.to_url()),
+                )
+                .with_hint("Give each mirror its own folder."));
+            }
+        }
+    }
+    match &options.0 {
+        serde_json::Value::Object(map) if map.is_empty() => {}
+        serde_json::Value::Object(map) => {
+            let keys: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
+            return Err(Error::new(ErrorKind::InvalidParameter, format!("unknown option \"{}\"", keys[0]))
+                .with_hint("This version of azure_cdc accepts no options; pass '{}'."));
+        }
+        _ => return Err(Error::new(ErrorKind::InvalidParameter, "options must be a JSON object")),
+    }
+    let all_tables = tables.is_none();
+    let rels = resolve_tables(tables)?;
+    if let Some(e) = prerequisite_error(&server_facts()?) {
+        return Err(e);
+    }
+    let local = LocalTarget::new(path.clone());
+    if !local.is_empty()? {
+        return Err(Error::new(ErrorKind::PrerequisiteNotMet, format!("target \"{}\" is not empty", url.to_url()))
+            .with_hint("A new mirror writes its landing zone into an empty or missing folder."));
+    }
+    local.probe().map_err(|e| Error {
+        hint: Some("The folder must be writable by the operating-system user the server runs as.".into()),
+        ..e
+    })?;
+
+    let slot = names::slot_name(mirror_name);
+    let mut with_keys = Vec::with_capacity(rels.len());
+    for rel in rels {
+        let keys = catalog::key_columns(rel.relid)?;
+        with_keys.push((rel, keys));
+    }
+    let id = catalog::insert_mirror(mirror_name, &url.to_url(), all_tables, options, &slot, &with_keys)?;
+    let database = database_oid();
+    let Some(index) = shmem::reserve(database, id, Desired::Reserved, Phase::Snapshot) else {
+        return Err(Error::new(ErrorKind::ConfigurationLimit, "all mirror places of the server are in use")
+            .with_hint("Stop a mirror or raise azure_cdc.max_fabric_mirrors and restart the server."));
+    };
+    register_xact_callback(PgXactCallbackEvent::Commit, move || {
+        shmem::set_desired(index, Desired::Run);
+        shmem::wake_launcher();
+    });
+    register_xact_callback(PgXactCallbackEvent::Abort, move || shmem::release(index));
+    Ok(format!(
+        "mirror \"{mirror_name}\" of {} table{} to {} starts after commit (slot {slot})",
+        with_keys.len(),
+        if with_keys.len() == 1 { "" } else { "s" },
+        url.to_url()
+    ))
+}
+
+/// Starts mirroring `tables` (NULL: every ordinary table of the database) into `target`.
+#[pg_extern]
+fn start_mirror(
+    mirror_name: &str,
+    target: &str,
+    tables: default!(Option<Vec<Option<String>>>, "NULL"),
+    options: default!(JsonB, "'{}'"),
+) -> String {
+    start_mirror_impl(mirror_name, target, tables, options).or_raise()
+}
+
+/// Waits until the launcher reports that no worker of entry `index` runs.
+fn wait_for_workers_gone(index: usize, mirror_name: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if !shmem::workers_may_run(index) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Error::new(
+                ErrorKind::ObjectInUse,
+                format!("the workers of mirror \"{mirror_name}\" did not stop within 60 seconds"),
+            )
+            .with_hint("Check that the azure_cdc launcher is running (pg_stat_activity) and retry."));
+        }
+        // SAFETY: waiting on our own latch from the main thread; WL_EXIT_ON_PM_DEATH ends the backend if
+        // the postmaster dies.
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                100,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pg_sys::check_for_interrupts!();
+    }
+}
+
+fn stop_mirror_impl(mirror_name: &str) -> Result<String> {
+    require_admin("stop_mirror")?;
+    let m = catalog::mirror_by_name(mirror_name)?.ok_or_else(|| unknown_mirror(mirror_name))?;
+    if m.state == MirrorState::Stopped.as_str() {
+        return Ok(format!("mirror \"{mirror_name}\" is already stopped"));
+    }
+    let entry = shmem::find(database_oid(), m.id);
+    if let Some(index) = entry {
+        let before = shmem::entry(index).desired;
+        shmem::set_desired(index, Desired::Stop);
+        register_xact_callback(PgXactCallbackEvent::Abort, move || {
+            shmem::set_desired(index, before);
+            shmem::wake_launcher();
+        });
+        shmem::wake_launcher();
+        wait_for_workers_gone(index, mirror_name)?;
+    }
+    catalog::run(
+        "UPDATE azure_cdc.mirrors SET state = 'Stopped', stopped_at = pg_catalog.now() WHERE mirror_id = $1",
+        &[m.id.into()],
+    )?;
+    catalog::run(
+        "UPDATE azure_cdc.mirror_tables SET state = $2 WHERE mirror_id = $1",
+        &[m.id.into(), TableState::Stopped.as_str().into()],
+    )?;
+    let dropped = crate::slot::drop_if_exists(&m.slot_name)?;
+    if let Some(index) = entry {
+        register_xact_callback(PgXactCallbackEvent::Commit, move || shmem::release(index));
+    }
+    Ok(format!(
+        "mirror \"{mirror_name}\" stopped{}; its files are kept in {}",
+        if dropped { format!(", slot {} dropped", m.slot_name) } else { String::new() },
+        m.target
+    ))
+}
+
+fn unknown_mirror(name: &str) -> Error {
+    Error::new(ErrorKind::UndefinedObject, format!("mirror \"{name}\" does not exist"))
+        .with_hint("SELECT DISTINCT mirror_name FROM azure_cdc.get_all_tables_mirror_status(); lists the mirrors.")
+}
+
+/// Stops a mirror: its workers end, its replication slot is dropped, its tables become Stopped. The
+/// landing zone is kept.
+#[pg_extern]
+fn stop_mirror(mirror_name: &str) -> String {
+    stop_mirror_impl(mirror_name).or_raise()
+}
+
+fn drop_mirror_impl(mirror_name: &str) -> Result<String> {
+    require_admin("drop_mirror")?;
+    let m = catalog::mirror_by_name(mirror_name)?.ok_or_else(|| unknown_mirror(mirror_name))?;
+    if m.state != MirrorState::Stopped.as_str() {
+        return Err(Error::new(ErrorKind::ObjectInUse, format!("mirror \"{mirror_name}\" is not stopped"))
+            .with_hint(format!("Stop it first: SELECT azure_cdc.stop_mirror('{mirror_name}');")));
+    }
+    catalog::run("DELETE FROM azure_cdc.mirrors WHERE mirror_id = $1", &[m.id.into()])?;
+    Ok(format!("mirror \"{mirror_name}\" removed from the catalog; its files are kept in {}", m.target))
+}
+
+/// Removes a stopped mirror from the catalog (its files are kept), so that its name can be used again.
+#[pg_extern]
+fn drop_mirror(mirror_name: &str) -> String {
+    drop_mirror_impl(mirror_name).or_raise()
+}
+
+type StatusRow = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    Option<pgrx::datum::TimestampWithTimeZone>,
+    Option<String>,
+);
+
+fn status_rows() -> Result<Vec<StatusRow>> {
+    require_admin("get_all_tables_mirror_status")?;
+    let database = database_oid();
+    Spi::connect(|c| {
+        let t = c
+            .select(
+                "SELECT m.mirror_name, t.schema_name::text, t.table_name::text, t.state, t.rows_replicated, \
+                        t.files_published, t.last_completed_at, t.last_error, \
+                        pg_catalog.cardinality(t.key_columns) > 0, m.mirror_id, t.relid \
+                   FROM azure_cdc.mirror_tables t JOIN azure_cdc.mirrors m USING (mirror_id) \
+                  ORDER BY m.mirror_name, t.schema_name, t.table_name",
+                None,
+                &[],
+            )
+            .map_err(spi)?;
+        let mut rows = Vec::new();
+        for r in t {
+            let state_text: String = r.get(4).map_err(spi)?.unwrap_or_default();
+            let state = TableState::parse(&state_text)?;
+            let mirror_id: i64 = r.get(10).map_err(spi)?.unwrap_or_default();
+            let relid: pg_sys::Oid = r.get(11).map_err(spi)?.unwrap_or(pg_sys::InvalidOid);
+            let mut rows_replicated: i64 = r.get(5).map_err(spi)?.unwrap_or(0);
+            if state == TableState::Snapshotting {
+                if let Some(live) = shmem::progress_of(database, mirror_id, relid.to_u32()) {
+                    rows_replicated = live;
+                }
+            }
+            let last_error: Option<String> = r.get(8).map_err(spi)?;
+            let has_key: bool = r.get(9).map_err(spi)?.unwrap_or(false);
+            rows.push((
+                r.get(1).map_err(spi)?.unwrap_or_default(),
+                r.get(2).map_err(spi)?.unwrap_or_default(),
+                r.get(3).map_err(spi)?.unwrap_or_default(),
+                state_text,
+                state.health(has_key, last_error.is_some()).as_str().to_string(),
+                rows_replicated,
+                r.get(6).map_err(spi)?.unwrap_or(0),
+                r.get(7).map_err(spi)?,
+                last_error,
+            ));
+        }
+        Ok(rows)
+    })
+}
+
+/// One row per mirrored table: mirror, schema, table, state (Snapshotting, Replicating, Stopped,
+/// Failed), status (OK / WARNING / ERROR), rows replicated (live while snapshotting), files published,
+/// when the last file was completed, and the last error.
+#[pg_extern]
+fn get_all_tables_mirror_status() -> TableIterator<
+    'static,
+    (
+        name!(mirror_name, String),
+        name!(schema_name, String),
+        name!(table_name, String),
+        name!(state, String),
+        name!(status, String),
+        name!(rows_replicated, i64),
+        name!(files_published, i64),
+        name!(last_completed_at, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(last_error, Option<String>),
+    ),
+> {
+    TableIterator::new(status_rows().or_raise())
+}

@@ -1,0 +1,226 @@
+//! Reading and writing azure_cdc's catalog tables (`azure_cdc.mirrors`, `azure_cdc.mirror_tables`)
+//! and the PostgreSQL catalogs it consults, through SPI. Runs on the main thread of a backend or
+//! worker, inside a transaction. Every statement is schema-qualified and takes its values as
+//! parameters.
+
+use azure_cdc_core::{Error, ErrorKind, Result};
+use pgrx::prelude::*;
+
+use crate::errors::spi;
+
+#[derive(Debug, Clone)]
+pub struct MirrorRow {
+    pub id: i64,
+    pub name: String,
+    pub target: String,
+    pub state: String,
+    pub slot_name: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct TableRow {
+    pub relid: pg_sys::Oid,
+    pub schema: String,
+    pub table: String,
+    pub state: String,
+}
+
+const MIRROR_COLUMNS: &str = "mirror_id, mirror_name, target, state, slot_name::text";
+
+fn mirror_from(row: &pgrx::spi::SpiHeapTupleData) -> Result<MirrorRow> {
+    let missing = || Error::new(ErrorKind::Internal, "azure_cdc.mirrors has a NULL in a NOT NULL column");
+    Ok(MirrorRow {
+        id: row.get::<i64>(1).map_err(spi)?.ok_or_else(missing)?,
+        name: row.get::<String>(2).map_err(spi)?.ok_or_else(missing)?,
+        target: row.get::<String>(3).map_err(spi)?.ok_or_else(missing)?,
+        state: row.get::<String>(4).map_err(spi)?.ok_or_else(missing)?,
+        slot_name: row.get::<String>(5).map_err(spi)?.ok_or_else(missing)?,
+    })
+}
+
+pub fn mirror_by_name(name: &str) -> Result<Option<MirrorRow>> {
+    Spi::connect(|c| {
+        let q = format!("SELECT {MIRROR_COLUMNS} FROM azure_cdc.mirrors WHERE mirror_name = $1");
+        let t = c.select(&q, None, &[name.into()]).map_err(spi)?;
+        match t.into_iter().next() {
+            Some(row) => Ok(Some(mirror_from(&row)?)),
+            None => Ok(None),
+        }
+    })
+}
+
+pub fn mirror_by_id(id: i64) -> Result<Option<MirrorRow>> {
+    Spi::connect(|c| {
+        let q = format!("SELECT {MIRROR_COLUMNS} FROM azure_cdc.mirrors WHERE mirror_id = $1");
+        let t = c.select(&q, None, &[id.into()]).map_err(spi)?;
+        match t.into_iter().next() {
+            Some(row) => Ok(Some(mirror_from(&row)?)),
+            None => Ok(None),
+        }
+    })
+}
+
+/// Mirrors of this database that need workers (not Stopped), for the scout.
+pub fn active_mirrors() -> Result<Vec<MirrorRow>> {
+    Spi::connect(|c| {
+        let q = format!("SELECT {MIRROR_COLUMNS} FROM azure_cdc.mirrors WHERE state <> 'Stopped' ORDER BY mirror_id");
+        let t = c.select(&q, None, &[]).map_err(spi)?;
+        t.into_iter().map(|r| mirror_from(&r)).collect()
+    })
+}
+
+/// Targets of the mirrors of this database that are not Stopped.
+pub fn active_targets() -> Result<Vec<(String, String)>> {
+    Spi::connect(|c| {
+        let t = c
+            .select("SELECT mirror_name, target FROM azure_cdc.mirrors WHERE state <> 'Stopped'", None, &[])
+            .map_err(spi)?;
+        let mut v = Vec::new();
+        for r in t {
+            if let (Some(n), Some(t)) = (r.get::<String>(1).map_err(spi)?, r.get::<String>(2).map_err(spi)?) {
+                v.push((n, t));
+            }
+        }
+        Ok(v)
+    })
+}
+
+pub fn tables(mirror_id: i64) -> Result<Vec<TableRow>> {
+    Spi::connect(|c| {
+        let t = c
+            .select(
+                "SELECT relid, schema_name::text, table_name::text, state FROM azure_cdc.mirror_tables \
+                 WHERE mirror_id = $1 ORDER BY schema_name, table_name",
+                None,
+                &[mirror_id.into()],
+            )
+            .map_err(spi)?;
+        let missing = || Error::new(ErrorKind::Internal, "azure_cdc.mirror_tables has a NULL in a NOT NULL column");
+        t.into_iter()
+            .map(|r| {
+                Ok(TableRow {
+                    relid: r.get::<pg_sys::Oid>(1).map_err(spi)?.ok_or_else(missing)?,
+                    schema: r.get::<String>(2).map_err(spi)?.ok_or_else(missing)?,
+                    table: r.get::<String>(3).map_err(spi)?.ok_or_else(missing)?,
+                    state: r.get::<String>(4).map_err(spi)?.ok_or_else(missing)?,
+                })
+            })
+            .collect()
+    })
+}
+
+/// Key columns of a table, in index order: its primary key, else its replica identity index, else none.
+pub fn key_columns(relid: pg_sys::Oid) -> Result<Vec<String>> {
+    Spi::connect(|c| {
+        let t = c
+            .select(
+                "SELECT pg_catalog.array_agg(a.attname::text ORDER BY k.ord) \
+                   FROM (SELECT i.indkey FROM pg_catalog.pg_index i \
+                          WHERE i.indrelid = $1 AND (i.indisprimary OR i.indisreplident) \
+                          ORDER BY i.indisprimary DESC LIMIT 1) ix \
+                  CROSS JOIN LATERAL pg_catalog.unnest(ix.indkey) WITH ORDINALITY AS k(attnum, ord) \
+                   JOIN pg_catalog.pg_attribute a ON a.attrelid = $1 AND a.attnum = k.attnum",
+                None,
+                &[relid.into()],
+            )
+            .map_err(spi)?;
+        Ok(t.into_iter().next().and_then(|r| r.get::<Vec<String>>(1).ok().flatten()).unwrap_or_default())
+    })
+}
+
+/// What a listed or discovered relation is, for validation.
+#[derive(Debug, Clone)]
+pub struct RelationInfo {
+    pub relid: pg_sys::Oid,
+    pub schema: String,
+    pub table: String,
+    pub relkind: String,
+    pub persistence: String,
+    pub heap: bool,
+}
+
+const RELATION_INFO: &str = "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text, c.relpersistence::text, \
+            COALESCE(am.amname = 'heap', false) \
+       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+       LEFT JOIN pg_catalog.pg_am am ON am.oid = c.relam";
+
+fn relation_from(r: &pgrx::spi::SpiHeapTupleData) -> Result<RelationInfo> {
+    let missing = || Error::new(ErrorKind::Internal, "pg_class row with a NULL");
+    Ok(RelationInfo {
+        relid: r.get::<pg_sys::Oid>(1).map_err(spi)?.ok_or_else(missing)?,
+        schema: r.get::<String>(2).map_err(spi)?.ok_or_else(missing)?,
+        table: r.get::<String>(3).map_err(spi)?.ok_or_else(missing)?,
+        relkind: r.get::<String>(4).map_err(spi)?.ok_or_else(missing)?,
+        persistence: r.get::<String>(5).map_err(spi)?.ok_or_else(missing)?,
+        heap: r.get::<bool>(6).map_err(spi)?.unwrap_or(false),
+    })
+}
+
+/// Resolves a table name as the user wrote it (optionally schema-qualified, quoted as in SQL).
+pub fn resolve_relation(name: &str) -> Result<Option<RelationInfo>> {
+    Spi::connect(|c| {
+        let q = format!("{RELATION_INFO} WHERE c.oid = pg_catalog.to_regclass($1)");
+        let t = c.select(&q, None, &[name.into()]).map_err(spi)?;
+        match t.into_iter().next() {
+            Some(r) => Ok(Some(relation_from(&r)?)),
+            None => Ok(None),
+        }
+    })
+}
+
+/// Schemas never mirrored.
+pub const SYSTEM_SCHEMAS: &str = "('pg_catalog', 'information_schema', 'azure_cdc', 'pg_toast')";
+
+/// Every ordinary, permanent user table of the database ("mirror all data" mode), by name.
+pub fn all_user_tables() -> Result<Vec<RelationInfo>> {
+    Spi::connect(|c| {
+        let q = format!(
+            "{RELATION_INFO} WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND NOT c.relispartition \
+               AND n.nspname NOT IN {SYSTEM_SCHEMAS} AND n.nspname NOT LIKE 'pg\\_temp\\_%' \
+               AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%' \
+             ORDER BY n.nspname, c.relname"
+        );
+        let t = c.select(&q, None, &[]).map_err(spi)?;
+        t.into_iter().map(|r| relation_from(&r)).collect()
+    })
+}
+
+/// Records a new mirror and its tables; returns the mirror id.
+pub fn insert_mirror(
+    name: &str,
+    target: &str,
+    all_tables: bool,
+    options: pgrx::JsonB,
+    slot_name: &str,
+    tables: &[(RelationInfo, Vec<String>)],
+) -> Result<i64> {
+    Spi::connect_mut(|c| {
+        let id = c
+            .update(
+                "INSERT INTO azure_cdc.mirrors (mirror_name, target, all_tables, options, slot_name) \
+                 VALUES ($1, $2, $3, $4, $5::name) RETURNING mirror_id",
+                None,
+                &[name.into(), target.into(), all_tables.into(), options.into(), slot_name.into()],
+            )
+            .map_err(spi)?
+            .first()
+            .get_one::<i64>()
+            .map_err(spi)?
+            .ok_or_else(|| Error::new(ErrorKind::Internal, "INSERT returned no mirror_id"))?;
+        for (rel, keys) in tables {
+            c.update(
+                "INSERT INTO azure_cdc.mirror_tables (mirror_id, relid, schema_name, table_name, key_columns) \
+                 VALUES ($1, $2, $3::name, $4::name, $5)",
+                None,
+                &[id.into(), rel.relid.into(), rel.schema.as_str().into(), rel.table.as_str().into(), keys.clone().into()],
+            )
+            .map_err(spi)?;
+        }
+        Ok(id)
+    })
+}
+
+/// Runs one catalog-writing statement.
+pub fn run(query: &str, args: &[pgrx::datum::DatumWithOid]) -> Result<()> {
+    Spi::connect_mut(|c| c.update(query, None, args).map(|_| ()).map_err(spi))
+}

@@ -1,0 +1,252 @@
+//! The launcher: one static background worker per server. It keeps the mirrors' workers running:
+//! after a start it sends a short-lived scout into every database to report the mirrors recorded there,
+//! then, woken by the SQL API (commit of start_mirror / stop_mirror) or every few seconds, it starts the
+//! worker a mirror needs, restarts failed ones with exponential back-off, and terminates the workers of
+//! stopped mirrors. It is connected to no database and calls PostgreSQL only on its main thread.
+//!
+//! The scout (one per database, in turn) connects to its database, and if azure_cdc is installed
+//! there, reserves a registry entry for every mirror that is not Stopped, then exits.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use azure_cdc_core::lifecycle::{restart_backoff_secs, MirrorState};
+use azure_cdc_core::names::{self, WorkerKind};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker, SignalWakeFlags,
+};
+use pgrx::prelude::*;
+
+use crate::catalog;
+use crate::shmem::{self, Desired, Phase};
+
+/// Registers the launcher with the postmaster (from `_PG_init`).
+pub fn register() {
+    BackgroundWorkerBuilder::new(WorkerKind::Launcher.backend_type())
+        .set_type(WorkerKind::Launcher.backend_type())
+        .set_library("azure_cdc")
+        .set_function("azure_cdc_launcher_main")
+        .enable_spi_access()
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}
+
+/// Databases the launcher could find mirrors in: (oid, name).
+fn connectable_databases() -> Vec<(pg_sys::Oid, String)> {
+    let mut out = Vec::new();
+    // SAFETY: a catalog heap scan of pg_database (a shared catalog, readable without a database
+    // connection) inside a transaction, on the main thread, as the autovacuum launcher does it.
+    // GETSTRUCT is the tuple header plus t_hoff.
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as i32);
+        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
+        loop {
+            let tup = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tup.is_null() {
+                break;
+            }
+            let header = (*tup).t_data;
+            let form = (header as *const u8).add((*header).t_hoff as usize) as *const pg_sys::FormData_pg_database;
+            if (*form).datallowconn && !(*form).datistemplate {
+                let name = std::ffi::CStr::from_ptr((*form).datname.data.as_ptr()).to_string_lossy().into_owned();
+                out.push(((*form).oid, name));
+            }
+        }
+        pg_sys::heap_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
+        pg_sys::PopActiveSnapshot();
+        pg_sys::CommitTransactionCommand();
+    }
+    out
+}
+
+fn my_pid() -> i32 {
+    // SAFETY: MyProcPid is set at process start.
+    unsafe { pg_sys::MyProcPid }
+}
+
+/// Runs one scout per database, one after the other, so that the registry knows every mirror.
+fn scout_all() {
+    for (oid, name) in connectable_databases() {
+        let worker = BackgroundWorkerBuilder::new(&names::worker_name(WorkerKind::Scout, &name, None))
+            .set_type(WorkerKind::Scout.backend_type())
+            .set_library("azure_cdc")
+            .set_function("azure_cdc_scout_main")
+            .enable_spi_access()
+            .set_argument(Some(pg_sys::Datum::from(oid.to_u32() as usize)))
+            .set_notify_pid(my_pid())
+            .load_dynamic();
+        match worker {
+            Ok(w) => {
+                if let Err(status) = w.wait_for_shutdown() {
+                    pgrx::warning!("azure_cdc launcher: scout for database \"{name}\" ended with {status:?}");
+                }
+            }
+            Err(_) => pgrx::warning!(
+                "azure_cdc launcher: could not start a scout for database \"{name}\"; raise max_worker_processes"
+            ),
+        }
+    }
+}
+
+struct Running {
+    worker: DynamicBackgroundWorker,
+    mirror_id: i64,
+}
+
+struct Launcher {
+    running: HashMap<usize, Running>,
+    retry_at: HashMap<usize, Instant>,
+}
+
+impl Launcher {
+    fn start_snapshot_worker(&mut self, index: usize, e: &shmem::MirrorEntry) {
+        let name = names::worker_name(WorkerKind::Snapshot, &e.database.to_string(), Some(&e.mirror_id.to_string()));
+        let worker = BackgroundWorkerBuilder::new(&name)
+            .set_type(WorkerKind::Snapshot.backend_type())
+            .set_library("azure_cdc")
+            .set_function("azure_cdc_snapshot_main")
+            .enable_spi_access()
+            .set_argument(Some(pg_sys::Datum::from(index)))
+            .set_notify_pid(my_pid())
+            .load_dynamic();
+        match worker {
+            Ok(w) => {
+                shmem::REGISTRY.exclusive().entries[index].worker_registered = true;
+                self.running.insert(index, Running { worker: w, mirror_id: e.mirror_id });
+            }
+            Err(_) => {
+                pgrx::warning!(
+                    "azure_cdc launcher: no background worker slot free for mirror {}; raise max_worker_processes",
+                    e.mirror_id
+                );
+                self.retry_at.insert(index, Instant::now() + Duration::from_secs(10));
+            }
+        }
+    }
+
+    /// Notices workers that exited; counts failures for back-off.
+    fn reap(&mut self) {
+        let exited: Vec<usize> = self
+            .running
+            .iter()
+            .filter(|(_, r)| matches!(r.worker.pid(), Err(BackgroundWorkerStatus::Stopped)))
+            .map(|(i, _)| *i)
+            .collect();
+        for index in exited {
+            let r = self.running.remove(&index);
+            let failed = {
+                let mut reg = shmem::REGISTRY.exclusive();
+                let e = &mut reg.entries[index];
+                e.worker_registered = false;
+                let same = r.as_ref().is_some_and(|r| e.in_use && e.mirror_id == r.mirror_id);
+                if same && e.phase == Phase::Snapshot && e.desired == Desired::Run {
+                    e.failures += 1;
+                    Some(e.failures)
+                } else {
+                    None
+                }
+            };
+            if let Some(failures) = failed {
+                let wait = restart_backoff_secs(failures);
+                pgrx::log!("azure_cdc launcher: snapshot worker of mirror slot {index} failed ({failures} in a row); retrying in {wait} s");
+                self.retry_at.insert(index, Instant::now() + Duration::from_secs(wait));
+            }
+        }
+    }
+
+    fn reconcile(&mut self) {
+        self.reap();
+        for index in 0..shmem::capacity() {
+            let e = shmem::entry(index);
+            let mine = self.running.contains_key(&index);
+            if !e.in_use || e.desired == Desired::Stop {
+                if let Some(r) = self.running.remove(&index) {
+                    let _ = r.worker.terminate().wait_for_shutdown();
+                } else if shmem::pid_alive(e.worker_pid) {
+                    // A worker registered by an earlier launcher process.
+                    // SAFETY: sending SIGTERM to a process this extension started.
+                    unsafe { libc::kill(e.worker_pid, libc::SIGTERM) };
+                    continue;
+                }
+                shmem::REGISTRY.exclusive().entries[index].worker_registered = false;
+                continue;
+            }
+            if e.desired != Desired::Run || e.phase != Phase::Snapshot || mine || shmem::pid_alive(e.worker_pid) {
+                continue;
+            }
+            if self.retry_at.get(&index).is_some_and(|t| Instant::now() < *t) {
+                continue;
+            }
+            self.retry_at.remove(&index);
+            self.start_snapshot_worker(index, &e);
+        }
+    }
+}
+
+/// Entry point of the launcher.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn azure_cdc_launcher_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    // SAFETY: MyLatch points into this process's PGPROC in shared memory, valid while the process lives.
+    shmem::REGISTRY.exclusive().launcher_latch = unsafe { pg_sys::MyLatch } as usize;
+    pgrx::log!("azure_cdc launcher started");
+    scout_all();
+    let mut launcher = Launcher { running: HashMap::new(), retry_at: HashMap::new() };
+    launcher.reconcile();
+    while BackgroundWorker::wait_latch(Some(Duration::from_secs(5))) {
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: re-reading the configuration file on the main thread, as every process does.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        launcher.reconcile();
+    }
+    shmem::REGISTRY.exclusive().launcher_latch = 0;
+    pgrx::log!("azure_cdc launcher stopped");
+}
+
+/// Entry point of a scout. `arg` is the database OID.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn azure_cdc_scout_main(arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGTERM);
+    let database = arg.value() as u32;
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(database)), None);
+    BackgroundWorker::transaction(|| {
+        let installed = Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'azure_cdc')",
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+        if !installed {
+            return;
+        }
+        let mirrors = match catalog::active_mirrors() {
+            Ok(m) => m,
+            Err(e) => {
+                pgrx::warning!("azure_cdc scout: could not read the mirrors: {}", e.full_text());
+                return;
+            }
+        };
+        for m in mirrors {
+            let phase = match MirrorState::parse(&m.state) {
+                Ok(MirrorState::Starting) => Phase::Snapshot,
+                _ => Phase::Snapshotted,
+            };
+            if shmem::reserve(database, m.id, Desired::Run, phase).is_none() {
+                pgrx::warning!(
+                    "azure_cdc: mirror \"{}\" cannot run: all {} mirror places are in use",
+                    m.name,
+                    shmem::capacity()
+                );
+            }
+        }
+    });
+    shmem::wake_launcher();
+}

@@ -1,0 +1,163 @@
+//! Shared memory of azure_cdc: the registry of running mirrors that the launcher, the workers and the
+//! SQL functions share. One fixed array of `azure_cdc.max_fabric_mirrors` (at most 6) entries under one
+//! LWLock; nothing here allocates. Used by every process of the extension; calls PostgreSQL only to
+//! take the lock and set latches.
+//!
+//! What lives here is what must be seen live, across processes: which mirrors should run, which
+//! workers run, and snapshot progress. Everything durable lives in the catalog tables.
+
+use pgrx::prelude::*;
+use pgrx::{PGRXSharedMemory, PgLwLock};
+
+use crate::gucs::MAX_FABRIC_MIRRORS_LIMIT;
+
+/// Tables whose snapshot progress can be shown at once per mirror (one per snapshot worker).
+pub const MAX_PROGRESS: usize = 16;
+
+/// What the SQL API asks for a mirror.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum Desired {
+    /// Entry reserved by a `start_mirror` whose transaction has not committed yet.
+    #[default]
+    Reserved,
+    Run,
+    Stop,
+}
+
+/// Where a running mirror is in its life.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum Phase {
+    /// The initial snapshot has not been published yet: a snapshot worker must run.
+    #[default]
+    Snapshot,
+    /// The snapshot is published; the slot holds every later change.
+    Snapshotted,
+}
+
+#[derive(Copy, Clone, Debug, Default)]
+pub struct TableProgress {
+    pub relid: u32,
+    pub rows: i64,
+}
+
+#[derive(Copy, Clone, Debug, Default)]
+pub struct MirrorEntry {
+    pub in_use: bool,
+    pub database: u32,
+    pub mirror_id: i64,
+    pub desired: Desired,
+    pub phase: Phase,
+    /// Set by the launcher while a worker it registered for this mirror has not exited.
+    pub worker_registered: bool,
+    /// Process id of the mirror's worker, set by the worker itself while it runs (0 otherwise).
+    pub worker_pid: i32,
+    /// Consecutive failed attempts, for back-off.
+    pub failures: u32,
+    pub progress: [TableProgress; MAX_PROGRESS],
+}
+
+#[derive(Copy, Clone, Debug, Default)]
+pub struct Registry {
+    /// Address of the launcher's latch (shared memory, same address in every process), 0 if none.
+    pub launcher_latch: usize,
+    pub entries: [MirrorEntry; MAX_FABRIC_MIRRORS_LIMIT as usize],
+}
+
+// SAFETY: Registry is plain old data (no pointers into process-local memory; the latch address points
+// into shared memory), so it may live in shared memory and be read by any process under the lock.
+unsafe impl PGRXSharedMemory for Registry {}
+
+// SAFETY: the name is unique to this extension and the lock is initialised by pg_shmem_init! in _PG_init.
+pub static REGISTRY: PgLwLock<Registry> = unsafe { PgLwLock::new(c"azure_cdc_registry") };
+
+pub fn init() {
+    pgrx::pg_shmem_init!(REGISTRY);
+}
+
+/// Usable entries (the GUC may be lower than the compiled-in maximum).
+pub fn capacity() -> usize {
+    crate::gucs::MAX_FABRIC_MIRRORS.get().clamp(1, MAX_FABRIC_MIRRORS_LIMIT) as usize
+}
+
+/// Wakes the launcher, if it runs.
+pub fn wake_launcher() {
+    let latch = REGISTRY.share().launcher_latch;
+    if latch != 0 {
+        // SAFETY: the address was stored by the launcher as its MyLatch, which points into shared memory
+        // (its PGPROC) and stays valid for the life of the postmaster; SetLatch is safe to call on any
+        // process's latch.
+        unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
+    }
+}
+
+/// Index of the entry of a mirror, if it has one.
+pub fn find(database: u32, mirror_id: i64) -> Option<usize> {
+    let r = REGISTRY.share();
+    r.entries.iter().position(|e| e.in_use && e.database == database && e.mirror_id == mirror_id)
+}
+
+/// Number of entries in use (mirrors running or reserved, all databases).
+pub fn active_mirrors() -> usize {
+    REGISTRY.share().entries.iter().filter(|e| e.in_use).count()
+}
+
+/// Reserves an entry for a new mirror. None when `max_fabric_mirrors` entries are in use.
+pub fn reserve(database: u32, mirror_id: i64, desired: Desired, phase: Phase) -> Option<usize> {
+    let cap = capacity();
+    let mut r = REGISTRY.exclusive();
+    if let Some(i) = r.entries.iter().position(|e| e.in_use && e.database == database && e.mirror_id == mirror_id) {
+        return Some(i);
+    }
+    let i = r.entries[..cap].iter().position(|e| !e.in_use)?;
+    r.entries[i] = MirrorEntry { in_use: true, database, mirror_id, desired, phase, ..Default::default() };
+    Some(i)
+}
+
+/// Frees an entry.
+pub fn release(index: usize) {
+    let mut r = REGISTRY.exclusive();
+    r.entries[index] = MirrorEntry::default();
+}
+
+pub fn set_desired(index: usize, desired: Desired) {
+    REGISTRY.exclusive().entries[index].desired = desired;
+}
+
+pub fn entry(index: usize) -> MirrorEntry {
+    REGISTRY.share().entries[index]
+}
+
+/// Records live snapshot progress of one table (`slot` is the snapshot worker's progress slot).
+pub fn set_progress(index: usize, slot: usize, relid: u32, rows: i64) {
+    if slot < MAX_PROGRESS {
+        REGISTRY.exclusive().entries[index].progress[slot] = TableProgress { relid, rows };
+    }
+}
+
+/// Live rows copied so far of a table being snapshotted, if a worker reports it.
+pub fn progress_of(database: u32, mirror_id: i64, relid: u32) -> Option<i64> {
+    let r = REGISTRY.share();
+    r.entries
+        .iter()
+        .filter(|e| e.in_use && e.database == database && e.mirror_id == mirror_id)
+        .flat_map(|e| e.progress.iter())
+        .find(|p| p.relid == relid && relid != 0)
+        .map(|p| p.rows)
+}
+
+/// Whether a process with this pid exists.
+pub fn pid_alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence and permission.
+    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+}
+
+/// Whether any worker of entry `index` may still be running.
+pub fn workers_may_run(index: usize) -> bool {
+    let e = entry(index);
+    e.worker_registered || pid_alive(e.worker_pid)
+}
+
+/// Records (or clears, with 0) the pid of the worker of entry `index`.
+pub fn set_worker_pid(index: usize, pid: i32) {
+    REGISTRY.exclusive().entries[index].worker_pid = pid;
+}

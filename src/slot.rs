@@ -1,0 +1,108 @@
+//! The mirror's logical replication slot, created in-process the way a WAL sender's
+//! `CREATE_REPLICATION_SLOT … LOGICAL … (SNAPSHOT 'use')` does it (walsender.c): the slot is created,
+//! decoding is run up to its consistent point, and the current transaction adopts the snapshot of
+//! that point. Every change committed after the snapshot is then in the slot's stream, and nothing
+//! the snapshot contains is. Runs on the main thread of a snapshot worker (or a backend, to drop).
+//!
+//! The slot uses the built-in `pgoutput` plugin only as the plugin recorded in the slot at creation;
+//! the change stream itself is read by the extension's own decoding (a later stage of the product).
+
+use std::ffi::CString;
+
+use azure_cdc_core::{Error, ErrorKind, Result};
+use pgrx::pg_sys;
+
+/// Output plugin recorded in the slot.
+const PLUGIN: &std::ffi::CStr = c"pgoutput";
+
+unsafe extern "C-unwind" {
+    // replication/snapbuild.h, not in pgrx's bindings.
+    fn SnapBuildInitialSnapshot(builder: *mut pg_sys::SnapBuild) -> pg_sys::Snapshot;
+    // The WAL reading callbacks of access/xlogutils.h, as raw symbols (pgrx binds them as guarded
+    // Rust wrappers, which cannot be stored as C callbacks).
+    fn read_local_xlog_page(
+        state: *mut pg_sys::XLogReaderState,
+        target_page: pg_sys::XLogRecPtr,
+        req_len: std::ffi::c_int,
+        target_rec: pg_sys::XLogRecPtr,
+        buf: *mut std::ffi::c_char,
+    ) -> std::ffi::c_int;
+    fn wal_segment_open(state: *mut pg_sys::XLogReaderState, seg: pg_sys::XLogSegNo, tli: *mut pg_sys::TimeLineID);
+    fn wal_segment_close(state: *mut pg_sys::XLogReaderState);
+}
+
+fn c_name(name: &str) -> Result<CString> {
+    CString::new(name).map_err(|_| Error::new(ErrorKind::Internal, "slot name contains a NUL byte"))
+}
+
+/// Whether a replication slot of that name exists.
+pub fn exists(name: &str) -> Result<bool> {
+    let c = c_name(name)?;
+    // SAFETY: SearchNamedReplicationSlot takes the control lock itself when need_lock is true and only
+    // reads shared memory; the name outlives the call.
+    Ok(unsafe { !pg_sys::SearchNamedReplicationSlot(c.as_ptr(), true).is_null() })
+}
+
+/// Drops the slot if it exists and no process uses it. Returns whether a slot was dropped.
+pub fn drop_if_exists(name: &str) -> Result<bool> {
+    if !exists(name)? {
+        return Ok(false);
+    }
+    let c = c_name(name)?;
+    // SAFETY: called on the main thread without a slot acquired (MyReplicationSlot is NULL in a backend
+    // or in a worker between transactions); nowait = true raises an error instead of waiting if another
+    // process holds the slot, which the pgrx guard turns into a Rust panic / PostgreSQL error.
+    unsafe { pg_sys::ReplicationSlotDrop(c.as_ptr(), true) };
+    Ok(true)
+}
+
+/// Creates the slot and makes the current transaction use the snapshot of its consistent point.
+/// Returns the consistent point (the LSN the change stream starts at).
+///
+/// # Safety
+/// Must be called on the main thread, first thing in a transaction that has read nothing and holds no
+/// snapshot yet (`StartTransactionCommand()` just called), with no slot acquired.
+pub unsafe fn create_with_snapshot(name: &str) -> Result<u64> {
+    let c = c_name(name)?;
+    // SAFETY (whole block): these are the steps walsender.c's CreateReplicationSlot performs for
+    // SNAPSHOT 'use'; the caller guarantees the transaction state they require. Errors are raised
+    // as PostgreSQL errors through the guarded FFI boundary, aborting the transaction, which releases
+    // and removes the still-ephemeral slot.
+    unsafe {
+        pg_sys::XactIsoLevel = pg_sys::XACT_REPEATABLE_READ as i32;
+        pg_sys::XactReadOnly = true;
+        pg_sys::CheckSlotRequirements();
+        pg_sys::CheckLogicalDecodingRequirements();
+        pg_sys::ReplicationSlotCreate(c.as_ptr(), true, pg_sys::ReplicationSlotPersistency::RS_EPHEMERAL, false);
+        let mut routine = pg_sys::XLogReaderRoutine {
+            page_read: Some(read_local_xlog_page),
+            segment_open: Some(wal_segment_open),
+            segment_close: Some(wal_segment_close),
+        };
+        let ctx = pg_sys::CreateInitDecodingContext(
+            PLUGIN.as_ptr(),
+            std::ptr::null_mut(),
+            true,
+            0,
+            &mut routine,
+            None,
+            None,
+            None,
+        );
+        pg_sys::DecodingContextFindStartpoint(ctx);
+        pg_sys::InvalidateCatalogSnapshot();
+        let builder = (*ctx).snapshot_builder;
+        let snap = pg_sys::ffi::pg_guard_ffi_boundary(|| SnapBuildInitialSnapshot(builder));
+        pg_sys::RestoreTransactionSnapshot(snap, pg_sys::MyProc.cast());
+        let lsn = (*pg_sys::MyReplicationSlot).data.confirmed_flush;
+        pg_sys::FreeDecodingContext(ctx);
+        pg_sys::ReplicationSlotPersist();
+        pg_sys::ReplicationSlotRelease();
+        Ok(lsn)
+    }
+}
+
+/// An LSN in PostgreSQL's text form (`16/B374D848`).
+pub fn lsn_text(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}

@@ -1,0 +1,512 @@
+//! The snapshot worker: one per mirror whose initial snapshot is not published yet. Runs as a dynamic
+//! background worker connected to the mirror's database; its main thread calls PostgreSQL, its encoder
+//! thread never does.
+//!
+//! One attempt:
+//! 1. (transaction 1) read the mirror and its tables; drop a slot left by an earlier, failed attempt;
+//!    clear the tables' folders of files that attempt published; reset the tables' counters;
+//!    write `_partnerEvents.json`.
+//! 2. (transaction 2, repeatable read) create the mirror's slot and adopt the snapshot of its
+//!    consistent point ([`crate::slot`]); scan every table in that snapshot, converting tuples straight
+//!    into Arrow batches ([`crate::tuples`]) that the encoder thread writes into numbered Parquet files
+//!    published atomically; then record, in the same transaction, every table's outcome and the mirror
+//!    as Running.
+//!
+//! Hand-off to the change stream: the slot's stream holds exactly the transactions that commit after
+//! the snapshot, so a table's snapshot files never miss nor repeat a change. Because the slot and the
+//! snapshot belong to one attempt, a failed attempt starts over from step 1 for all tables of the
+//! mirror (its partial files are removed first).
+//!
+//! A value that cannot be written (e.g. NaN in a numeric(p,s) column) parks only its table: the table
+//! becomes Failed with the error, its folder is emptied, the other tables go on. Any other error fails
+//! the attempt, is recorded in the catalog, and the launcher retries with back-off.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use azure_cdc_core::arrow_array::RecordBatch;
+use azure_cdc_core::arrow_schema::SchemaRef;
+use azure_cdc_core::batch::BatchBuilder;
+use azure_cdc_core::datafile::{Compression, PublishedFile, TableFileSink};
+use azure_cdc_core::error::Disposition;
+use azure_cdc_core::landing_zone;
+use azure_cdc_core::lifecycle::{MirrorState, TableEvent, TableState};
+use azure_cdc_core::names;
+use azure_cdc_core::target::{LocalTarget, TargetUrl};
+use azure_cdc_core::{Error, ErrorKind, Result};
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::prelude::*;
+
+use crate::catalog::{self, MirrorRow, TableRow};
+use crate::shmem::{self, Phase};
+use crate::tuples::TupleConverter;
+
+/// Messages from the main thread to the encoder thread.
+enum ToEncoder {
+    Begin { folder: String, schema: SchemaRef, compression: Compression, max_file_bytes: usize },
+    Batch(RecordBatch),
+    /// The table is complete: publish what is left and report.
+    End,
+    /// The table is abandoned: remove its files and report.
+    Abort,
+}
+
+/// The encoder thread: encodes and publishes the files of one table at a time. Never calls PostgreSQL.
+struct Encoder {
+    tx: Option<SyncSender<ToEncoder>>,
+    rx: Receiver<Result<Vec<PublishedFile>>>,
+    failed: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Encoder {
+    fn start(target: Arc<LocalTarget>) -> Result<Encoder> {
+        // Two batches in flight: the encoder works on one while the scan fills the next.
+        let (tx, work) = sync_channel::<ToEncoder>(2);
+        let (done, rx) = sync_channel::<Result<Vec<PublishedFile>>>(1);
+        let failed = Arc::new(AtomicBool::new(false));
+        let flag = failed.clone();
+        let handle = std::thread::Builder::new()
+            .name("azure_cdc encoder".into())
+            .spawn(move || encoder_loop(target, work, done, flag))
+            .map_err(|e| Error::new(ErrorKind::Internal, format!("could not start the encoder thread: {e}")))?;
+        Ok(Encoder { tx: Some(tx), rx, failed, handle: Some(handle) })
+    }
+
+    fn send(&self, m: ToEncoder) -> Result<()> {
+        let gone = || Error::new(ErrorKind::Internal, "the encoder thread stopped");
+        self.tx.as_ref().ok_or_else(gone)?.send(m).map_err(|_| gone())
+    }
+
+    fn finish_table(&self, m: ToEncoder) -> Result<Vec<PublishedFile>> {
+        self.send(m)?;
+        self.rx.recv().map_err(|_| Error::new(ErrorKind::Internal, "the encoder thread stopped"))?
+    }
+
+    fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Encoder {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn encoder_loop(
+    target: Arc<LocalTarget>,
+    work: Receiver<ToEncoder>,
+    done: SyncSender<Result<Vec<PublishedFile>>>,
+    failed: Arc<AtomicBool>,
+) {
+    let mut sink: Option<(TableFileSink, String)> = None;
+    let mut error: Option<Error> = None;
+    while let Ok(msg) = work.recv() {
+        let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Option<Result<Vec<PublishedFile>>> {
+            match msg {
+                ToEncoder::Begin { folder, schema, compression, max_file_bytes } => {
+                    error = None;
+                    failed.store(false, Ordering::Relaxed);
+                    let s = TableFileSink::new(target.clone(), folder.clone(), schema, compression, max_file_bytes, 1, vec![]);
+                    sink = Some((s, folder));
+                    None
+                }
+                ToEncoder::Batch(b) => {
+                    if error.is_none() {
+                        if let Some((s, _)) = sink.as_mut() {
+                            if let Err(e) = s.push(&b) {
+                                failed.store(true, Ordering::Relaxed);
+                                error = Some(e);
+                            }
+                        }
+                    }
+                    None
+                }
+                ToEncoder::End => {
+                    let r = match (sink.take(), error.take()) {
+                        (_, Some(e)) => Err(e),
+                        (Some((s, _)), None) => s.close(),
+                        (None, None) => Ok(Vec::new()),
+                    };
+                    Some(r)
+                }
+                ToEncoder::Abort => {
+                    error = None;
+                    let r = match sink.take() {
+                        Some((s, folder)) => {
+                            drop(s);
+                            target.clear_table_folder(&folder).map(|_| Vec::new())
+                        }
+                        None => Ok(Vec::new()),
+                    };
+                    Some(r)
+                }
+            }
+        }));
+        let reply = match step {
+            Ok(r) => r,
+            Err(_) => {
+                failed.store(true, Ordering::Relaxed);
+                sink = None;
+                Some(Err(Error::new(ErrorKind::Internal, "the encoder thread panicked")))
+            }
+        };
+        if let Some(r) = reply {
+            if done.send(r).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+unsafe extern "C-unwind" {
+    // PostgreSQL's standard signal handlers (tcop/tcopprot.h, postmaster/interrupt.h), as raw symbols.
+    fn die(signal: std::ffi::c_int);
+    fn SignalHandlerForConfigReload(signal: std::ffi::c_int);
+}
+
+/// What happened to one table in this attempt.
+struct Outcome {
+    relid: pg_sys::Oid,
+    keys: Vec<String>,
+    rows: i64,
+    files: Vec<PublishedFile>,
+    parked: Option<Error>,
+}
+
+/// Entry point of the snapshot worker. `arg` is the mirror's index in the shared registry.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn azure_cdc_snapshot_main(arg: pg_sys::Datum) {
+    // SAFETY: installing PostgreSQL's standard handlers before unblocking signals: SIGTERM sets the
+    // die flags that CHECK_FOR_INTERRUPTS acts on, so the worker stops at the next row batch.
+    unsafe {
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(die));
+        pg_sys::pqsignal(pg_sys::SIGHUP as i32, Some(SignalHandlerForConfigReload));
+        pg_sys::BackgroundWorkerUnblockSignals();
+    }
+    let index = arg.value();
+    if index >= crate::gucs::MAX_FABRIC_MIRRORS_LIMIT as usize {
+        return;
+    }
+    let entry = shmem::entry(index);
+    if !entry.in_use {
+        return;
+    }
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(entry.database)), None);
+    // SAFETY: MyProcPid is set at process start.
+    shmem::set_worker_pid(index, unsafe { pg_sys::MyProcPid });
+
+    let mirror_id = entry.mirror_id;
+    let attempt = PgTryBuilder::new(|| run(index, mirror_id))
+        .catch_others(|caught| {
+            let message = match &caught {
+                pg_sys::panic::CaughtError::PostgresError(r)
+                | pg_sys::panic::CaughtError::ErrorReport(r)
+                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
+            };
+            Err(Error::new(ErrorKind::Internal, message))
+        })
+        .execute();
+    clear_progress(index);
+    shmem::set_worker_pid(index, 0);
+    if let Err(e) = attempt {
+        // SAFETY: back to a clean state after a failed attempt: abort the transaction (if any) and
+        // release the slot if the error left it acquired (an ephemeral slot is dropped by the release).
+        unsafe {
+            pg_sys::AbortCurrentTransaction();
+            if !pg_sys::MyReplicationSlot.is_null() {
+                pg_sys::ReplicationSlotRelease();
+            }
+        }
+        pgrx::log!("azure_cdc: snapshot of mirror {mirror_id} failed: {}", e.full_text());
+        record_failure(mirror_id, &e);
+        // A non-zero exit code tells the launcher this attempt failed.
+        // SAFETY: proc_exit runs the normal exit callbacks of a background worker.
+        unsafe { pg_sys::proc_exit(1) };
+    }
+}
+
+fn clear_progress(index: usize) {
+    for slot in 0..shmem::MAX_PROGRESS {
+        shmem::set_progress(index, slot, 0, 0);
+    }
+}
+
+/// Records the error of a failed attempt for the status views (its own transaction).
+fn record_failure(mirror_id: i64, e: &Error) {
+    let text = e.full_text();
+    let _ = PgTryBuilder::new(|| {
+        BackgroundWorker::transaction(|| {
+            let _ = catalog::run(
+                "UPDATE azure_cdc.mirrors SET last_error = $2 WHERE mirror_id = $1",
+                &[mirror_id.into(), text.as_str().into()],
+            );
+            let _ = catalog::run(
+                "UPDATE azure_cdc.mirror_tables SET last_error = $2 WHERE mirror_id = $1 AND state = 'Snapshotting'",
+                &[mirror_id.into(), text.as_str().into()],
+            );
+        })
+    })
+    .catch_others(|_| ())
+    .execute();
+}
+
+/// Step 1: read the mirror, clean up after an earlier attempt. Returns None when there is nothing to do.
+fn prepare(mirror_id: i64) -> Result<Option<(MirrorRow, Vec<TableRow>, Arc<LocalTarget>)>> {
+    BackgroundWorker::transaction(|| {
+        let Some(m) = catalog::mirror_by_id(mirror_id)? else { return Ok(None) };
+        if MirrorState::parse(&m.state)? != MirrorState::Starting {
+            return Ok(None);
+        }
+        crate::slot::drop_if_exists(&m.slot_name)?;
+        let TargetUrl::Local(root) = TargetUrl::parse(&m.target)?;
+        let target = Arc::new(LocalTarget::new(root));
+        let tables = catalog::tables(mirror_id)?;
+        for t in &tables {
+            target.clear_table_folder(&names::table_folder(&t.schema, &t.table))?;
+        }
+        let version = Spi::get_one::<String>("SELECT pg_catalog.current_setting('server_version')")
+            .map_err(crate::errors::spi)?
+            .unwrap_or_default();
+        let database = Spi::get_one::<String>("SELECT pg_catalog.current_database()::text")
+            .map_err(crate::errors::spi)?
+            .unwrap_or_default();
+        target.put_document("", landing_zone::PARTNER_EVENTS_FILE, landing_zone::partner_events(&version, &database, &m.name).as_bytes())?;
+        for t in &tables {
+            let state = TableState::parse(&t.state)?;
+            if state != TableState::Snapshotting {
+                state.on(TableEvent::SnapshotRestarted)?;
+            }
+        }
+        catalog::run(
+            "UPDATE azure_cdc.mirror_tables SET state = 'Snapshotting', rows_replicated = 0, files_published = 0, \
+                    bytes_published = 0, next_file_number = 1, last_completed_at = NULL WHERE mirror_id = $1",
+            &[mirror_id.into()],
+        )?;
+        Ok(Some((m, tables, target)))
+    })
+}
+
+fn run(index: usize, mirror_id: i64) -> Result<()> {
+    let Some((mirror, tables, target)) = prepare(mirror_id)? else {
+        mark_snapshotted(index);
+        return Ok(());
+    };
+    let encoder = Encoder::start(target.clone())?;
+    // SAFETY: a fresh transaction that has read nothing yet, as create_with_snapshot requires.
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+    }
+    // SAFETY: as above: first thing in the new transaction, no slot acquired.
+    let lsn = unsafe { crate::slot::create_with_snapshot(&mirror.slot_name)? };
+    pgrx::log!(
+        "azure_cdc: mirror \"{}\": slot {} created at consistent point {}",
+        mirror.name,
+        mirror.slot_name,
+        crate::slot::lsn_text(lsn)
+    );
+    // SAFETY: the transaction snapshot was just set by create_with_snapshot; making it the active
+    // snapshot lets SPI and the scans below use it.
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+
+    let mut outcomes = Vec::with_capacity(tables.len());
+    for (n, t) in tables.iter().enumerate() {
+        outcomes.push(snapshot_table(index, n % shmem::MAX_PROGRESS, t, &target, &encoder)?);
+    }
+    drop(encoder);
+
+    // SAFETY: the scans are done; this transaction may now write its bookkeeping.
+    unsafe { pg_sys::XactReadOnly = false };
+    for o in &outcomes {
+        let (state, error) = match &o.parked {
+            Some(e) => (TableState::Snapshotting.on(TableEvent::Failed)?, Some(e.full_text())),
+            None => (TableState::Snapshotting.on(TableEvent::SnapshotPublished)?, None),
+        };
+        let files = o.files.len() as i64;
+        let bytes: i64 = o.files.iter().map(|f| f.bytes as i64).sum();
+        catalog::run(
+            "UPDATE azure_cdc.mirror_tables SET state = $3, key_columns = $4, rows_replicated = $5, \
+                    files_published = $6, bytes_published = $7, next_file_number = $6 + 1, \
+                    last_completed_at = pg_catalog.clock_timestamp(), last_error = $8 \
+              WHERE mirror_id = $1 AND relid = $2",
+            &[
+                mirror_id.into(),
+                o.relid.into(),
+                state.as_str().into(),
+                o.keys.clone().into(),
+                o.rows.into(),
+                files.into(),
+                bytes.into(),
+                error.into(),
+            ],
+        )?;
+    }
+    catalog::run(
+        "UPDATE azure_cdc.mirrors SET state = 'Running', consistent_lsn = $2::pg_lsn, \
+                snapshot_completed_at = pg_catalog.clock_timestamp(), last_error = NULL WHERE mirror_id = $1",
+        &[mirror_id.into(), crate::slot::lsn_text(lsn).into()],
+    )?;
+    // SAFETY: pops the snapshot pushed above and commits on the main thread.
+    unsafe {
+        pg_sys::PopActiveSnapshot();
+        pg_sys::CommitTransactionCommand();
+    }
+    mark_snapshotted(index);
+    let rows: i64 = outcomes.iter().map(|o| o.rows).sum();
+    pgrx::log!(
+        "azure_cdc: mirror \"{}\": snapshot of {} tables ({} rows) published",
+        mirror.name,
+        outcomes.len(),
+        rows
+    );
+    Ok(())
+}
+
+fn mark_snapshotted(index: usize) {
+    let mut r = shmem::REGISTRY.exclusive();
+    r.entries[index].phase = Phase::Snapshotted;
+    r.entries[index].failures = 0;
+}
+
+/// Copies one table. Errors that park only this table come back as an Outcome with `parked`; any
+/// other error fails the attempt.
+fn snapshot_table(
+    index: usize,
+    progress_slot: usize,
+    t: &TableRow,
+    target: &Arc<LocalTarget>,
+    encoder: &Encoder,
+) -> Result<Outcome> {
+    let folder = names::table_folder(&t.schema, &t.table);
+    let mut outcome = Outcome { relid: t.relid, keys: Vec::new(), rows: 0, files: Vec::new(), parked: None };
+    // SAFETY: try_relation_open returns NULL instead of raising when the table is gone.
+    let rel = unsafe { pg_sys::try_relation_open(t.relid, pg_sys::AccessShareLock as i32) };
+    if rel.is_null() {
+        outcome.parked = Some(Error::new(
+            ErrorKind::DataConversion,
+            format!("table \"{}.{}\" no longer exists", t.schema, t.table),
+        ));
+        return Ok(outcome);
+    }
+    let result = (|| -> Result<()> {
+        outcome.keys = catalog::key_columns(t.relid)?;
+        target.put_document(&folder, landing_zone::METADATA_FILE, landing_zone::table_metadata(&outcome.keys).as_bytes())?;
+        // SAFETY: rel is open (checked above).
+        let mut conv = unsafe { TupleConverter::new(rel)? };
+        let mut builder = BatchBuilder::new(conv.specs())?;
+        encoder.send(ToEncoder::Begin {
+            folder: folder.clone(),
+            schema: builder.schema(),
+            compression: crate::gucs::parquet_compression(),
+            max_file_bytes: crate::gucs::snapshot_file_bytes(),
+        })?;
+        // SAFETY: scanning an open heap relation in the transaction's snapshot on the main thread.
+        let scanned = unsafe { scan(rel, &mut conv, &mut builder, encoder, index, progress_slot, t.relid) };
+        match scanned {
+            Ok(rows) => {
+                outcome.rows = rows;
+                outcome.files = encoder.finish_table(ToEncoder::End)?;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = encoder.finish_table(ToEncoder::Abort);
+                Err(e)
+            }
+        }
+    })();
+    // SAFETY: closing the relation opened above, keeping the lock to the end of the transaction.
+    unsafe { pg_sys::relation_close(rel, pg_sys::NoLock as i32) };
+    match result {
+        Ok(()) => Ok(outcome),
+        Err(e) if e.kind.disposition() == Disposition::ParkTable => {
+            target.clear_table_folder(&folder)?;
+            pgrx::warning!("azure_cdc: table \"{}.{}\" parked: {}", t.schema, t.table, e.full_text());
+            outcome.rows = 0;
+            outcome.files.clear();
+            outcome.parked = Some(e);
+            Ok(outcome)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Scans `rel` in the active snapshot, sending full batches to the encoder. Returns the row count.
+///
+/// # Safety
+/// `rel` must be an open heap relation; main thread; inside the snapshot transaction.
+unsafe fn scan(
+    rel: pg_sys::Relation,
+    conv: &mut TupleConverter,
+    builder: &mut BatchBuilder,
+    encoder: &Encoder,
+    index: usize,
+    progress_slot: usize,
+    relid: pg_sys::Oid,
+) -> Result<i64> {
+    // SAFETY (whole function): standard heap scan protocol. Each tuple returned by heap_getnext stays
+    // valid (its buffer pinned) until the next call, which is after it has been converted; detoasted
+    // copies and output strings live in `batch_cxt`, reset only after the batch holding them was
+    // copied into Arrow buffers.
+    unsafe {
+        let natts = conv.natts();
+        let mut values = vec![pg_sys::Datum::from(0usize); natts];
+        let mut nulls = vec![false; natts];
+        let batch_cxt = pg_sys::AllocSetContextCreateInternal(
+            pg_sys::CurrentMemoryContext,
+            c"azure_cdc snapshot batch".as_ptr(),
+            0,
+            8 * 1024,
+            8 * 1024 * 1024,
+        );
+        let flags = pg_sys::ScanOptions::SO_TYPE_SEQSCAN
+            | pg_sys::ScanOptions::SO_ALLOW_STRAT
+            | pg_sys::ScanOptions::SO_ALLOW_SYNC
+            | pg_sys::ScanOptions::SO_ALLOW_PAGEMODE;
+        let snapshot = pg_sys::GetActiveSnapshot();
+        let sd = pg_sys::heap_beginscan(rel, snapshot, 0, std::ptr::null_mut(), std::ptr::null_mut(), flags);
+        let desc = (*rel).rd_att;
+        let mut rows: i64 = 0;
+        let result = (|| -> Result<i64> {
+            loop {
+                let tuple = pg_sys::heap_getnext(sd, pg_sys::ScanDirection::ForwardScanDirection);
+                if tuple.is_null() {
+                    break;
+                }
+                let old = pg_sys::MemoryContextSwitchTo(batch_cxt);
+                pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+                let appended = conv.append_row(&values, &nulls, builder);
+                pg_sys::MemoryContextSwitchTo(old);
+                appended?;
+                rows += 1;
+                if builder.is_full() {
+                    encoder.send(ToEncoder::Batch(builder.finish()?))?;
+                    pg_sys::MemoryContextReset(batch_cxt);
+                    shmem::set_progress(index, progress_slot, relid.to_u32(), rows);
+                    pg_sys::check_for_interrupts!();
+                    if encoder.has_failed() {
+                        break;
+                    }
+                }
+            }
+            if builder.rows() > 0 {
+                encoder.send(ToEncoder::Batch(builder.finish()?))?;
+            }
+            shmem::set_progress(index, progress_slot, relid.to_u32(), rows);
+            Ok(rows)
+        })();
+        pg_sys::heap_endscan(sd);
+        pg_sys::MemoryContextDelete(batch_cxt);
+        if result.is_err() {
+            builder.abandon();
+        }
+        result
+    }
+}

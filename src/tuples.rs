@@ -1,0 +1,172 @@
+//! Turning tuples of a relation into landing-zone column values: a per-relation plan that knows, for
+//! every live column, how to read its datum (by value, varlena bytes, fixed-size bytes, or the type's
+//! output function) and hands a borrowed [`Value`] to the pure batch builder. Runs on the main thread
+//! of a worker; the values it reads must stay valid (buffer pinned, memory context alive) until
+//! `append_row` returns.
+
+use std::borrow::Cow;
+
+use azure_cdc_core::batch::{BatchBuilder, ColumnSpec, Value};
+use azure_cdc_core::typemap::{self, ColumnKind};
+use azure_cdc_core::{Error, ErrorKind, Result};
+use pgrx::pg_sys;
+
+struct ColumnPlan {
+    /// Position in the tuple descriptor (0-based), including dropped columns.
+    attno: usize,
+    kind: ColumnKind,
+    /// Output function, for kinds carried as the type's text output.
+    output: Option<pg_sys::FmgrInfo>,
+}
+
+/// How to convert the tuples of one relation.
+pub struct TupleConverter {
+    plans: Vec<ColumnPlan>,
+    specs: Vec<ColumnSpec>,
+    natts: usize,
+    utf8: bool,
+}
+
+impl TupleConverter {
+    /// Plans the conversion of `rel`'s live columns.
+    ///
+    /// # Safety
+    /// `rel` must be an open relation; call on the main thread inside a transaction.
+    pub unsafe fn new(rel: pg_sys::Relation) -> Result<Self> {
+        // SAFETY: the caller guarantees an open relation; its tuple descriptor has natts attributes.
+        unsafe {
+            let desc = (*rel).rd_att;
+            let natts = (*desc).natts as usize;
+            let attrs = (*desc).attrs.as_slice(natts);
+            let mut plans = Vec::new();
+            let mut specs = Vec::new();
+            for (attno, att) in attrs.iter().enumerate() {
+                if att.attisdropped {
+                    continue;
+                }
+                let mut typmod = att.atttypmod;
+                let base = pg_sys::getBaseTypeAndTypmod(att.atttypid, &mut typmod);
+                let kind = typemap::kind_for(base.to_u32(), typmod);
+                let output = if matches!(kind, ColumnKind::Jsonb | ColumnKind::OtherText) {
+                    let mut func = pg_sys::InvalidOid;
+                    let mut varlena = false;
+                    pg_sys::getTypeOutputInfo(att.atttypid, &mut func, &mut varlena);
+                    let mut info: pg_sys::FmgrInfo = std::mem::zeroed();
+                    pg_sys::fmgr_info(func, &mut info);
+                    Some(info)
+                } else {
+                    None
+                };
+                let name = std::ffi::CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned();
+                plans.push(ColumnPlan { attno, kind, output });
+                specs.push(ColumnSpec { name, kind });
+            }
+            let utf8 = pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32;
+            Ok(TupleConverter { plans, specs, natts, utf8 })
+        }
+    }
+
+    pub fn specs(&self) -> &[ColumnSpec] {
+        &self.specs
+    }
+
+    /// Number of attributes of the tuple descriptor (the size of the deform arrays).
+    pub fn natts(&self) -> usize {
+        self.natts
+    }
+
+    /// Appends one deformed tuple to `builder`.
+    ///
+    /// # Safety
+    /// `values` and `nulls` must come from `heap_deform_tuple` of a tuple of the relation this
+    /// converter was planned for, and the tuple's memory must still be valid.
+    pub unsafe fn append_row(
+        &mut self,
+        values: &[pg_sys::Datum],
+        nulls: &[bool],
+        builder: &mut BatchBuilder,
+    ) -> Result<()> {
+        for (i, plan) in self.plans.iter_mut().enumerate() {
+            if nulls[plan.attno] {
+                builder.append(i, Value::Null)?;
+                continue;
+            }
+            let d = values[plan.attno];
+            // SAFETY: d is a non-null datum of the column's type (guaranteed by the caller); each arm
+            // reads it the way PostgreSQL stores that type (by value, varlena, or fixed 16 bytes).
+            unsafe {
+                match plan.kind {
+                    ColumnKind::Bool => builder.append(i, Value::Bool(d.value() != 0))?,
+                    ColumnKind::Int16 => builder.append(i, Value::Int16(d.value() as i16))?,
+                    ColumnKind::Int32 => builder.append(i, Value::Int32(d.value() as i32))?,
+                    ColumnKind::Int64 => builder.append(i, Value::Int64(d.value() as i64))?,
+                    ColumnKind::Float32 => builder.append(i, Value::Float32(f32::from_bits(d.value() as u32)))?,
+                    ColumnKind::Float64 => builder.append(i, Value::Float64(f64::from_bits(d.value() as u64)))?,
+                    ColumnKind::Date => builder.append(i, Value::PgDate(d.value() as i32))?,
+                    ColumnKind::Time => builder.append(i, Value::PgTime(d.value() as i64))?,
+                    ColumnKind::Timestamp | ColumnKind::TimestampTz => {
+                        builder.append(i, Value::PgTimestamp(d.value() as i64))?
+                    }
+                    ColumnKind::Uuid => builder.append(i, Value::Uuid(&*(d.cast_mut_ptr::<[u8; 16]>())))?,
+                    ColumnKind::Decimal { .. } | ColumnKind::NumericText => {
+                        builder.append(i, Value::Numeric(varlena_bytes(d)))?
+                    }
+                    ColumnKind::Bytes => builder.append(i, Value::Bytes(varlena_bytes(d)))?,
+                    ColumnKind::Text => {
+                        let s = to_utf8(varlena_bytes(d), self.utf8, &self.specs[i].name)?;
+                        builder.append(i, Value::Text(&s))?
+                    }
+                    ColumnKind::Jsonb | ColumnKind::OtherText => {
+                        let Some(info) = plan.output.as_mut() else {
+                            return Err(Error::new(ErrorKind::Internal, "column without an output function"));
+                        };
+                        let cstr = pg_sys::OutputFunctionCall(info, d);
+                        let bytes = std::ffi::CStr::from_ptr(cstr).to_bytes();
+                        let s = to_utf8(bytes, self.utf8, &self.specs[i].name)?;
+                        builder.append(i, Value::Text(&s))?
+                    }
+                }
+            }
+        }
+        builder.end_row()
+    }
+}
+
+/// The bytes of a varlena datum, detoasted (and decompressed) into the current memory context if
+/// needed.
+///
+/// # Safety
+/// `d` must be a non-null varlena datum; the returned slice lives as long as the current memory
+/// context (or the tuple, when nothing had to be detoasted).
+unsafe fn varlena_bytes<'a>(d: pg_sys::Datum) -> &'a [u8] {
+    // SAFETY: guaranteed by the caller; pg_detoast_datum_packed returns the datum itself or a palloc'd
+    // copy, whose payload VARDATA_ANY / VARSIZE_ANY_EXHDR describe.
+    unsafe {
+        let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+        let len = pgrx::varlena::varsize_any_exhdr(v);
+        let data = pgrx::varlena::vardata_any(v) as *const u8;
+        std::slice::from_raw_parts(data, len)
+    }
+}
+
+/// Text in the database encoding as UTF-8.
+fn to_utf8<'a>(bytes: &'a [u8], database_is_utf8: bool, column: &str) -> Result<Cow<'a, str>> {
+    if database_is_utf8 {
+        return std::str::from_utf8(bytes).map(Cow::Borrowed).map_err(|e| {
+            Error::new(ErrorKind::DataConversion, format!("invalid UTF-8 in column \"{column}\": {e}"))
+        });
+    }
+    // SAFETY: pg_server_to_any converts len bytes from the database encoding and returns either the
+    // input pointer or a NUL-terminated palloc'd string in the current memory context.
+    unsafe {
+        let out = pg_sys::pg_server_to_any(bytes.as_ptr().cast(), bytes.len() as i32, pg_sys::pg_enc::PG_UTF8 as i32);
+        let converted: &[u8] = if out as *const u8 == bytes.as_ptr() {
+            bytes
+        } else {
+            std::ffi::CStr::from_ptr(out).to_bytes()
+        };
+        std::str::from_utf8(converted).map(|s| Cow::Owned(s.to_string())).map_err(|e| {
+            Error::new(ErrorKind::DataConversion, format!("column \"{column}\" is not valid UTF-8 after conversion: {e}"))
+        })
+    }
+}
