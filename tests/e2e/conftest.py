@@ -1,0 +1,128 @@
+"""Test fixtures: a real PostgreSQL cluster with azure_cdc preloaded, run as the unprivileged user,
+started once per test session by scripts/cluster.sh; each test gets its own database and target folder."""
+
+import itertools
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+
+import psycopg
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+CLUSTER = os.path.join(ROOT, "scripts", "cluster.sh")
+RUN_AS = os.environ.get("AZURE_CDC_RUN_AS", "pgrxtest")
+PORT = int(os.environ.get("AZURE_CDC_TEST_PORT", "55439"))
+_counter = itertools.count(1)
+
+
+class Cluster:
+    def __init__(self, base):
+        self.base = base
+        self.datadir = os.path.join(base, "data")
+        self.port = PORT
+        self.log = os.path.join(self.datadir, "server.log")
+
+    def start(self):
+        subprocess.run(
+            [CLUSTER, "start", self.datadir, str(self.port), "azure_cdc.max_fabric_mirrors = 6",
+             "max_worker_processes = 24", "max_replication_slots = 12"],
+            check=True,
+        )
+
+    def stop(self, mode="fast"):
+        subprocess.run([CLUSTER, "stop", self.datadir, mode], check=True)
+
+    def restart(self, mode="fast"):
+        self.stop(mode)
+        self.start()
+
+    def connect(self, dbname="postgres", **kw):
+        return psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=dbname, autocommit=True, **kw)
+
+    def postmaster_pid(self):
+        with open(os.path.join(self.datadir, "postmaster.pid")) as f:
+            return int(f.readline())
+
+    def new_folder(self, name):
+        """An empty folder the server may write to (it does not exist yet; its parent does)."""
+        parent = os.path.join(self.base, "targets")
+        os.makedirs(parent, exist_ok=True)
+        u = pwd.getpwnam(RUN_AS)
+        os.chown(parent, u.pw_uid, u.pw_gid)
+        return os.path.join(parent, name)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    base = tempfile.mkdtemp(prefix="azure_cdc_e2e_")
+    os.chmod(base, 0o755)
+    c = Cluster(base)
+    c.start()
+    yield c
+    c.stop("fast")
+    if os.environ.get("AZURE_CDC_KEEP_TEST_DATA") != "1":
+        shutil.rmtree(base, ignore_errors=True)
+
+
+class Db:
+    """One test's database with azure_cdc installed, and helpers to drive and watch mirrors."""
+
+    def __init__(self, cluster, name):
+        self.cluster = cluster
+        self.name = name
+        self.conn = cluster.connect(name)
+
+    def reconnect(self):
+        try:
+            self.conn.close()
+        except Exception:
+            pass
+        self.conn = self.cluster.connect(self.name)
+
+    def sql(self, query, params=None):
+        with self.conn.cursor() as cur:
+            cur.execute(query, params)
+            return cur.fetchall() if cur.description else None
+
+    def one(self, query, params=None):
+        rows = self.sql(query, params)
+        return rows[0][0] if rows else None
+
+    def status(self, mirror):
+        rows = self.sql(
+            "SELECT schema_name, table_name, state, status, rows_replicated, files_published, last_error "
+            "FROM azure_cdc.get_all_tables_mirror_status() WHERE mirror_name = %s",
+            (mirror,),
+        )
+        return {(r[0], r[1]): dict(state=r[2], status=r[3], rows=r[4], files=r[5], error=r[6]) for r in rows}
+
+    def wait_snapshot(self, mirror, deadline_s=300):
+        """Waits until the mirror's snapshot is published (a deadline for failing, not a timing check)."""
+        end = time.time() + deadline_s
+        while True:
+            state = self.one("SELECT state FROM azure_cdc.mirrors WHERE mirror_name = %s", (mirror,))
+            if state == "Running":
+                return self.status(mirror)
+            if time.time() > end:
+                raise AssertionError(f"mirror {mirror} still {state} after {deadline_s}s: {self.status(mirror)}")
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def db(cluster):
+    name = "t%d" % next(_counter)
+    with cluster.connect() as c:
+        c.execute(f'CREATE DATABASE "{name}"')
+    d = Db(cluster, name)
+    d.sql("CREATE EXTENSION azure_cdc")
+    yield d
+    d.reconnect()
+    for (m,) in d.sql("SELECT mirror_name FROM azure_cdc.mirrors WHERE state <> 'Stopped'"):
+        d.sql("SELECT azure_cdc.stop_mirror(%s)", (m,))
+    d.conn.close()
+    with cluster.connect() as c:
+        c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
