@@ -24,6 +24,13 @@ mod slot;
 mod snapshot;
 mod tuples;
 
+// The #[pg_test] tier (in pg_tests.rs: SQL API, privileges, catalog rules, numeric decoding).
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    include!("pg_tests.rs");
+}
+
 ::pgrx::pg_module_magic!();
 
 pgrx::extension_sql_file!("../sql/catalog.sql", name = "catalog", bootstrap);
