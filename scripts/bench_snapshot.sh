@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Snapshot benchmark: prints figures, asserts nothing.
+# pgbench -i -s $SCALE, then in the same run on the same server: COPY pgbench_accounts TO '/dev/null'
+# (FORMAT binary) — the physical limit of reading the table — and a mirror of pgbench_accounts into a
+# local folder. Reports wall time, rows/s, MB/s, the snapshot worker's peak memory and the ratio.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TOP=$PWD
+SCALE=${SCALE:-100}
+PORT=${BENCH_PORT:-55441}
+RUN_AS=${AZURE_CDC_RUN_AS:-pgrxtest}
+BASE=${BENCH_DIR:-/tmp/azure_cdc_bench}
+DATA=$BASE/data
+OUT=$BASE/mirror
+PGBIN=/usr/lib/postgresql/15/bin
+q() { scripts/cluster.sh psql "$PORT" -d bench -Atq "$@"; }
+
+scripts/cluster.sh stop "$DATA" fast 2>/dev/null || true
+rm -rf "$BASE"; mkdir -p "$BASE"; chown "$RUN_AS" "$BASE"
+trap 'scripts/cluster.sh stop "$DATA" fast' EXIT
+scripts/cluster.sh start "$DATA" "$PORT" "shared_buffers = 2GB" "max_wal_size = 8GB" "checkpoint_timeout = 30min"
+scripts/cluster.sh psql "$PORT" -d postgres -qc "CREATE DATABASE bench"
+echo "loading pgbench -i -s $SCALE ..."
+"$PGBIN/pgbench" -h 127.0.0.1 -p "$PORT" -U postgres -i -s "$SCALE" -q bench 2>&1 | tail -1
+q -c "VACUUM ANALYZE pgbench_accounts" -c "CHECKPOINT" -c "CREATE EXTENSION azure_cdc"
+rows=$(q -c "SELECT count(*) FROM pgbench_accounts")
+table_bytes=$(q -c "SELECT pg_relation_size('pgbench_accounts')")
+
+copy_ms() {
+    q -c "\\timing on" -c "COPY pgbench_accounts TO '/dev/null' (FORMAT binary)" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p'
+}
+copy_ms >/dev/null   # warm the cache the same way for both
+copy1=$(copy_ms); copy2=$(copy_ms)
+copy=$(python3 -c "print(min($copy1, $copy2))")
+
+start=$(date +%s.%N)
+q -c "SELECT azure_cdc.start_mirror('bench', 'file://$OUT', ARRAY['pgbench_accounts'])" >/dev/null
+peak_rss=0; peak_anon=0; pid=""
+while :; do
+    state=$(q -c "SELECT state FROM azure_cdc.mirrors WHERE mirror_name = 'bench'")
+    [ "$state" = Running ] && break
+    [ -n "$pid" ] || pid=$(q -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'azure_cdc snapshot'")
+    if [ -n "$pid" ] && [ -r "/proc/$pid/status" ]; then
+        hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+        anon=$(awk '/^RssAnon/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+        [ "${hwm:-0}" -gt "$peak_rss" ] && peak_rss=$hwm
+        [ "${anon:-0}" -gt "$peak_anon" ] && peak_anon=$anon
+    fi
+    sleep 0.05
+done
+end=$(date +%s.%N)
+worker_s=$(q -c "SELECT extract(epoch FROM snapshot_completed_at - created_at) FROM azure_cdc.mirrors WHERE mirror_name = 'bench'")
+out_bytes=$(du -sb "$OUT" | cut -f1)
+files=$(ls "$OUT/public.schema/pgbench_accounts/" | grep -c '^[0-9].*\.parquet$')
+compression=$(q -c "SHOW azure_cdc.parquet_compression")
+
+python3 - "$rows" "$table_bytes" "$copy" "$worker_s" "$start" "$end" "$peak_rss" "$peak_anon" "$out_bytes" "$files" "$compression" <<'PY'
+import sys
+rows, table_bytes, copy_ms, worker_s, start, end, peak_rss, peak_anon, out_bytes, files, comp = sys.argv[1:]
+rows, table_bytes, out_bytes = int(rows), int(table_bytes), int(out_bytes)
+copy_s = float(copy_ms) / 1000
+snap_s = float(worker_s)
+wall_s = float(end) - float(start)
+print(f"table            pgbench_accounts: {rows:,} rows, {table_bytes / 2**20:,.0f} MB heap")
+print(f"COPY binary      {copy_s:8.2f} s  {rows / copy_s:12,.0f} rows/s  {table_bytes / 2**20 / copy_s:8.1f} MB/s")
+print(f"snapshot         {snap_s:8.2f} s  {rows / snap_s:12,.0f} rows/s  {table_bytes / 2**20 / snap_s:8.1f} MB/s"
+      f"  (start_mirror commit -> published; {wall_s:.2f} s as seen by the polling client)")
+print(f"output           {out_bytes / 2**20:,.1f} MB Parquet ({comp}) in {files} file(s)")
+print(f"worker memory    peak RSS {int(peak_rss) / 1024:,.0f} MB, peak private (RssAnon) {int(peak_anon) / 1024:,.0f} MB")
+print(f"ratio            snapshot / COPY = {snap_s / copy_s:.2f}   (target <= 1.3)")
+PY
