@@ -172,6 +172,11 @@ impl Launcher {
                     unsafe { libc::kill(e.worker_pid, libc::SIGTERM) };
                     continue;
                 }
+                // Helpers of a snapshot worker that ended without terminating them.
+                for pid in e.helper_pids.iter().copied().filter(|p| shmem::pid_alive(*p)) {
+                    // SAFETY: as above.
+                    unsafe { libc::kill(pid, libc::SIGTERM) };
+                }
                 shmem::REGISTRY.exclusive().entries[index].worker_registered = false;
                 continue;
             }

@@ -53,7 +53,18 @@ pub struct MirrorEntry {
     pub worker_pid: i32,
     /// Consecutive failed attempts, for back-off.
     pub failures: u32,
+    /// Live snapshot progress, one slot per snapshot worker (0: the mirror's snapshot worker, 1..: helpers).
     pub progress: [TableProgress; MAX_PROGRESS],
+    /// The exported snapshot helpers import (NUL-padded), valid while the snapshot worker's transaction is open.
+    pub snapshot_name: [u8; 32],
+    /// Tables of the current attempt, and the index of the next one to claim.
+    pub tables_total: u32,
+    pub next_table: u32,
+    /// Tables whose outcome helpers have committed, and whether a helper failed.
+    pub helpers_committed: u32,
+    pub helper_failed: bool,
+    /// Process ids of running snapshot helpers (0: none), indexed by progress slot.
+    pub helper_pids: [i32; MAX_PROGRESS],
 }
 
 #[derive(Copy, Clone, Debug, Default)]
@@ -154,7 +165,19 @@ pub fn pid_alive(pid: i32) -> bool {
 /// Whether any worker of entry `index` may still be running.
 pub fn workers_may_run(index: usize) -> bool {
     let e = entry(index);
-    e.worker_registered || pid_alive(e.worker_pid)
+    e.worker_registered || pid_alive(e.worker_pid) || e.helper_pids.iter().any(|p| pid_alive(*p))
+}
+
+/// Claims the next table of the current snapshot attempt, if any is left.
+pub fn claim_next_table(index: usize) -> Option<usize> {
+    let mut r = REGISTRY.exclusive();
+    let e = &mut r.entries[index];
+    if e.next_table < e.tables_total {
+        e.next_table += 1;
+        Some(e.next_table as usize - 1)
+    } else {
+        None
+    }
 }
 
 /// Records (or clears, with 0) the pid of the worker of entry `index`.

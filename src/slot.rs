@@ -57,7 +57,8 @@ pub fn drop_if_exists(name: &str) -> Result<bool> {
 }
 
 /// Creates the slot and makes the current transaction use the snapshot of its consistent point.
-/// Returns the consistent point (the LSN the change stream starts at).
+/// Returns the consistent point (the LSN the change stream starts at). The slot stays acquired by this
+/// process (so that no other process can drop it) until [`release`].
 ///
 /// # Safety
 /// Must be called on the main thread, first thing in a transaction that has read nothing and holds no
@@ -97,8 +98,19 @@ pub unsafe fn create_with_snapshot(name: &str) -> Result<u64> {
         let lsn = (*pg_sys::MyReplicationSlot).data.confirmed_flush;
         pg_sys::FreeDecodingContext(ctx);
         pg_sys::ReplicationSlotPersist();
-        pg_sys::ReplicationSlotRelease();
         Ok(lsn)
+    }
+}
+
+/// Releases the slot this process has acquired, if any (an ephemeral slot, from a creation that
+/// failed half way, is dropped by the release).
+pub fn release() {
+    // SAFETY: MyReplicationSlot is this process's own pointer; releasing is what a process does when it
+    // stops using a slot, on the main thread.
+    unsafe {
+        if !pg_sys::MyReplicationSlot.is_null() {
+            pg_sys::ReplicationSlotRelease();
+        }
     }
 }
 

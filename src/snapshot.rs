@@ -7,15 +7,18 @@
 //!    clear the tables' folders of files that attempt published; reset the tables' counters;
 //!    write `_partnerEvents.json`.
 //! 2. (transaction 2, repeatable read) create the mirror's slot and adopt the snapshot of its
-//!    consistent point ([`crate::slot`]); scan every table in that snapshot, converting tuples straight
-//!    into Arrow batches ([`crate::tuples`]) that the encoder thread writes into numbered Parquet files
-//!    published atomically; then record, in the same transaction, every table's outcome and the mirror
-//!    as Running.
+//!    consistent point ([`crate::slot`]); export that snapshot and start up to
+//!    `azure_cdc.max_snapshot_workers - 1` **snapshot helpers**, which import it. The worker and its
+//!    helpers claim tables from a shared counter and scan each in the snapshot, converting tuples
+//!    straight into Arrow batches ([`crate::tuples`]) that each process's encoder thread writes into
+//!    numbered Parquet files published atomically. Each helper commits its tables' outcomes; once every
+//!    helper has exited and every table is accounted for, the worker records its own tables and the
+//!    mirror as Running in the same transaction (still holding the slot), and commits.
 //!
 //! Hand-off to the change stream: the slot's stream holds exactly the transactions that commit after
 //! the snapshot, so a table's snapshot files never miss nor repeat a change. Because the slot and the
 //! snapshot belong to one attempt, a failed attempt starts over from step 1 for all tables of the
-//! mirror (its partial files are removed first).
+//! mirror: helpers still running from it are terminated first, then its files are removed.
 //!
 //! A value that cannot be written (e.g. NaN in a numeric(p,s) column) parks only its table: the table
 //! becomes Failed with the error, its folder is emptied, the other tables go on. Any other error fails
@@ -219,12 +222,8 @@ pub extern "C-unwind" fn azure_cdc_snapshot_main(arg: pg_sys::Datum) {
     if let Err(e) = attempt {
         // SAFETY: back to a clean state after a failed attempt: abort the transaction (if any) and
         // release the slot if the error left it acquired (an ephemeral slot is dropped by the release).
-        unsafe {
-            pg_sys::AbortCurrentTransaction();
-            if !pg_sys::MyReplicationSlot.is_null() {
-                pg_sys::ReplicationSlotRelease();
-            }
-        }
+        unsafe { pg_sys::AbortCurrentTransaction() };
+        crate::slot::release();
         pgrx::log!("azure_cdc: snapshot of mirror {mirror_id} failed: {}", e.full_text());
         record_failure(mirror_id, &e);
         // A non-zero exit code tells the launcher this attempt failed.
@@ -294,12 +293,128 @@ fn prepare(mirror_id: i64) -> Result<Option<(MirrorRow, Vec<TableRow>, Arc<Local
     })
 }
 
+/// The snapshot helpers this worker started; terminated if the attempt ends early.
+struct Helpers {
+    workers: Vec<Option<pgrx::bgworkers::DynamicBackgroundWorker>>,
+}
+
+impl Helpers {
+    /// Starts up to `wanted` helpers; fewer if no worker slot is free.
+    fn start(index: usize, wanted: usize) -> Helpers {
+        let mut workers = Vec::new();
+        for k in 1..=wanted.min(shmem::MAX_PROGRESS - 1) {
+            let w = pgrx::bgworkers::BackgroundWorkerBuilder::new(names::WorkerKind::SnapshotHelper.backend_type())
+                .set_type(names::WorkerKind::SnapshotHelper.backend_type())
+                .set_library("azure_cdc")
+                .set_function("azure_cdc_snapshot_helper_main")
+                .enable_spi_access()
+                .set_argument(Some(pg_sys::Datum::from(index | (k << 8))))
+                // SAFETY: MyProcPid is set at process start.
+                .set_notify_pid(unsafe { pg_sys::MyProcPid })
+                .load_dynamic();
+            match w {
+                Ok(w) => workers.push(Some(w)),
+                Err(_) => {
+                    pgrx::log!("azure_cdc: no free background worker slot for snapshot helper {k}; continuing with {}", k - 1);
+                    break;
+                }
+            }
+        }
+        Helpers { workers }
+    }
+
+    /// Waits until every helper has exited.
+    fn wait(&mut self) {
+        for w in self.workers.iter_mut() {
+            if let Some(w) = w.take() {
+                let _ = w.wait_for_shutdown();
+            }
+        }
+    }
+}
+
+impl Drop for Helpers {
+    fn drop(&mut self) {
+        for w in self.workers.iter_mut() {
+            if let Some(w) = w.take() {
+                let _ = w.terminate();
+            }
+        }
+    }
+}
+
+/// Records the outcome of one table (in the current transaction).
+fn record_outcome(mirror_id: i64, o: &Outcome) -> Result<()> {
+    let (state, error) = match &o.parked {
+        Some(e) => (TableState::Snapshotting.on(TableEvent::Failed)?, Some(e.full_text())),
+        None => (TableState::Snapshotting.on(TableEvent::SnapshotPublished)?, None),
+    };
+    let files = o.files.len() as i64;
+    let bytes: i64 = o.files.iter().map(|f| f.bytes as i64).sum();
+    catalog::run(
+        "UPDATE azure_cdc.mirror_tables SET state = $3, key_columns = $4, rows_replicated = $5, \
+                files_published = $6, bytes_published = $7, next_file_number = $6 + 1, \
+                last_completed_at = pg_catalog.clock_timestamp(), last_error = $8 \
+          WHERE mirror_id = $1 AND relid = $2",
+        &[
+            mirror_id.into(),
+            o.relid.into(),
+            state.as_str().into(),
+            o.keys.clone().into(),
+            o.rows.into(),
+            files.into(),
+            bytes.into(),
+            error.into(),
+        ],
+    )
+}
+
+/// Copies tables claimed from the shared counter until none is left; returns their outcomes.
+fn copy_claimed_tables(
+    index: usize,
+    progress_slot: usize,
+    tables: &[TableRow],
+    target: &Arc<LocalTarget>,
+) -> Result<Vec<Outcome>> {
+    let encoder = Encoder::start(target.clone())?;
+    let mut outcomes = Vec::new();
+    while let Some(i) = shmem::claim_next_table(index) {
+        let t = tables
+            .get(i)
+            .ok_or_else(|| Error::new(ErrorKind::Internal, "snapshot workers disagree on the table list"))?;
+        outcomes.push(snapshot_table(index, progress_slot, t, target, &encoder)?);
+    }
+    Ok(outcomes)
+}
+
+/// Terminates snapshot helpers left running by an earlier attempt and waits for them to exit, so that
+/// nothing writes into the folders this attempt clears.
+fn end_stale_helpers(index: usize) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let pids: Vec<i32> =
+            shmem::entry(index).helper_pids.iter().copied().filter(|p| shmem::pid_alive(*p)).collect();
+        if pids.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Error::new(ErrorKind::ObjectInUse, format!("snapshot helpers {pids:?} of an earlier attempt did not exit")));
+        }
+        for p in pids {
+            // SAFETY: signalling a snapshot helper of this mirror (recorded in the registry) to stop.
+            unsafe { libc::kill(p, libc::SIGTERM) };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        pg_sys::check_for_interrupts!();
+    }
+}
+
 fn run(index: usize, mirror_id: i64) -> Result<()> {
+    end_stale_helpers(index)?;
     let Some((mirror, tables, target)) = prepare(mirror_id)? else {
         mark_snapshotted(index);
         return Ok(());
     };
-    let encoder = Encoder::start(target.clone())?;
     // SAFETY: a fresh transaction that has read nothing yet, as create_with_snapshot requires.
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
@@ -314,40 +429,46 @@ fn run(index: usize, mirror_id: i64) -> Result<()> {
         crate::slot::lsn_text(lsn)
     );
     // SAFETY: the transaction snapshot was just set by create_with_snapshot; making it the active
-    // snapshot lets SPI and the scans below use it.
-    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
-
-    let mut outcomes = Vec::with_capacity(tables.len());
-    for (n, t) in tables.iter().enumerate() {
-        outcomes.push(snapshot_table(index, n % shmem::MAX_PROGRESS, t, &target, &encoder)?);
+    // snapshot lets SPI and the scans below use it, and exporting it lets the helpers share it for as
+    // long as this transaction stays open (it does until they have exited).
+    let exported = unsafe {
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        std::ffi::CStr::from_ptr(pg_sys::ExportSnapshot(pg_sys::GetActiveSnapshot())).to_bytes().to_vec()
+    };
+    {
+        let mut r = shmem::REGISTRY.exclusive();
+        let e = &mut r.entries[index];
+        e.snapshot_name = [0; 32];
+        if exported.len() > 31 {
+            return Err(Error::new(ErrorKind::Internal, "exported snapshot name too long"));
+        }
+        let n = exported.len();
+        e.snapshot_name[..n].copy_from_slice(&exported[..n]);
+        e.tables_total = tables.len() as u32;
+        e.next_table = 0;
+        e.helpers_committed = 0;
+        e.helper_failed = false;
     }
-    drop(encoder);
+    let wanted = (crate::gucs::MAX_SNAPSHOT_WORKERS.get().max(1) as usize - 1).min(tables.len().saturating_sub(1));
+    let mut helpers = Helpers::start(index, wanted);
+    let outcomes = copy_claimed_tables(index, 0, &tables, &target)?;
+    helpers.wait();
+    let e = shmem::entry(index);
+    if e.helper_failed || outcomes.len() + e.helpers_committed as usize != tables.len() {
+        return Err(Error::new(
+            ErrorKind::Internal,
+            format!(
+                "a snapshot helper failed ({} of {} tables done); see the server log",
+                outcomes.len() + e.helpers_committed as usize,
+                tables.len()
+            ),
+        ));
+    }
 
     // SAFETY: the scans are done; this transaction may now write its bookkeeping.
     unsafe { pg_sys::XactReadOnly = false };
     for o in &outcomes {
-        let (state, error) = match &o.parked {
-            Some(e) => (TableState::Snapshotting.on(TableEvent::Failed)?, Some(e.full_text())),
-            None => (TableState::Snapshotting.on(TableEvent::SnapshotPublished)?, None),
-        };
-        let files = o.files.len() as i64;
-        let bytes: i64 = o.files.iter().map(|f| f.bytes as i64).sum();
-        catalog::run(
-            "UPDATE azure_cdc.mirror_tables SET state = $3, key_columns = $4, rows_replicated = $5, \
-                    files_published = $6, bytes_published = $7, next_file_number = $6 + 1, \
-                    last_completed_at = pg_catalog.clock_timestamp(), last_error = $8 \
-              WHERE mirror_id = $1 AND relid = $2",
-            &[
-                mirror_id.into(),
-                o.relid.into(),
-                state.as_str().into(),
-                o.keys.clone().into(),
-                o.rows.into(),
-                files.into(),
-                bytes.into(),
-                error.into(),
-            ],
-        )?;
+        record_outcome(mirror_id, o)?;
     }
     catalog::run(
         "UPDATE azure_cdc.mirrors SET state = 'Running', consistent_lsn = $2::pg_lsn, \
@@ -359,15 +480,109 @@ fn run(index: usize, mirror_id: i64) -> Result<()> {
         pg_sys::PopActiveSnapshot();
         pg_sys::CommitTransactionCommand();
     }
+    crate::slot::release();
     mark_snapshotted(index);
-    let rows: i64 = outcomes.iter().map(|o| o.rows).sum();
     pgrx::log!(
-        "azure_cdc: mirror \"{}\": snapshot of {} tables ({} rows) published",
+        "azure_cdc: mirror \"{}\": snapshot of {} tables published ({} copied by this worker, {} by {} helpers)",
         mirror.name,
+        tables.len(),
         outcomes.len(),
-        rows
+        e.helpers_committed,
+        helpers.workers.len()
     );
     Ok(())
+}
+
+/// Entry point of a snapshot helper. `arg` is the mirror's registry index | (progress slot << 8).
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn azure_cdc_snapshot_helper_main(arg: pg_sys::Datum) {
+    // SAFETY: as in the snapshot worker: standard handlers, then unblock signals.
+    unsafe {
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(die));
+        pg_sys::pqsignal(pg_sys::SIGHUP as i32, Some(SignalHandlerForConfigReload));
+        pg_sys::BackgroundWorkerUnblockSignals();
+    }
+    let index = arg.value() & 0xff;
+    let slot = arg.value() >> 8;
+    if index >= crate::gucs::MAX_FABRIC_MIRRORS_LIMIT as usize || slot == 0 || slot >= shmem::MAX_PROGRESS {
+        return;
+    }
+    let entry = shmem::entry(index);
+    if !entry.in_use {
+        return;
+    }
+    // SAFETY: MyProcPid is set at process start.
+    shmem::REGISTRY.exclusive().entries[index].helper_pids[slot] = unsafe { pg_sys::MyProcPid };
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(entry.database)), None);
+    let mirror_id = entry.mirror_id;
+    let result = PgTryBuilder::new(|| helper_run(index, slot, mirror_id))
+        .catch_others(|caught| {
+            let message = match &caught {
+                pg_sys::panic::CaughtError::PostgresError(r)
+                | pg_sys::panic::CaughtError::ErrorReport(r)
+                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
+            };
+            Err(Error::new(ErrorKind::Internal, message))
+        })
+        .execute();
+    shmem::set_progress(index, slot, 0, 0);
+    {
+        let mut r = shmem::REGISTRY.exclusive();
+        let e = &mut r.entries[index];
+        match &result {
+            Ok(n) => e.helpers_committed += *n as u32,
+            Err(_) => e.helper_failed = true,
+        }
+        e.helper_pids[slot] = 0;
+    }
+    if let Err(e) = result {
+        // SAFETY: abort what is left of the transaction after a failure.
+        unsafe { pg_sys::AbortCurrentTransaction() };
+        pgrx::log!("azure_cdc: snapshot helper {slot} of mirror {mirror_id} failed: {}", e.full_text());
+        // SAFETY: a non-zero exit after the failure is recorded in the registry.
+        unsafe { pg_sys::proc_exit(1) };
+    }
+}
+
+/// A helper's work: import the snapshot worker's snapshot, copy claimed tables, commit their outcomes.
+/// Returns how many tables it committed.
+fn helper_run(index: usize, slot: usize, mirror_id: i64) -> Result<usize> {
+    let name = shmem::entry(index).snapshot_name;
+    let len = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+    let name = std::ffi::CString::new(&name[..len])
+        .map_err(|_| Error::new(ErrorKind::Internal, "bad exported snapshot name"))?;
+    // SAFETY: a fresh repeatable-read, read-only transaction that has run no query yet, as
+    // ImportSnapshot (SET TRANSACTION SNAPSHOT) requires; the exporting transaction stays open until
+    // this helper exits.
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::XactIsoLevel = pg_sys::XACT_REPEATABLE_READ as i32;
+        pg_sys::XactReadOnly = true;
+        pg_sys::ImportSnapshot(name.as_ptr());
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let mirror = catalog::mirror_by_id(mirror_id)?
+        .ok_or_else(|| Error::new(ErrorKind::Internal, format!("mirror {mirror_id} is gone")))?;
+    let TargetUrl::Local(root) = TargetUrl::parse(&mirror.target)?;
+    let target = Arc::new(LocalTarget::new(root));
+    let tables = catalog::tables(mirror_id)?;
+    if tables.len() != shmem::entry(index).tables_total as usize {
+        return Err(Error::new(ErrorKind::Internal, "snapshot workers disagree on the table list"));
+    }
+    let outcomes = copy_claimed_tables(index, slot, &tables, &target)?;
+    // SAFETY: the scans are done; the helper writes its tables' outcomes and commits.
+    unsafe { pg_sys::XactReadOnly = false };
+    for o in &outcomes {
+        record_outcome(mirror_id, o)?;
+    }
+    // SAFETY: pops the snapshot pushed above and commits on the main thread.
+    unsafe {
+        pg_sys::PopActiveSnapshot();
+        pg_sys::CommitTransactionCommand();
+    }
+    Ok(outcomes.len())
 }
 
 fn mark_snapshotted(index: usize) {

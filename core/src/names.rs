@@ -62,6 +62,7 @@ pub enum WorkerKind {
     Launcher,
     Scout,
     Snapshot,
+    SnapshotHelper,
 }
 
 impl WorkerKind {
@@ -70,6 +71,7 @@ impl WorkerKind {
             WorkerKind::Launcher => "azure_cdc launcher",
             WorkerKind::Scout => "azure_cdc scout",
             WorkerKind::Snapshot => "azure_cdc snapshot",
+            WorkerKind::SnapshotHelper => "azure_cdc snapshot helper",
         }
     }
 }

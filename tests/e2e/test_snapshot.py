@@ -258,3 +258,66 @@ def test_launcher_runs(cluster):
     with cluster.connect() as c:
         n = c.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'azure_cdc launcher'").fetchone()[0]
     assert n == 1
+
+
+def snapshot_log_lines(cluster, mirror):
+    return [l for l in open(cluster.log).read().splitlines() if f'mirror "{mirror}": snapshot of' in l]
+
+
+def make_tables(db, n, rows):
+    for i in range(n):
+        db.sql(f"CREATE TABLE t{i} (id bigint PRIMARY KEY, v text, x float8)")
+        db.sql(f"INSERT INTO t{i} SELECT g, md5(g::text), g * 0.5 FROM generate_series(1, {rows}) g")
+
+
+def test_parallel_snapshot_workers_share_one_snapshot(db, cluster):
+    make_tables(db, 6, 150000)
+    root = cluster.new_folder(db.name)
+    mirror = "par_" + db.name
+    db.sql("SELECT azure_cdc.start_mirror(%s, %s)", (mirror, "file://" + root))
+    # writes during the snapshot must not appear in any table's snapshot files
+    for i in range(6):
+        db.sql(f"UPDATE t{i} SET v = 'changed during the snapshot' WHERE id % 1000 = 0")
+    db.wait_snapshot(mirror)
+    [line] = snapshot_log_lines(cluster, mirror)
+    assert "by 2 helpers" in line, line  # max_snapshot_workers = 3: the worker and two helpers
+    # compare with the source as of the snapshot: undo the concurrent updates first
+    for i in range(6):
+        db.sql(f"UPDATE t{i} SET v = md5(id::text) WHERE id % 1000 = 0")
+        assert_mirror_equals_source(db.conn, root, "public", f"t{i}")
+
+
+def test_one_snapshot_worker_starts_no_helper(db, cluster):
+    db.sql("ALTER SYSTEM SET azure_cdc.max_snapshot_workers = 1")
+    db.sql("SELECT pg_reload_conf()")
+    try:
+        make_tables(db, 3, 1000)
+        root = cluster.new_folder(db.name)
+        mirror = "one_" + db.name
+        db.sql("SELECT azure_cdc.start_mirror(%s, %s)", (mirror, "file://" + root))
+        db.wait_snapshot(mirror)
+        [line] = snapshot_log_lines(cluster, mirror)
+        assert "(3 copied by this worker, 0 by 0 helpers)" in line, line
+        for i in range(3):
+            assert_mirror_equals_source(db.conn, root, "public", f"t{i}")
+    finally:
+        db.sql("ALTER SYSTEM RESET azure_cdc.max_snapshot_workers")
+        db.sql("SELECT pg_reload_conf()")
+
+
+def test_a_killed_helper_fails_the_attempt_and_the_retry_is_exact(db, cluster):
+    make_tables(db, 4, 300000)
+    root = cluster.new_folder(db.name)
+    mirror = "kill_" + db.name
+    db.sql("SELECT azure_cdc.start_mirror(%s, %s)", (mirror, "file://" + root))
+    # once two tables are being copied at the same time, a helper holds one of them: kill every helper
+    end = time.time() + 120
+    while sum(1 for s in db.status(mirror).values() if s["state"] == "Snapshotting" and s["rows"] > 0) < 2:
+        assert time.time() < end, "tables were not copied in parallel"
+        time.sleep(0.02)
+    killed = db.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'azure_cdc snapshot helper'")
+    assert killed
+    db.wait_snapshot(mirror)
+    assert "a snapshot helper failed" in open(cluster.log).read()
+    for i in range(4):
+        assert_mirror_equals_source(db.conn, root, "public", f"t{i}")
