@@ -275,7 +275,9 @@ def test_parallel_snapshot_workers_share_one_snapshot(db, cluster):
     root = cluster.new_folder(db.name)
     mirror = "par_" + db.name
     db.sql("SELECT azure_cdc.start_mirror(%s, %s)", (mirror, "file://" + root))
-    # writes during the snapshot must not appear in any table's snapshot files
+    # once copying has begun the snapshot exists: later writes must not appear in any table's files,
+    # whichever worker copies it
+    wait_rows_copied(db, mirror, 1)
     for i in range(6):
         db.sql(f"UPDATE t{i} SET v = 'changed during the snapshot' WHERE id % 1000 = 0")
     db.wait_snapshot(mirror)
