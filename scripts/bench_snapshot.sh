@@ -69,3 +69,19 @@ print(f"output           {out_bytes / 2**20:,.1f} MB Parquet ({comp}) in {files}
 print(f"worker memory    peak RSS {int(peak_rss) / 1024:,.0f} MB, peak private (RssAnon) {int(peak_anon) / 1024:,.0f} MB")
 print(f"ratio            snapshot / COPY = {snap_s / copy_s:.2f}   (target <= 1.3)")
 PY
+
+# Parallel snapshot: the same rows as 4 tables, copied with max_snapshot_workers = 1 and then 3.
+q -c "SELECT azure_cdc.stop_mirror('bench')" -c "SELECT azure_cdc.drop_mirror('bench')" >/dev/null
+for i in 0 1 2 3; do
+    q -c "CREATE TABLE part_$i AS SELECT * FROM pgbench_accounts WHERE aid % 4 = $i" -c "ALTER TABLE part_$i ADD PRIMARY KEY (aid)"
+done
+q -c "VACUUM ANALYZE" -c "CHECKPOINT"
+for workers in 1 3; do
+    q -c "ALTER SYSTEM SET azure_cdc.max_snapshot_workers = $workers" -c "SELECT pg_reload_conf()" >/dev/null
+    sleep 1
+    q -c "SELECT azure_cdc.start_mirror('par$workers', 'file://$BASE/par$workers', ARRAY['part_0','part_1','part_2','part_3'])" >/dev/null
+    until [ "$(q -c "SELECT state FROM azure_cdc.mirrors WHERE mirror_name = 'par$workers'")" = Running ]; do sleep 0.05; done
+    secs=$(q -c "SELECT extract(epoch FROM snapshot_completed_at - created_at) FROM azure_cdc.mirrors WHERE mirror_name = 'par$workers'")
+    python3 -c "import sys; s=float(sys.argv[2]); print(f'4 tables, max_snapshot_workers = {sys.argv[1]}: {s:6.2f} s  {int(sys.argv[3]) / s:12,.0f} rows/s')" "$workers" "$secs" "$rows"
+    q -c "SELECT azure_cdc.stop_mirror('par$workers')" >/dev/null
+done

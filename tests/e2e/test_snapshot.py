@@ -323,3 +323,17 @@ def test_a_killed_helper_fails_the_attempt_and_the_retry_is_exact(db, cluster):
     assert "a snapshot helper failed" in open(cluster.log).read()
     for i in range(4):
         assert_mirror_equals_source(db.conn, root, "public", f"t{i}")
+
+
+def test_stop_during_the_snapshot_ends_every_worker_and_drops_the_slot(db, cluster):
+    make_tables(db, 4, 300000)
+    root = cluster.new_folder(db.name)
+    mirror = "stop_" + db.name
+    db.sql("SELECT azure_cdc.start_mirror(%s, %s)", (mirror, "file://" + root))
+    wait_rows_copied(db, mirror, 1)
+    db.sql("SELECT azure_cdc.stop_mirror(%s)", (mirror,))
+    assert db.one("SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'azure_cdc snapshot%%'") == 0
+    assert db.one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", ("azure_cdc_" + mirror,)) == 0
+    assert {s["state"] for s in db.status(mirror).values()} == {"Stopped"}
+    time.sleep(2)  # nothing restarts it
+    assert db.one("SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'azure_cdc snapshot%%'") == 0
