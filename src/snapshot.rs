@@ -174,6 +174,33 @@ unsafe extern "C-unwind" {
     fn SignalHandlerForConfigReload(signal: std::ffi::c_int);
 }
 
+/// Installs PostgreSQL's standard handlers in a snapshot worker or helper, then unblocks signals:
+/// SIGTERM sets the die flags that CHECK_FOR_INTERRUPTS acts on, so the process stops at its next row
+/// batch; SIGHUP marks the configuration for reload.
+fn install_signal_handlers() {
+    // SAFETY: called once at worker start, on the main thread, before signals are unblocked.
+    unsafe {
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(die));
+        pg_sys::pqsignal(pg_sys::SIGHUP as i32, Some(SignalHandlerForConfigReload));
+        pg_sys::BackgroundWorkerUnblockSignals();
+    }
+}
+
+/// Runs one attempt, turning a PostgreSQL error (or a panic) raised inside it into an [`Error`], so
+/// that the worker can record it and exit cleanly. (A FATAL, such as termination, exits directly.)
+fn catching<T>(f: impl FnOnce() -> Result<T> + std::panic::UnwindSafe) -> Result<T> {
+    PgTryBuilder::new(f)
+        .catch_others(|caught| {
+            let message = match &caught {
+                pg_sys::panic::CaughtError::PostgresError(r)
+                | pg_sys::panic::CaughtError::ErrorReport(r)
+                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
+            };
+            Err(Error::new(ErrorKind::Internal, message))
+        })
+        .execute()
+}
+
 /// What happened to one table in this attempt.
 struct Outcome {
     relid: pg_sys::Oid,
@@ -187,13 +214,7 @@ struct Outcome {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn azure_cdc_snapshot_main(arg: pg_sys::Datum) {
-    // SAFETY: installing PostgreSQL's standard handlers before unblocking signals: SIGTERM sets the
-    // die flags that CHECK_FOR_INTERRUPTS acts on, so the worker stops at the next row batch.
-    unsafe {
-        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(die));
-        pg_sys::pqsignal(pg_sys::SIGHUP as i32, Some(SignalHandlerForConfigReload));
-        pg_sys::BackgroundWorkerUnblockSignals();
-    }
+    install_signal_handlers();
     let index = arg.value();
     if index >= crate::gucs::MAX_FABRIC_MIRRORS_LIMIT as usize {
         return;
@@ -207,16 +228,7 @@ pub extern "C-unwind" fn azure_cdc_snapshot_main(arg: pg_sys::Datum) {
     shmem::set_worker_pid(index, unsafe { pg_sys::MyProcPid });
 
     let mirror_id = entry.mirror_id;
-    let attempt = PgTryBuilder::new(|| run(index, mirror_id))
-        .catch_others(|caught| {
-            let message = match &caught {
-                pg_sys::panic::CaughtError::PostgresError(r)
-                | pg_sys::panic::CaughtError::ErrorReport(r)
-                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
-            };
-            Err(Error::new(ErrorKind::Internal, message))
-        })
-        .execute();
+    let attempt = catching(|| run(index, mirror_id));
     clear_progress(index);
     shmem::set_worker_pid(index, 0);
     if let Err(e) = attempt {
@@ -238,23 +250,25 @@ fn clear_progress(index: usize) {
     }
 }
 
-/// Records the error of a failed attempt for the status views (its own transaction).
+/// Records the error of a failed attempt for the status views (its own transaction). If even that
+/// fails, the log keeps both errors.
 fn record_failure(mirror_id: i64, e: &Error) {
     let text = e.full_text();
-    let _ = PgTryBuilder::new(|| {
-        BackgroundWorker::transaction(|| {
-            let _ = catalog::run(
+    let recorded = catching(|| {
+        BackgroundWorker::transaction(|| -> Result<()> {
+            catalog::run(
                 "UPDATE azure_cdc.mirrors SET last_error = $2 WHERE mirror_id = $1",
                 &[mirror_id.into(), text.as_str().into()],
-            );
-            let _ = catalog::run(
+            )?;
+            catalog::run(
                 "UPDATE azure_cdc.mirror_tables SET last_error = $2 WHERE mirror_id = $1 AND state = 'Snapshotting'",
                 &[mirror_id.into(), text.as_str().into()],
-            );
+            )
         })
-    })
-    .catch_others(|_| ())
-    .execute();
+    });
+    if let Err(r) = recorded {
+        pgrx::log!("azure_cdc: could not record the failure of mirror {mirror_id} in the catalog: {}", r.full_text());
+    }
 }
 
 /// Step 1: read the mirror, clean up after an earlier attempt. Returns None when there is nothing to do.
@@ -497,12 +511,7 @@ fn run(index: usize, mirror_id: i64) -> Result<()> {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn azure_cdc_snapshot_helper_main(arg: pg_sys::Datum) {
-    // SAFETY: as in the snapshot worker: standard handlers, then unblock signals.
-    unsafe {
-        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(die));
-        pg_sys::pqsignal(pg_sys::SIGHUP as i32, Some(SignalHandlerForConfigReload));
-        pg_sys::BackgroundWorkerUnblockSignals();
-    }
+    install_signal_handlers();
     let index = arg.value() & 0xff;
     let slot = arg.value() >> 8;
     if index >= crate::gucs::MAX_FABRIC_MIRRORS_LIMIT as usize || slot == 0 || slot >= shmem::MAX_PROGRESS {
@@ -516,16 +525,7 @@ pub extern "C-unwind" fn azure_cdc_snapshot_helper_main(arg: pg_sys::Datum) {
     shmem::REGISTRY.exclusive().entries[index].helper_pids[slot] = unsafe { pg_sys::MyProcPid };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(entry.database)), None);
     let mirror_id = entry.mirror_id;
-    let result = PgTryBuilder::new(|| helper_run(index, slot, mirror_id))
-        .catch_others(|caught| {
-            let message = match &caught {
-                pg_sys::panic::CaughtError::PostgresError(r)
-                | pg_sys::panic::CaughtError::ErrorReport(r)
-                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
-            };
-            Err(Error::new(ErrorKind::Internal, message))
-        })
-        .execute();
+    let result = catching(|| helper_run(index, slot, mirror_id));
     shmem::set_progress(index, slot, 0, 0);
     {
         let mut r = shmem::REGISTRY.exclusive();

@@ -34,7 +34,7 @@ pub fn decode(payload: &[u8]) -> Result<Numeric> {
     let header = word(0);
     let digits_from = |start: usize| -> Result<Vec<i16>> {
         let rest = &payload[start..];
-        if rest.len() % 2 != 0 {
+        if !rest.len().is_multiple_of(2) {
             return Err(bad("odd digit bytes"));
         }
         let digits: Vec<i16> = rest.chunks_exact(2).map(|c| i16::from_ne_bytes([c[0], c[1]])).collect();

@@ -1,6 +1,7 @@
 """Test fixtures: a real PostgreSQL cluster with azure_cdc preloaded, run as the unprivileged user,
 started once per test session by scripts/cluster.sh; each test gets its own database and target folder."""
 
+import contextlib
 import itertools
 import os
 import pwd
@@ -10,6 +11,7 @@ import tempfile
 import time
 
 import psycopg
+import psycopg.sql
 import pytest
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -91,6 +93,41 @@ class Db:
     def one(self, query, params=None):
         rows = self.sql(query, params)
         return rows[0][0] if rows else None
+
+    @contextlib.contextmanager
+    def server_setting(self, name, value):
+        """Sets a server parameter with ALTER SYSTEM for the duration of a block. Waits until the
+        postmaster has reloaded it (a new connection shows it), so that new workers see it."""
+        def apply(value):
+            if value is None:
+                self.sql(f"ALTER SYSTEM RESET {name}")
+            else:
+                self.sql(psycopg.sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                    psycopg.sql.SQL(name), psycopg.sql.Literal(value)))
+            self.sql("SELECT pg_reload_conf()")
+            expected = value
+            end = time.time() + 30
+            while True:
+                with self.cluster.connect(self.name) as c:
+                    shown = c.execute(f"SHOW {name}").fetchone()[0]
+                if expected is None or shown == expected:
+                    return
+                assert time.time() < end, f"{name} still {shown}"
+                time.sleep(0.05)
+        apply(value)
+        try:
+            yield
+        finally:
+            apply(None)
+
+    def start_mirror(self, mirror, tables=None):
+        """Starts a mirror of this database into a new folder; returns the folder."""
+        root = self.cluster.new_folder(f"{self.name}_{mirror}")
+        if tables is None:
+            self.sql("SELECT azure_cdc.start_mirror(%s, %s)", (mirror, "file://" + root))
+        else:
+            self.sql("SELECT azure_cdc.start_mirror(%s, %s, %s)", (mirror, "file://" + root, tables))
+        return root
 
     def status(self, mirror):
         rows = self.sql(

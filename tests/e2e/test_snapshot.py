@@ -52,7 +52,7 @@ def test_types_nulls_and_a_large_table(db):
     db.sql("CREATE VIEW public.skipped_view AS SELECT 1")
     root = db.cluster.new_folder(db.name)
     msg = db.one("SELECT azure_cdc.start_mirror('m', %s)", ("file://" + root,))
-    assert "5 tables" in msg
+    assert "5 tables" in msg  # the summary start_mirror returns
     status = db.wait_snapshot("m")
     assert set(status) == {("public", t) for t in ["all_types", "big", "all_nulls", "by_unique", "empty_one"]}
     for (schema, table), s in status.items():
@@ -77,8 +77,7 @@ def test_replay_detects_a_gap_and_a_changed_cell(db):
     """The comparison used everywhere must be able to fail."""
     db.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
     db.sql("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 100) g")
-    root = db.cluster.new_folder(db.name)
-    db.sql("SELECT azure_cdc.start_mirror('m', %s)", ("file://" + root,))
+    root = db.start_mirror("m")
     db.wait_snapshot("m")
     assert_mirror_equals_source(db.conn, root, "public", "t")
     db.sql("UPDATE t SET v = 'changed' WHERE id = 7")
@@ -91,15 +90,12 @@ def test_replay_detects_a_gap_and_a_changed_cell(db):
 
 
 def test_files_are_bounded_by_snapshot_buffer_size(db):
-    db.sql("ALTER SYSTEM SET azure_cdc.snapshot_buffer_size = '10MB'")
-    db.sql("SELECT pg_reload_conf()")
-    try:
+    with db.server_setting("azure_cdc.snapshot_buffer_size", '10MB'):
         db.sql("CREATE TABLE wide (id int PRIMARY KEY, blob bytea)")
         # incompressible: 12 000 rows of 5 kB random bytes, about 60 MB
         db.sql("INSERT INTO wide SELECT g, decode(string_agg(lpad(to_hex((random() * 2147483647)::int), 8, '0'), ''), 'hex') "
                "FROM generate_series(1, 12000) g, generate_series(1, 1280) k GROUP BY g")
-        root = db.cluster.new_folder(db.name)
-        db.sql("SELECT azure_cdc.start_mirror('m', %s)", ("file://" + root,))
+        root = db.start_mirror("m")
         db.wait_snapshot("m")
         files = data_files(table_folder(root, "public", "wide"))
         assert len(files) >= 5
@@ -107,28 +103,19 @@ def test_files_are_bounded_by_snapshot_buffer_size(db):
             # closed once it reaches 10 MB, within an eighth of the limit
             assert 10 * 2**20 <= os.path.getsize(f) <= 10 * 2**20 * 9 // 8 + 2**20, os.path.getsize(f)
         assert_mirror_equals_source(db.conn, root, "public", "wide")
-    finally:
-        db.sql("ALTER SYSTEM RESET azure_cdc.snapshot_buffer_size")
-        db.sql("SELECT pg_reload_conf()")
 
 
 @pytest.mark.parametrize("codec", ["snappy", "gzip", "uncompressed"])
 def test_compression_parameter(db, codec):
     import pyarrow.parquet as pq
-    db.sql(f"ALTER SYSTEM SET azure_cdc.parquet_compression = '{codec}'")
-    db.sql("SELECT pg_reload_conf()")
-    try:
+    with db.server_setting("azure_cdc.parquet_compression", codec):
         db.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
         db.sql("INSERT INTO t SELECT g, repeat('x', g % 50) FROM generate_series(1, 5000) g")
-        root = db.cluster.new_folder(db.name)
-        db.sql("SELECT azure_cdc.start_mirror('m', %s)", ("file://" + root,))
+        root = db.start_mirror("m")
         db.wait_snapshot("m")
         f = data_files(table_folder(root, "public", "t"))[0]
         assert pq.ParquetFile(f).metadata.row_group(0).column(0).compression == codec.upper()
         assert_mirror_equals_source(db.conn, root, "public", "t")
-    finally:
-        db.sql("ALTER SYSTEM RESET azure_cdc.parquet_compression")
-        db.sql("SELECT pg_reload_conf()")
 
 
 def test_explicit_tables_with_awkward_names(db):
@@ -136,8 +123,7 @@ def test_explicit_tables_with_awkward_names(db):
     db.sql('CREATE TABLE "Sales Dept"."../Orders ü" (id int PRIMARY KEY, "Qty %" int)')
     db.sql('INSERT INTO "Sales Dept"."../Orders ü" VALUES (1, 10), (2, NULL)')
     db.sql("CREATE TABLE not_listed (id int PRIMARY KEY)")
-    root = db.cluster.new_folder(db.name)
-    db.sql("SELECT azure_cdc.start_mirror('m', %s, ARRAY['\"Sales Dept\".\"../Orders ü\"'])", ("file://" + root,))
+    root = db.start_mirror("m", ['"Sales Dept"."../Orders ü"'])
     status = db.wait_snapshot("m")
     assert list(status) == [("Sales Dept", "../Orders ü")]
     folder = table_folder(root, "Sales Dept", "../Orders ü")
@@ -152,8 +138,7 @@ def test_a_bad_value_parks_only_its_table(db):
     db.sql("CREATE TABLE bad (id int PRIMARY KEY, amount numeric(10,2))")
     db.sql("INSERT INTO bad SELECT g, g FROM generate_series(1, 20000) g")
     db.sql("INSERT INTO bad VALUES (0, 'NaN')")
-    root = db.cluster.new_folder(db.name)
-    db.sql("SELECT azure_cdc.start_mirror('m', %s)", ("file://" + root,))
+    root = db.start_mirror("m")
     status = db.wait_snapshot("m")
     assert status[("public", "good")]["state"] == "Replicating"
     bad = status[("public", "bad")]
@@ -166,8 +151,7 @@ def test_a_bad_value_parks_only_its_table(db):
 def test_stop_drop_and_reuse_the_name(db):
     db.sql("CREATE TABLE t (id int PRIMARY KEY)")
     db.sql("INSERT INTO t SELECT generate_series(1, 1000)")
-    root = db.cluster.new_folder(db.name)
-    db.sql("SELECT azure_cdc.start_mirror('m', %s)", ("file://" + root,))
+    root = db.start_mirror("m")
     db.wait_snapshot("m")
     assert db.one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'azure_cdc_m'") == 1
     db.sql("SELECT azure_cdc.stop_mirror('m')")
@@ -205,9 +189,8 @@ def wait_rows_copied(db, mirror, at_least, deadline_s=120):
 def test_a_killed_snapshot_worker_is_restarted_and_the_result_is_exact(db, cluster):
     db.sql("CREATE TABLE t (id bigint PRIMARY KEY, v text)")
     db.sql("INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 600000) g")
-    root = cluster.new_folder(db.name)
     postmaster = cluster.postmaster_pid()
-    db.sql("SELECT azure_cdc.start_mirror('m', %s)", ("file://" + root,))
+    root = db.start_mirror("m")
     pid = snapshot_worker_pid(db)
     wait_rows_copied(db, "m", 50000)  # progress is visible while the snapshot runs
     assert db.one("SELECT pg_terminate_backend(%s)", (pid,))
@@ -223,8 +206,7 @@ def test_a_killed_snapshot_worker_is_restarted_and_the_result_is_exact(db, clust
 def test_immediate_shutdown_during_the_snapshot_then_restart(db, cluster):
     db.sql("CREATE TABLE t (id bigint PRIMARY KEY, v text)")
     db.sql("INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 600000) g")
-    root = cluster.new_folder(db.name)
-    db.sql("SELECT azure_cdc.start_mirror('m', %s)", ("file://" + root,))
+    root = db.start_mirror("m")
     snapshot_worker_pid(db)
     wait_rows_copied(db, "m", 50000)
     cluster.stop("immediate")
@@ -239,8 +221,7 @@ def test_immediate_shutdown_during_the_snapshot_then_restart(db, cluster):
 def test_mirrors_survive_a_clean_restart(db, cluster):
     db.sql("CREATE TABLE t (id int PRIMARY KEY)")
     db.sql("INSERT INTO t SELECT generate_series(1, 10)")
-    root = cluster.new_folder(db.name)
-    db.sql("SELECT azure_cdc.start_mirror('m', %s)", ("file://" + root,))
+    root = db.start_mirror("m")
     db.wait_snapshot("m")
     before = sorted(os.listdir(table_folder(root, "public", "t")))
     cluster.restart("fast")
@@ -272,9 +253,8 @@ def make_tables(db, n, rows):
 
 def test_parallel_snapshot_workers_share_one_snapshot(db, cluster):
     make_tables(db, 6, 150000)
-    root = cluster.new_folder(db.name)
     mirror = "par_" + db.name
-    db.sql("SELECT azure_cdc.start_mirror(%s, %s)", (mirror, "file://" + root))
+    root = db.start_mirror(mirror)
     # once copying has begun the snapshot exists: later writes must not appear in any table's files,
     # whichever worker copies it
     wait_rows_copied(db, mirror, 1)
@@ -290,28 +270,21 @@ def test_parallel_snapshot_workers_share_one_snapshot(db, cluster):
 
 
 def test_one_snapshot_worker_starts_no_helper(db, cluster):
-    db.sql("ALTER SYSTEM SET azure_cdc.max_snapshot_workers = 1")
-    db.sql("SELECT pg_reload_conf()")
-    try:
+    with db.server_setting("azure_cdc.max_snapshot_workers", '1'):
         make_tables(db, 3, 1000)
-        root = cluster.new_folder(db.name)
         mirror = "one_" + db.name
-        db.sql("SELECT azure_cdc.start_mirror(%s, %s)", (mirror, "file://" + root))
+        root = db.start_mirror(mirror)
         db.wait_snapshot(mirror)
         [line] = snapshot_log_lines(cluster, mirror)
         assert "(3 copied by this worker, 0 by 0 helpers)" in line, line
         for i in range(3):
             assert_mirror_equals_source(db.conn, root, "public", f"t{i}")
-    finally:
-        db.sql("ALTER SYSTEM RESET azure_cdc.max_snapshot_workers")
-        db.sql("SELECT pg_reload_conf()")
 
 
 def test_a_killed_helper_fails_the_attempt_and_the_retry_is_exact(db, cluster):
     make_tables(db, 4, 300000)
-    root = cluster.new_folder(db.name)
     mirror = "kill_" + db.name
-    db.sql("SELECT azure_cdc.start_mirror(%s, %s)", (mirror, "file://" + root))
+    root = db.start_mirror(mirror)
     # once two tables are being copied at the same time, a helper holds one of them: kill every helper
     end = time.time() + 120
     while sum(1 for s in db.status(mirror).values() if s["state"] == "Snapshotting" and s["rows"] > 0) < 2:
@@ -327,9 +300,8 @@ def test_a_killed_helper_fails_the_attempt_and_the_retry_is_exact(db, cluster):
 
 def test_stop_during_the_snapshot_ends_every_worker_and_drops_the_slot(db, cluster):
     make_tables(db, 4, 300000)
-    root = cluster.new_folder(db.name)
     mirror = "stop_" + db.name
-    db.sql("SELECT azure_cdc.start_mirror(%s, %s)", (mirror, "file://" + root))
+    root = db.start_mirror(mirror)
     wait_rows_copied(db, mirror, 1)
     db.sql("SELECT azure_cdc.stop_mirror(%s)", (mirror,))
     assert db.one("SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'azure_cdc snapshot%%'") == 0
