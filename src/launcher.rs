@@ -215,6 +215,27 @@ pub extern "C-unwind" fn azure_cdc_launcher_main(_arg: pg_sys::Datum) {
     pgrx::log!("azure_cdc launcher stopped");
 }
 
+/// Logs a warning for slots named like a mirror's in a database where azure_cdc is no longer installed
+/// (the extension was dropped while mirrors ran): they hold WAL until someone drops them.
+fn warn_orphaned_slots() {
+    let slots: Vec<String> = Spi::connect(|c| {
+        c.select(
+            "SELECT slot_name::text FROM pg_catalog.pg_replication_slots \
+              WHERE database = pg_catalog.current_database() AND slot_name LIKE 'azure\\_cdc\\_%'",
+            None,
+            &[],
+        )
+        .map(|t| t.filter_map(|r| r.get::<String>(1).ok().flatten()).collect())
+        .unwrap_or_default()
+    });
+    for slot in slots.into_iter().filter(|s| names::mirror_of_slot(s).is_some()) {
+        pgrx::warning!(
+            "azure_cdc: replication slot \"{slot}\" belongs to a mirror of a dropped azure_cdc extension and retains WAL; \
+             drop it with SELECT pg_drop_replication_slot('{slot}'); if it is not used otherwise"
+        );
+    }
+}
+
 /// Entry point of a scout. `arg` is the database OID.
 #[pg_guard]
 #[unsafe(no_mangle)]
@@ -230,6 +251,7 @@ pub extern "C-unwind" fn azure_cdc_scout_main(arg: pg_sys::Datum) {
         .flatten()
         .unwrap_or(false);
         if !installed {
+            warn_orphaned_slots();
             return;
         }
         let mirrors = match catalog::active_mirrors() {

@@ -228,6 +228,14 @@ pub extern "C-unwind" fn azure_cdc_snapshot_main(arg: pg_sys::Datum) {
     shmem::set_worker_pid(index, unsafe { pg_sys::MyProcPid });
 
     let mirror_id = entry.mirror_id;
+    if !extension_installed() {
+        pgrx::warning!(
+            "azure_cdc: the extension was dropped from this database; mirror {mirror_id} will not be snapshotted and its slot, if any, is left for an administrator to drop"
+        );
+        shmem::set_worker_pid(index, 0);
+        shmem::release(index);
+        return;
+    }
     let attempt = catching(|| run(index, mirror_id));
     clear_progress(index);
     shmem::set_worker_pid(index, 0);
@@ -248,6 +256,16 @@ fn clear_progress(index: usize) {
     for slot in 0..shmem::MAX_PROGRESS {
         shmem::set_progress(index, slot, 0, 0);
     }
+}
+
+/// Whether azure_cdc is installed in this database (its own transaction).
+fn extension_installed() -> bool {
+    BackgroundWorker::transaction(|| {
+        Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'azure_cdc')")
+            .ok()
+            .flatten()
+            .unwrap_or(false)
+    })
 }
 
 /// Records the error of a failed attempt for the status views (its own transaction). If even that

@@ -166,6 +166,14 @@ def test_stop_drop_and_reuse_the_name(db):
     assert_mirror_equals_source(db.conn, root + "2", "public", "t")
 
 
+def eventually(condition, deadline_s=60):
+    """Waits for a condition the server reaches asynchronously; fails after the deadline."""
+    end = time.time() + deadline_s
+    while not condition():
+        assert time.time() < end, "condition not reached"
+        time.sleep(0.1)
+
+
 def snapshot_worker_pid(db, deadline_s=60):
     end = time.time() + deadline_s
     while time.time() < end:
@@ -226,12 +234,11 @@ def test_mirrors_survive_a_clean_restart(db, cluster):
     before = sorted(os.listdir(table_folder(root, "public", "t")))
     cluster.restart("fast")
     db.reconnect()
-    time.sleep(1)
+    # the scout registers it again: it counts against max_fabric_mirrors (deadline, not a timing check)
+    eventually(lambda: db.one("SELECT detail->>'active_mirrors' FROM azure_cdc.check_prerequisites() "
+                              "WHERE code = 'MAX_FABRIC_MIRRORS_REACHED'") != "0")
     assert db.one("SELECT state FROM azure_cdc.mirrors WHERE mirror_name = 'm'") == "Running"
     assert sorted(os.listdir(table_folder(root, "public", "t"))) == before, "a published snapshot is not redone"
-    # the scout registered it again: it counts against max_fabric_mirrors and can be stopped
-    assert db.one("SELECT detail->>'active_mirrors' FROM azure_cdc.check_prerequisites() "
-                  "WHERE code = 'MAX_FABRIC_MIRRORS_REACHED'") != "0"
     db.sql("SELECT azure_cdc.stop_mirror('m')")
 
 
@@ -307,5 +314,20 @@ def test_stop_during_the_snapshot_ends_every_worker_and_drops_the_slot(db, clust
     assert db.one("SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'azure_cdc snapshot%%'") == 0
     assert db.one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", ("azure_cdc_" + mirror,)) == 0
     assert {s["state"] for s in db.status(mirror).values()} == {"Stopped"}
-    time.sleep(2)  # nothing restarts it
+    time.sleep(6)  # longer than one launcher cycle (5 s): nothing restarts it
     assert db.one("SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'azure_cdc snapshot%%'") == 0
+
+
+def test_drop_extension_with_a_running_mirror_is_reported_after_restart(db, cluster):
+    db.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    mirror = "orphan_" + db.name
+    db.start_mirror(mirror)
+    db.wait_snapshot(mirror)
+    db.sql("DROP EXTENSION azure_cdc")
+    cluster.restart("fast")
+    db.reconnect()
+    slot = "azure_cdc_" + mirror
+    eventually(lambda: f'replication slot "{slot}" belongs to a mirror of a dropped azure_cdc extension'
+               in open(cluster.log).read())
+    db.sql("SELECT pg_drop_replication_slot(%s)", (slot,))
+    db.sql("CREATE EXTENSION azure_cdc")  # for the fixture's clean-up
