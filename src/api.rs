@@ -61,7 +61,9 @@ fn count(query: &str) -> Result<i64> {
 /// Gathers what the prerequisite rules look at.
 fn server_facts() -> Result<ServerFacts> {
     Ok(ServerFacts {
-        wal_level: Spi::get_one::<String>("SELECT pg_catalog.current_setting('wal_level')").map_err(spi)?.unwrap_or_default(),
+        wal_level: Spi::get_one::<String>("SELECT pg_catalog.current_setting('wal_level')")
+            .map_err(spi)?
+            .unwrap_or_default(),
         preloaded: crate::preloaded(),
         max_worker_processes: setting_i64("max_worker_processes")?,
         other_static_workers: i64::from(setting_i64("max_logical_replication_workers")? > 0),
@@ -91,8 +93,7 @@ fn server_facts() -> Result<ServerFacts> {
 /// One row per prerequisite of mirroring: `code`, `status` (OK / WARNING / ERROR) and `detail` (what
 /// was found, what is required, and a hint).
 #[pg_extern]
-fn check_prerequisites(
-) -> TableIterator<'static, (name!(code, String), name!(status, String), name!(detail, JsonB))> {
+fn check_prerequisites() -> TableIterator<'static, (name!(code, String), name!(status, String), name!(detail, JsonB))> {
     let facts = server_facts().or_raise();
     let rows: Vec<_> = prerequisites::evaluate(&facts)
         .into_iter()
@@ -115,9 +116,8 @@ fn resolve_tables(tables: Option<Vec<Option<String>>>) -> Result<Vec<RelationInf
         let Some(name) = name else {
             return Err(Error::new(ErrorKind::InvalidParameter, "table names cannot be NULL"));
         };
-        let rel = catalog::resolve_relation(&name)?.ok_or_else(|| {
-            Error::new(ErrorKind::UndefinedTable, format!("relation \"{name}\" does not exist"))
-        })?;
+        let rel = catalog::resolve_relation(&name)?
+            .ok_or_else(|| Error::new(ErrorKind::UndefinedTable, format!("relation \"{name}\" does not exist")))?;
         let what = match rel.relkind.as_str() {
             "r" => None,
             "v" => Some("a view"),
@@ -143,11 +143,8 @@ fn resolve_tables(tables: Option<Vec<Option<String>>>) -> Result<Vec<RelationInf
             None
         });
         if let Some(what) = what {
-            return Err(Error::new(
-                ErrorKind::WrongObjectType,
-                format!("\"{}.{}\" is {what}", rel.schema, rel.table),
-            )
-            .with_hint("Only ordinary, permanent tables can be mirrored."));
+            return Err(Error::new(ErrorKind::WrongObjectType, format!("\"{}.{}\" is {what}", rel.schema, rel.table))
+                .with_hint("Only ordinary, permanent tables can be mirrored."));
         }
         if !out.iter().any(|r| r.relid == rel.relid) {
             out.push(rel);
@@ -361,17 +358,8 @@ fn drop_mirror(mirror_name: &str) -> String {
     drop_mirror_impl(mirror_name).or_raise()
 }
 
-type StatusRow = (
-    String,
-    String,
-    String,
-    String,
-    String,
-    i64,
-    i64,
-    Option<pgrx::datum::TimestampWithTimeZone>,
-    Option<String>,
-);
+type StatusRow =
+    (String, String, String, String, String, i64, i64, Option<pgrx::datum::TimestampWithTimeZone>, Option<String>);
 
 fn status_rows() -> Result<Vec<StatusRow>> {
     require_admin("get_all_tables_mirror_status")?;

@@ -212,7 +212,13 @@ pub fn insert_mirror(
                 "INSERT INTO azure_cdc.mirror_tables (mirror_id, relid, schema_name, table_name, key_columns) \
                  VALUES ($1, $2, $3::name, $4::name, $5)",
                 None,
-                &[id.into(), rel.relid.into(), rel.schema.as_str().into(), rel.table.as_str().into(), keys.clone().into()],
+                &[
+                    id.into(),
+                    rel.relid.into(),
+                    rel.schema.as_str().into(),
+                    rel.table.as_str().into(),
+                    keys.clone().into(),
+                ],
             )
             .map_err(spi)?;
         }

@@ -244,12 +244,11 @@ pub extern "C-unwind" fn azure_cdc_scout_main(arg: pg_sys::Datum) {
     let database = arg.value() as u32;
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(database)), None);
     BackgroundWorker::transaction(|| {
-        let installed = Spi::get_one::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'azure_cdc')",
-        )
-        .ok()
-        .flatten()
-        .unwrap_or(false);
+        let installed =
+            Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'azure_cdc')")
+                .ok()
+                .flatten()
+                .unwrap_or(false);
         if !installed {
             warn_orphaned_slots();
             return;

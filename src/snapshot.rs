@@ -48,7 +48,12 @@ use crate::tuples::TupleConverter;
 
 /// Messages from the main thread to the encoder thread.
 enum ToEncoder {
-    Begin { folder: String, schema: SchemaRef, compression: Compression, max_file_bytes: usize },
+    Begin {
+        folder: String,
+        schema: SchemaRef,
+        compression: Compression,
+        max_file_bytes: usize,
+    },
     Batch(RecordBatch),
     /// The table is complete: publish what is left and report.
     End,
@@ -116,7 +121,15 @@ fn encoder_loop(
                 ToEncoder::Begin { folder, schema, compression, max_file_bytes } => {
                     error = None;
                     failed.store(false, Ordering::Relaxed);
-                    let s = TableFileSink::new(target.clone(), folder.clone(), schema, compression, max_file_bytes, 1, vec![]);
+                    let s = TableFileSink::new(
+                        target.clone(),
+                        folder.clone(),
+                        schema,
+                        compression,
+                        max_file_bytes,
+                        1,
+                        vec![],
+                    );
                     sink = Some((s, folder));
                     None
                 }
@@ -309,7 +322,11 @@ fn prepare(mirror_id: i64) -> Result<Option<(MirrorRow, Vec<TableRow>, Arc<Local
         let database = Spi::get_one::<String>("SELECT pg_catalog.current_database()::text")
             .map_err(crate::errors::spi)?
             .unwrap_or_default();
-        target.put_document("", landing_zone::PARTNER_EVENTS_FILE, landing_zone::partner_events(&version, &database, &m.name).as_bytes())?;
+        target.put_document(
+            "",
+            landing_zone::PARTNER_EVENTS_FILE,
+            landing_zone::partner_events(&version, &database, &m.name).as_bytes(),
+        )?;
         for t in &tables {
             let state = TableState::parse(&t.state)?;
             if state != TableState::Snapshotting {
@@ -347,7 +364,10 @@ impl Helpers {
             match w {
                 Ok(w) => workers.push(Some(w)),
                 Err(_) => {
-                    pgrx::log!("azure_cdc: no free background worker slot for snapshot helper {k}; continuing with {}", k - 1);
+                    pgrx::log!(
+                        "azure_cdc: no free background worker slot for snapshot helper {k}; continuing with {}",
+                        k - 1
+                    );
                     break;
                 }
             }
@@ -424,13 +444,15 @@ fn copy_claimed_tables(
 fn end_stale_helpers(index: usize) -> Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let pids: Vec<i32> =
-            shmem::entry(index).helper_pids.iter().copied().filter(|p| shmem::pid_alive(*p)).collect();
+        let pids: Vec<i32> = shmem::entry(index).helper_pids.iter().copied().filter(|p| shmem::pid_alive(*p)).collect();
         if pids.is_empty() {
             return Ok(());
         }
         if std::time::Instant::now() > deadline {
-            return Err(Error::new(ErrorKind::ObjectInUse, format!("snapshot helpers {pids:?} of an earlier attempt did not exit")));
+            return Err(Error::new(
+                ErrorKind::ObjectInUse,
+                format!("snapshot helpers {pids:?} of an earlier attempt did not exit"),
+            ));
         }
         for p in pids {
             // SAFETY: signalling a snapshot helper of this mirror (recorded in the registry) to stop.
@@ -623,15 +645,17 @@ fn snapshot_table(
     // SAFETY: try_relation_open returns NULL instead of raising when the table is gone.
     let rel = unsafe { pg_sys::try_relation_open(t.relid, pg_sys::AccessShareLock as i32) };
     if rel.is_null() {
-        outcome.parked = Some(Error::new(
-            ErrorKind::DataConversion,
-            format!("table \"{}.{}\" no longer exists", t.schema, t.table),
-        ));
+        outcome.parked =
+            Some(Error::new(ErrorKind::DataConversion, format!("table \"{}.{}\" no longer exists", t.schema, t.table)));
         return Ok(outcome);
     }
     let result = (|| -> Result<()> {
         outcome.keys = catalog::key_columns(t.relid)?;
-        target.put_document(&folder, landing_zone::METADATA_FILE, landing_zone::table_metadata(&outcome.keys).as_bytes())?;
+        target.put_document(
+            &folder,
+            landing_zone::METADATA_FILE,
+            landing_zone::table_metadata(&outcome.keys).as_bytes(),
+        )?;
         // SAFETY: rel is open (checked above).
         let mut conv = unsafe { TupleConverter::new(rel)? };
         let mut builder = BatchBuilder::new(conv.specs())?;

@@ -152,21 +152,21 @@ unsafe fn varlena_bytes<'a>(d: pg_sys::Datum) -> &'a [u8] {
 /// Text in the database encoding as UTF-8.
 fn to_utf8<'a>(bytes: &'a [u8], database_is_utf8: bool, column: &str) -> Result<Cow<'a, str>> {
     if database_is_utf8 {
-        return std::str::from_utf8(bytes).map(Cow::Borrowed).map_err(|e| {
-            Error::new(ErrorKind::DataConversion, format!("invalid UTF-8 in column \"{column}\": {e}"))
-        });
+        return std::str::from_utf8(bytes)
+            .map(Cow::Borrowed)
+            .map_err(|e| Error::new(ErrorKind::DataConversion, format!("invalid UTF-8 in column \"{column}\": {e}")));
     }
     // SAFETY: pg_server_to_any converts len bytes from the database encoding and returns either the
     // input pointer or a NUL-terminated palloc'd string in the current memory context.
     unsafe {
         let out = pg_sys::pg_server_to_any(bytes.as_ptr().cast(), bytes.len() as i32, pg_sys::pg_enc::PG_UTF8 as i32);
-        let converted: &[u8] = if out as *const u8 == bytes.as_ptr() {
-            bytes
-        } else {
-            std::ffi::CStr::from_ptr(out).to_bytes()
-        };
+        let converted: &[u8] =
+            if out as *const u8 == bytes.as_ptr() { bytes } else { std::ffi::CStr::from_ptr(out).to_bytes() };
         std::str::from_utf8(converted).map(|s| Cow::Owned(s.to_string())).map_err(|e| {
-            Error::new(ErrorKind::DataConversion, format!("column \"{column}\" is not valid UTF-8 after conversion: {e}"))
+            Error::new(
+                ErrorKind::DataConversion,
+                format!("column \"{column}\" is not valid UTF-8 after conversion: {e}"),
+            )
         })
     }
 }

@@ -87,41 +87,98 @@ impl ColumnBuilder {
                 precision,
                 scale,
             ),
-            ColumnKind::NumericText | ColumnKind::Text | ColumnKind::Uuid | ColumnKind::Jsonb | ColumnKind::OtherText => {
-                ColumnBuilder::Utf8(StringBuilder::new())
-            }
+            ColumnKind::NumericText
+            | ColumnKind::Text
+            | ColumnKind::Uuid
+            | ColumnKind::Jsonb
+            | ColumnKind::OtherText => ColumnBuilder::Utf8(StringBuilder::new()),
             ColumnKind::Bytes => ColumnBuilder::Binary(BinaryBuilder::new()),
             ColumnKind::Date => ColumnBuilder::Date(Date32Builder::new()),
             ColumnKind::Time => ColumnBuilder::Time(Time64MicrosecondBuilder::new()),
             ColumnKind::Timestamp => ColumnBuilder::Timestamp(TimestampMicrosecondBuilder::new()),
-            ColumnKind::TimestampTz => ColumnBuilder::Timestamp(TimestampMicrosecondBuilder::new().with_timezone("UTC")),
+            ColumnKind::TimestampTz => {
+                ColumnBuilder::Timestamp(TimestampMicrosecondBuilder::new().with_timezone("UTC"))
+            }
         })
     }
 
     /// Appends one value; returns the number of payload bytes it added.
     fn append(&mut self, v: Value<'_>, column: &str) -> Result<usize> {
-        let mismatch = |v: &Value<'_>| {
-            Error::new(ErrorKind::Internal, format!("column \"{column}\" cannot take value {v:?}"))
-        };
+        let mismatch =
+            |v: &Value<'_>| Error::new(ErrorKind::Internal, format!("column \"{column}\" cannot take value {v:?}"));
         Ok(match (self, v) {
-            (ColumnBuilder::Bool(b), Value::Null) => { b.append_null(); 0 }
-            (ColumnBuilder::Int16(b), Value::Null) => { b.append_null(); 0 }
-            (ColumnBuilder::Int32(b), Value::Null) => { b.append_null(); 0 }
-            (ColumnBuilder::Int64(b), Value::Null) => { b.append_null(); 0 }
-            (ColumnBuilder::Float32(b), Value::Null) => { b.append_null(); 0 }
-            (ColumnBuilder::Float64(b), Value::Null) => { b.append_null(); 0 }
-            (ColumnBuilder::Decimal(b, ..), Value::Null) => { b.append_null(); 0 }
-            (ColumnBuilder::Utf8(b), Value::Null) => { b.append_null(); 0 }
-            (ColumnBuilder::Binary(b), Value::Null) => { b.append_null(); 0 }
-            (ColumnBuilder::Date(b), Value::Null) => { b.append_null(); 0 }
-            (ColumnBuilder::Time(b), Value::Null) => { b.append_null(); 0 }
-            (ColumnBuilder::Timestamp(b), Value::Null) => { b.append_null(); 0 }
-            (ColumnBuilder::Bool(b), Value::Bool(x)) => { b.append_value(x); 1 }
-            (ColumnBuilder::Int16(b), Value::Int16(x)) => { b.append_value(x); 2 }
-            (ColumnBuilder::Int32(b), Value::Int32(x)) => { b.append_value(x); 4 }
-            (ColumnBuilder::Int64(b), Value::Int64(x)) => { b.append_value(x); 8 }
-            (ColumnBuilder::Float32(b), Value::Float32(x)) => { b.append_value(x); 4 }
-            (ColumnBuilder::Float64(b), Value::Float64(x)) => { b.append_value(x); 8 }
+            (ColumnBuilder::Bool(b), Value::Null) => {
+                b.append_null();
+                0
+            }
+            (ColumnBuilder::Int16(b), Value::Null) => {
+                b.append_null();
+                0
+            }
+            (ColumnBuilder::Int32(b), Value::Null) => {
+                b.append_null();
+                0
+            }
+            (ColumnBuilder::Int64(b), Value::Null) => {
+                b.append_null();
+                0
+            }
+            (ColumnBuilder::Float32(b), Value::Null) => {
+                b.append_null();
+                0
+            }
+            (ColumnBuilder::Float64(b), Value::Null) => {
+                b.append_null();
+                0
+            }
+            (ColumnBuilder::Decimal(b, ..), Value::Null) => {
+                b.append_null();
+                0
+            }
+            (ColumnBuilder::Utf8(b), Value::Null) => {
+                b.append_null();
+                0
+            }
+            (ColumnBuilder::Binary(b), Value::Null) => {
+                b.append_null();
+                0
+            }
+            (ColumnBuilder::Date(b), Value::Null) => {
+                b.append_null();
+                0
+            }
+            (ColumnBuilder::Time(b), Value::Null) => {
+                b.append_null();
+                0
+            }
+            (ColumnBuilder::Timestamp(b), Value::Null) => {
+                b.append_null();
+                0
+            }
+            (ColumnBuilder::Bool(b), Value::Bool(x)) => {
+                b.append_value(x);
+                1
+            }
+            (ColumnBuilder::Int16(b), Value::Int16(x)) => {
+                b.append_value(x);
+                2
+            }
+            (ColumnBuilder::Int32(b), Value::Int32(x)) => {
+                b.append_value(x);
+                4
+            }
+            (ColumnBuilder::Int64(b), Value::Int64(x)) => {
+                b.append_value(x);
+                8
+            }
+            (ColumnBuilder::Float32(b), Value::Float32(x)) => {
+                b.append_value(x);
+                4
+            }
+            (ColumnBuilder::Float64(b), Value::Float64(x)) => {
+                b.append_value(x);
+                8
+            }
             (ColumnBuilder::Decimal(b, p, s), Value::Numeric(bytes)) => {
                 let n = numeric::decode(bytes)?;
                 let v = n.to_scaled_i128(*p, *s).map_err(|e| in_column(e, column))?;
@@ -133,14 +190,26 @@ impl ColumnBuilder {
                 b.append_value(&t);
                 t.len()
             }
-            (ColumnBuilder::Utf8(b), Value::Text(s)) => { b.append_value(s); s.len() }
-            (ColumnBuilder::Utf8(b), Value::Uuid(u)) => { b.append_value(typemap::uuid_text(u)); 36 }
-            (ColumnBuilder::Binary(b), Value::Bytes(x)) => { b.append_value(x); x.len() }
+            (ColumnBuilder::Utf8(b), Value::Text(s)) => {
+                b.append_value(s);
+                s.len()
+            }
+            (ColumnBuilder::Utf8(b), Value::Uuid(u)) => {
+                b.append_value(typemap::uuid_text(u));
+                36
+            }
+            (ColumnBuilder::Binary(b), Value::Bytes(x)) => {
+                b.append_value(x);
+                x.len()
+            }
             (ColumnBuilder::Date(b), Value::PgDate(d)) => {
                 b.append_value(typemap::date_to_unix_days(d).map_err(|e| in_column(e, column))?);
                 4
             }
-            (ColumnBuilder::Time(b), Value::PgTime(t)) => { b.append_value(t); 8 }
+            (ColumnBuilder::Time(b), Value::PgTime(t)) => {
+                b.append_value(t);
+                8
+            }
             (ColumnBuilder::Timestamp(b), Value::PgTimestamp(t)) => {
                 b.append_value(typemap::timestamp_to_unix_micros(t).map_err(|e| in_column(e, column))?);
                 8
@@ -243,9 +312,8 @@ impl BatchBuilder {
         let arrays: Vec<ArrayRef> = self.columns.iter_mut().map(|c| c.finish()).collect();
         self.rows = 0;
         self.bytes = 0;
-        let options = arrow_array::RecordBatchOptions::new().with_row_count(Some(
-            arrays.first().map(|a| a.len()).unwrap_or(0),
-        ));
+        let options =
+            arrow_array::RecordBatchOptions::new().with_row_count(Some(arrays.first().map(|a| a.len()).unwrap_or(0)));
         Ok(RecordBatch::try_new_with_options(self.schema.clone(), arrays, &options)?)
     }
 

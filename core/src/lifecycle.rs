@@ -76,10 +76,9 @@ impl TableState {
             (S::Snapshotting, E::SnapshotPublished) => Ok(S::Replicating),
             (S::Snapshotting | S::Failed, E::SnapshotRestarted) => Ok(S::Snapshotting),
             (S::Snapshotting | S::Replicating, E::Failed) => Ok(S::Failed),
-            (s, e) => Err(Error::new(
-                ErrorKind::Internal,
-                format!("table state {} cannot take event {e:?}", s.as_str()),
-            )),
+            (s, e) => {
+                Err(Error::new(ErrorKind::Internal, format!("table state {} cannot take event {e:?}", s.as_str())))
+            }
         }
     }
 

@@ -276,3 +276,53 @@ mod tests {
         assert_eq!(parse_data_file_name("0000000000000000000a.parquet"), None);
     }
 }
+
+#[cfg(test)]
+mod property_tests {
+    use super::*;
+
+    /// xorshift64*: deterministic, dependency-free randomness for property tests.
+    pub(crate) struct Rng(pub u64);
+    impl Rng {
+        pub fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        pub fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    fn random_name(rng: &mut Rng) -> String {
+        let pool: Vec<char> = "aZ09_-./\\ %\"'\t\n\0é名☃🙂..".chars().collect();
+        let len = rng.below(64) as usize;
+        (0..len)
+            .map(|_| {
+                if rng.below(4) == 0 {
+                    char::from_u32(rng.below(0x11000) as u32).filter(|c| *c != '\0').unwrap_or('x')
+                } else {
+                    pool[rng.below(pool.len() as u64) as usize]
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn folder_encoding_round_trips_and_never_escapes() {
+        let mut rng = Rng(0x5EED_1234_ABCD_0001);
+        let mut seen = std::collections::HashMap::new();
+        for _ in 0..20_000 {
+            let (schema, table) = (random_name(&mut rng), random_name(&mut rng));
+            let folder = table_folder(&schema, &table);
+            assert_eq!(folder.matches('/').count(), 1, "{folder}");
+            assert!(!folder.starts_with('/') && !folder.contains(".."), "{folder}");
+            assert!(!folder.contains('\0') && !folder.contains('\\'));
+            assert_eq!(parse_table_folder(&folder).unwrap(), (schema.clone(), table.clone()));
+            if let Some(prev) = seen.insert(folder.clone(), (schema.clone(), table.clone())) {
+                assert_eq!(prev, (schema, table), "two names share folder {folder}");
+            }
+        }
+    }
+}

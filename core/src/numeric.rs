@@ -62,12 +62,7 @@ pub fn decode(payload: &[u8]) -> Result<Numeric> {
                 return Err(bad("too short for the long format"));
             }
             let weight = word(2) as i16;
-            Ok(Numeric::Finite {
-                negative: sign == 0x4000,
-                weight,
-                dscale: header & 0x3FFF,
-                digits: digits_from(4)?,
-            })
+            Ok(Numeric::Finite { negative: sign == 0x4000, weight, dscale: header & 0x3FFF, digits: digits_from(4)? })
         }
     }
 }
@@ -121,7 +116,13 @@ impl Numeric {
             Numeric::NegativeInfinity => return "-Infinity".into(),
             Numeric::Finite { negative, weight, dscale, digits } => (*negative, *weight as i32, *dscale as i32, digits),
         };
-        let digit = |i: i32| -> i16 { if i >= 0 && (i as usize) < digits.len() { digits[i as usize] } else { 0 } };
+        let digit = |i: i32| -> i16 {
+            if i >= 0 && (i as usize) < digits.len() {
+                digits[i as usize]
+            } else {
+                0
+            }
+        };
         let mut s = String::new();
         if negative && digits.iter().any(|&d| d != 0) {
             s.push('-');

@@ -172,7 +172,12 @@ mod tests {
         f.caller_has_create_on_database = false;
         assert_eq!(
             failing(&f),
-            vec!["SERVER_IN_RECOVERY", "CDC_ADMIN_ROLE_NOT_EXISTS", "USER_NOT_CDC_ADMIN", "NO_CREATE_PRIVILEGE_ON_DATABASE"]
+            vec![
+                "SERVER_IN_RECOVERY",
+                "CDC_ADMIN_ROLE_NOT_EXISTS",
+                "USER_NOT_CDC_ADMIN",
+                "NO_CREATE_PRIVILEGE_ON_DATABASE"
+            ]
         );
     }
 

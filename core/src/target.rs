@@ -141,7 +141,9 @@ impl LocalTarget {
                     ErrorKind::Internal,
                     format!("data file \"{}\" is already published", fin.display()),
                 )
-                .with_detail("A published file is never replaced: the landing zone and the mirror's bookkeeping disagree."));
+                .with_detail(
+                    "A published file is never replaced: the landing zone and the mirror's bookkeeping disagree.",
+                ));
             }
             Err(e) => return Err(Error::io("publish", &fin, &e)),
         }

@@ -55,7 +55,10 @@ pub enum ColumnKind {
     Float32,
     Float64,
     /// numeric(p,s) that Parquet's decimal can hold exactly.
-    Decimal { precision: u8, scale: i8 },
+    Decimal {
+        precision: u8,
+        scale: i8,
+    },
     /// numeric without a usable declared precision: exact text.
     NumericText,
     /// text-like types stored as UTF-8 by the server (text, varchar, char(n), name, json).
