@@ -20,6 +20,7 @@ fn sqlstate(kind: ErrorKind) -> PgSqlErrorCode {
         ErrorKind::ObjectInUse => ERRCODE_OBJECT_IN_USE,
         ErrorKind::TargetIo => ERRCODE_IO_ERROR,
         ErrorKind::DataConversion => ERRCODE_DATA_EXCEPTION,
+        ErrorKind::FeatureNotSupported => ERRCODE_FEATURE_NOT_SUPPORTED,
         ErrorKind::Internal => ERRCODE_INTERNAL_ERROR,
     }
 }

@@ -299,6 +299,11 @@ impl BatchBuilder {
         self.rows
     }
 
+    /// Bytes of values appended since the last [`BatchBuilder::finish`] (an estimate of the memory held).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// Whether the batch should be handed to the encoder now.
     pub fn is_full(&self) -> bool {
         self.rows >= BATCH_ROWS || self.bytes >= BATCH_BYTES

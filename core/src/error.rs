@@ -31,6 +31,9 @@ pub enum ErrorKind {
     TargetIo,
     /// A value cannot be represented in the landing zone (22000). Parks the table.
     DataConversion,
+    /// A change this build cannot mirror for one table (0A000), e.g. an update of a table without key
+    /// columns. Parks the table.
+    FeatureNotSupported,
     /// A bug or an unexpected state (XX000).
     Internal,
 }
@@ -62,6 +65,7 @@ impl ErrorKind {
             ErrorKind::ObjectInUse => "55006",
             ErrorKind::TargetIo => "58030",
             ErrorKind::DataConversion => "22000",
+            ErrorKind::FeatureNotSupported => "0A000",
             ErrorKind::Internal => "XX000",
         }
     }
@@ -69,7 +73,7 @@ impl ErrorKind {
     /// What a background worker does with an error of this kind.
     pub fn disposition(self) -> Disposition {
         match self {
-            ErrorKind::DataConversion => Disposition::ParkTable,
+            ErrorKind::DataConversion | ErrorKind::FeatureNotSupported => Disposition::ParkTable,
             ErrorKind::TargetIo | ErrorKind::Internal | ErrorKind::ObjectInUse => Disposition::Retry,
             _ => Disposition::ReportToCaller,
         }
@@ -161,6 +165,7 @@ mod tests {
             ErrorKind::ObjectInUse,
             ErrorKind::TargetIo,
             ErrorKind::DataConversion,
+            ErrorKind::FeatureNotSupported,
             ErrorKind::Internal,
         ];
         let mut seen = std::collections::HashSet::new();

@@ -14,6 +14,7 @@
 //! - **file number**: the 20-digit, contiguous-from-1 sequence number of a data file within its table.
 
 pub mod batch;
+pub mod changes;
 pub mod datafile;
 pub mod error;
 pub mod landing_zone;
@@ -21,6 +22,7 @@ pub mod lifecycle;
 pub mod names;
 pub mod numeric;
 pub mod prerequisites;
+pub mod shipper;
 pub mod target;
 pub mod typemap;
 
