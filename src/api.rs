@@ -228,6 +228,21 @@ fn start_mirror_impl(
         ..e
     })?;
 
+    // Unchanged TOASTed values reach the change stream only in a FULL old row image (see decoder.rs).
+    let relids: Vec<pg_sys::Oid> = rels.iter().map(|r| r.relid).collect();
+    let altered = catalog::tables_needing_full_identity(&relids)?;
+    for (schema, table) in &altered {
+        catalog::set_replica_identity_full(schema, table)?;
+    }
+    if !altered.is_empty() {
+        let list: Vec<String> = altered.iter().map(|(s, t)| format!("{s}.{t}")).collect();
+        pgrx::notice!(
+            "azure_cdc set REPLICA IDENTITY FULL on {} table{} that can hold TOASTed values: {}",
+            list.len(),
+            if list.len() == 1 { "" } else { "s" },
+            list.join(", ")
+        );
+    }
     let slot = names::slot_name(mirror_name);
     let mut with_keys = Vec::with_capacity(rels.len());
     for rel in rels {
@@ -425,4 +440,98 @@ fn get_all_tables_mirror_status() -> TableIterator<
     ),
 > {
     TableIterator::new(status_rows().or_raise())
+}
+
+type MirrorStatusRow = (
+    String,
+    String,
+    Option<String>,
+    Option<i64>,
+    Option<f64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<pgrx::datum::TimestampWithTimeZone>,
+    Option<i32>,
+    Option<String>,
+);
+
+fn mirror_status_rows() -> Result<Vec<MirrorStatusRow>> {
+    require_admin("get_mirror_status")?;
+    let database = database_oid();
+    // SAFETY: reads the clock.
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    Spi::connect(|c| {
+        let t = c
+            .select(
+                "SELECT m.mirror_id, m.mirror_name, m.state, s.confirmed_flush_lsn::text, \
+                        CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
+                             ELSE pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint END, \
+                        m.last_error \
+                   FROM azure_cdc.mirrors m \
+                   LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name = m.slot_name \
+                  ORDER BY m.mirror_name",
+                None,
+                &[],
+            )
+            .map_err(spi)?;
+        let mut rows = Vec::new();
+        for r in t {
+            let mirror_id: i64 = r.get(1).map_err(spi)?.unwrap_or_default();
+            let decoder = shmem::find(database, mirror_id)
+                .map(shmem::entry)
+                .filter(|e| e.phase == Phase::Snapshotted && shmem::pid_alive(e.worker_pid));
+            let s = decoder.map(|e| e.stream);
+            let lag_seconds = s.map(|s| {
+                if s.oldest_unshipped_commit == 0 {
+                    0.0
+                } else {
+                    (now - s.oldest_unshipped_commit).max(0) as f64 / 1e6
+                }
+            });
+            let last_shipped = s
+                .filter(|s| s.last_shipped_at != 0)
+                .and_then(|s| pgrx::datum::TimestampWithTimeZone::try_from(s.last_shipped_at).ok());
+            rows.push((
+                r.get(2).map_err(spi)?.unwrap_or_default(),
+                r.get(3).map_err(spi)?.unwrap_or_default(),
+                r.get(4).map_err(spi)?,
+                r.get(5).map_err(spi)?,
+                lag_seconds,
+                s.map(|s| s.buffered_bytes as i64),
+                s.map(|s| s.spilled_bytes as i64),
+                s.map(|s| s.changes_shipped as i64),
+                last_shipped,
+                decoder.map(|e| e.worker_pid),
+                r.get(6).map_err(spi)?,
+            ));
+        }
+        Ok(rows)
+    })
+}
+
+/// One row per mirror of this database: its state; the slot's confirmed LSN; lag in bytes (WAL
+/// written since the confirmed LSN) and in seconds (age of the oldest committed change not yet
+/// published, 0 when everything is published); bytes buffered and not yet published; bytes the
+/// server's reorder buffer spilled to disk for the slot; changes published, and when the last batch
+/// was, since the decoder started; the decoder's process id; the last error. The decoder's figures
+/// are NULL while no decoder runs.
+#[pg_extern]
+fn get_mirror_status() -> TableIterator<
+    'static,
+    (
+        name!(mirror_name, String),
+        name!(state, String),
+        name!(confirmed_lsn, Option<String>),
+        name!(lag_bytes, Option<i64>),
+        name!(lag_seconds, Option<f64>),
+        name!(buffered_bytes, Option<i64>),
+        name!(spilled_bytes, Option<i64>),
+        name!(changes_published, Option<i64>),
+        name!(last_published_at, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(decoder_pid, Option<i32>),
+        name!(last_error, Option<String>),
+    ),
+> {
+    TableIterator::new(mirror_status_rows().or_raise())
 }

@@ -23,6 +23,8 @@ pub struct TableRow {
     pub schema: String,
     pub table: String,
     pub state: String,
+    /// Key columns recorded when the table was snapshotted.
+    pub key_columns: Vec<String>,
 }
 
 const MIRROR_COLUMNS: &str = "mirror_id, mirror_name, target, state, slot_name::text";
@@ -89,7 +91,7 @@ pub fn tables(mirror_id: i64) -> Result<Vec<TableRow>> {
     Spi::connect(|c| {
         let t = c
             .select(
-                "SELECT relid, schema_name::text, table_name::text, state FROM azure_cdc.mirror_tables \
+                "SELECT relid, schema_name::text, table_name::text, state, key_columns::text[] FROM azure_cdc.mirror_tables \
                  WHERE mirror_id = $1 ORDER BY schema_name, table_name",
                 None,
                 &[mirror_id.into()],
@@ -103,6 +105,7 @@ pub fn tables(mirror_id: i64) -> Result<Vec<TableRow>> {
                     schema: r.get::<String>(2).map_err(spi)?.ok_or_else(missing)?,
                     table: r.get::<String>(3).map_err(spi)?.ok_or_else(missing)?,
                     state: r.get::<String>(4).map_err(spi)?.ok_or_else(missing)?,
+                    key_columns: r.get::<Vec<String>>(5).map_err(spi)?.ok_or_else(missing)?,
                 })
             })
             .collect()
@@ -229,4 +232,40 @@ pub fn insert_mirror(
 /// Runs one catalog-writing statement.
 pub fn run(query: &str, args: &[pgrx::datum::DatumWithOid]) -> Result<()> {
     Spi::connect_mut(|c| c.update(query, None, args).map(|_| ()).map_err(spi))
+}
+
+/// Mirrored tables that can store values out of line (they have a TOAST table) and whose REPLICA
+/// IDENTITY is not FULL: an UPDATE that leaves such a value unchanged would not carry it in the change
+/// stream. Returns (schema, table).
+pub fn tables_needing_full_identity(relids: &[pg_sys::Oid]) -> Result<Vec<(String, String)>> {
+    let ids: Vec<pg_sys::Oid> = relids.to_vec();
+    Spi::connect(|c| {
+        let t = c
+            .select(
+                "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_class c \
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                  WHERE c.oid = ANY ($1) AND c.reltoastrelid <> 0 AND c.relreplident <> 'f' \
+                  ORDER BY 1, 2",
+                None,
+                &[ids.into()],
+            )
+            .map_err(spi)?;
+        t.into_iter()
+            .map(|r| {
+                let missing = || Error::new(ErrorKind::Internal, "pg_class row without a name");
+                Ok((r.get::<String>(1).map_err(spi)?.ok_or_else(missing)?, r.get::<String>(2).map_err(spi)?.ok_or_else(missing)?))
+            })
+            .collect()
+    })
+}
+
+/// `ALTER TABLE schema.table REPLICA IDENTITY FULL` (identifiers quoted by the server's format()).
+pub fn set_replica_identity_full(schema: &str, table: &str) -> Result<()> {
+    let stmt = Spi::get_one_with_args::<String>(
+        "SELECT pg_catalog.format('ALTER TABLE %I.%I REPLICA IDENTITY FULL', $1::text, $2::text)",
+        &[schema.into(), table.into()],
+    )
+    .map_err(spi)?
+    .ok_or_else(|| Error::new(ErrorKind::Internal, "format() returned NULL"))?;
+    Spi::run(&stmt).map_err(spi)
 }

@@ -22,6 +22,18 @@ pub static MAX_SNAPSHOT_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(3);
 /// the target's temporary file, one row group (at most 64 MB) at a time.
 pub static SNAPSHOT_BUFFER_SIZE_MB: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
+/// `azure_cdc.change_batch_buffer_size`: the change buffer of one mirror, in MB. Decoded changes are
+/// held here (as Arrow columns) until the batch closes; a batch closes when it reaches this size or
+/// `azure_cdc.change_batch_export_timeout` after its first change. Range 1–1024, default 16. Reload
+/// (SIGHUP). A mirror's decoder holds at most about three buffers: one filling, one waiting for the
+/// shipper, one being written.
+pub static CHANGE_BATCH_BUFFER_SIZE_MB: GucSetting<i32> = GucSetting::<i32>::new(16);
+
+/// `azure_cdc.change_batch_export_timeout`: the longest a decoded change waits in the buffer before its
+/// batch is written, in milliseconds (the latency knob). Range 100 ms – 1 h, default 30 s. Reload
+/// (SIGHUP).
+pub static CHANGE_BATCH_EXPORT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+
 /// Values of `azure_cdc.parquet_compression`.
 #[derive(pgrx::PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum ParquetCompression {
@@ -71,6 +83,26 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_MB,
     );
+    GucRegistry::define_int_guc(
+        c"azure_cdc.change_batch_buffer_size",
+        c"Size at which a mirror's batch of changes is closed and written to the target.",
+        c"",
+        &CHANGE_BATCH_BUFFER_SIZE_MB,
+        1,
+        1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_MB,
+    );
+    GucRegistry::define_int_guc(
+        c"azure_cdc.change_batch_export_timeout",
+        c"Longest time a decoded change waits before its batch is written to the target.",
+        c"",
+        &CHANGE_BATCH_EXPORT_TIMEOUT_MS,
+        100,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
     GucRegistry::define_enum_guc(
         c"azure_cdc.parquet_compression",
         c"Compression codec of Parquet data files: zstd, snappy, gzip or uncompressed.",
@@ -94,4 +126,14 @@ pub fn parquet_compression() -> Compression {
 /// Snapshot file size limit in bytes.
 pub fn snapshot_file_bytes() -> usize {
     SNAPSHOT_BUFFER_SIZE_MB.get().max(1) as usize * 1024 * 1024
+}
+
+/// Change buffer size in bytes.
+pub fn change_buffer_bytes() -> usize {
+    CHANGE_BATCH_BUFFER_SIZE_MB.get().max(1) as usize * 1024 * 1024
+}
+
+/// Change batch timeout.
+pub fn change_batch_timeout() -> std::time::Duration {
+    std::time::Duration::from_millis(CHANGE_BATCH_EXPORT_TIMEOUT_MS.get().max(100) as u64)
 }

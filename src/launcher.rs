@@ -95,6 +95,8 @@ fn scout_all() {
 struct Running {
     worker: DynamicBackgroundWorker,
     mirror_id: i64,
+    /// The phase the mirror was in when the worker started (which kind of worker it is).
+    phase: Phase,
 }
 
 struct Launcher {
@@ -103,12 +105,18 @@ struct Launcher {
 }
 
 impl Launcher {
-    fn start_snapshot_worker(&mut self, index: usize, e: &shmem::MirrorEntry) {
-        let name = names::worker_name(WorkerKind::Snapshot, &e.database.to_string(), Some(&e.mirror_id.to_string()));
+    /// Starts the worker the mirror needs now: its snapshot worker until the snapshot is published,
+    /// then its decoder.
+    fn start_worker(&mut self, index: usize, e: &shmem::MirrorEntry) {
+        let (kind, function) = match e.phase {
+            Phase::Snapshot => (WorkerKind::Snapshot, "azure_cdc_snapshot_main"),
+            Phase::Snapshotted => (WorkerKind::Decoder, "azure_cdc_decoder_main"),
+        };
+        let name = names::worker_name(kind, &e.database.to_string(), Some(&e.mirror_id.to_string()));
         let worker = BackgroundWorkerBuilder::new(&name)
-            .set_type(WorkerKind::Snapshot.backend_type())
+            .set_type(kind.backend_type())
             .set_library("azure_cdc")
-            .set_function("azure_cdc_snapshot_main")
+            .set_function(function)
             .enable_spi_access()
             .set_argument(Some(pg_sys::Datum::from(index)))
             .set_notify_pid(my_pid())
@@ -116,7 +124,7 @@ impl Launcher {
         match worker {
             Ok(w) => {
                 shmem::REGISTRY.exclusive().entries[index].worker_registered = true;
-                self.running.insert(index, Running { worker: w, mirror_id: e.mirror_id });
+                self.running.insert(index, Running { worker: w, mirror_id: e.mirror_id, phase: e.phase });
             }
             Err(_) => {
                 pgrx::warning!(
@@ -143,16 +151,24 @@ impl Launcher {
                 let e = &mut reg.entries[index];
                 e.worker_registered = false;
                 let same = r.as_ref().is_some_and(|r| e.in_use && e.mirror_id == r.mirror_id);
-                if same && e.phase == Phase::Snapshot && e.desired == Desired::Run {
+                // A snapshot worker that exits before the snapshot is published failed; a decoder never
+                // exits on its own while its mirror should run.
+                let failed = match r.as_ref().map(|r| r.phase) {
+                    Some(Phase::Snapshot) => e.phase == Phase::Snapshot,
+                    Some(Phase::Snapshotted) => true,
+                    None => false,
+                };
+                if same && failed && e.desired == Desired::Run {
                     e.failures += 1;
-                    Some(e.failures)
+                    Some((e.failures, r.as_ref().map(|r| r.phase)))
                 } else {
                     None
                 }
             };
-            if let Some(failures) = failed {
+            if let Some((failures, phase)) = failed {
                 let wait = restart_backoff_secs(failures);
-                pgrx::log!("azure_cdc launcher: snapshot worker of mirror slot {index} failed ({failures} in a row); retrying in {wait} s");
+                let which = if phase == Some(Phase::Snapshot) { "snapshot worker" } else { "decoder" };
+                pgrx::log!("azure_cdc launcher: {which} of mirror slot {index} exited ({failures} failures in a row); restarting in {wait} s");
                 self.retry_at.insert(index, Instant::now() + Duration::from_secs(wait));
             }
         }
@@ -180,14 +196,14 @@ impl Launcher {
                 shmem::REGISTRY.exclusive().entries[index].worker_registered = false;
                 continue;
             }
-            if e.desired != Desired::Run || e.phase != Phase::Snapshot || mine || shmem::pid_alive(e.worker_pid) {
+            if e.desired != Desired::Run || mine || shmem::pid_alive(e.worker_pid) {
                 continue;
             }
             if self.retry_at.get(&index).is_some_and(|t| Instant::now() < *t) {
                 continue;
             }
             self.retry_at.remove(&index);
-            self.start_snapshot_worker(index, &e);
+            self.start_worker(index, &e);
         }
     }
 }

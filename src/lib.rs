@@ -16,6 +16,7 @@ use pgrx::prelude::*;
 
 mod api;
 mod catalog;
+mod decoder;
 mod errors;
 mod gucs;
 mod launcher;

@@ -65,6 +65,27 @@ pub struct MirrorEntry {
     pub helper_failed: bool,
     /// Process ids of running snapshot helpers (0: none), indexed by progress slot.
     pub helper_pids: [i32; MAX_PROGRESS],
+    /// Live figures of the mirror's decoder (zero while none runs).
+    pub stream: StreamStats,
+}
+
+/// What the decoder of a mirror reports about its change stream.
+#[derive(Copy, Clone, Debug, Default)]
+pub struct StreamStats {
+    /// The slot's confirmed LSN as this decoder last set it.
+    pub confirmed_lsn: u64,
+    /// Where decoding has read the WAL up to.
+    pub read_lsn: u64,
+    /// Bytes of changes decoded and not yet published (open batch and batches in flight).
+    pub buffered_bytes: u64,
+    /// Bytes the server's reorder buffer spilled to disk for this slot since the decoder started.
+    pub spilled_bytes: u64,
+    /// Commit time (PostgreSQL TimestampTz) of the oldest transaction with changes not yet published; 0: none.
+    pub oldest_unshipped_commit: i64,
+    /// Changes published since the decoder started.
+    pub changes_shipped: u64,
+    /// When the decoder last published a batch (TimestampTz); 0: not yet.
+    pub last_shipped_at: i64,
 }
 
 #[derive(Copy, Clone, Debug, Default)]
@@ -183,4 +204,9 @@ pub fn claim_next_table(index: usize) -> Option<usize> {
 /// Records (or clears, with 0) the pid of the worker of entry `index`.
 pub fn set_worker_pid(index: usize, pid: i32) {
     REGISTRY.exclusive().entries[index].worker_pid = pid;
+}
+
+/// Publishes the decoder's figures for the status functions.
+pub fn set_stream_stats(index: usize, stats: StreamStats) {
+    REGISTRY.exclusive().entries[index].stream = stats;
 }

@@ -4,8 +4,8 @@
 //! that point. Every change committed after the snapshot is then in the slot's stream, and nothing
 //! the snapshot contains is. Runs on the main thread of a snapshot worker (or a backend, to drop).
 //!
-//! The slot uses the built-in `pgoutput` plugin only as the plugin recorded in the slot at creation;
-//! the change stream itself is read by the extension's own decoding (a later stage of the product).
+//! The slot records this library as its output plugin (`_PG_output_plugin_init` in
+//! [`crate::decoder`]); the mirror's decoder reads it in-process ([`open_decoding`]).
 
 use std::ffi::CString;
 
@@ -13,7 +13,7 @@ use azure_cdc_core::{Error, ErrorKind, Result};
 use pgrx::pg_sys;
 
 /// Output plugin recorded in the slot.
-const PLUGIN: &std::ffi::CStr = c"pgoutput";
+const PLUGIN: &std::ffi::CStr = c"azure_cdc";
 
 unsafe extern "C-unwind" {
     // replication/snapbuild.h, not in pgrx's bindings.
@@ -29,6 +29,8 @@ unsafe extern "C-unwind" {
     ) -> std::ffi::c_int;
     fn wal_segment_open(state: *mut pg_sys::XLogReaderState, seg: pg_sys::XLogSegNo, tli: *mut pg_sys::TimeLineID);
     fn wal_segment_close(state: *mut pg_sys::XLogReaderState);
+    // replication/decode.h, not in pgrx's bindings.
+    fn LogicalDecodingProcessRecord(ctx: *mut pg_sys::LogicalDecodingContext, record: *mut pg_sys::XLogReaderState);
 }
 
 fn c_name(name: &str) -> Result<CString> {
@@ -99,6 +101,77 @@ pub unsafe fn create_with_snapshot(name: &str) -> Result<u64> {
         pg_sys::FreeDecodingContext(ctx);
         pg_sys::ReplicationSlotPersist();
         Ok(lsn)
+    }
+}
+
+/// Acquires the mirror's slot and sets up logical decoding of it from its confirmed position, the way
+/// `pg_logical_slot_get_changes` does (logicalfuncs.c), with this library as the output plugin. The
+/// context lives in TopMemoryContext until the process exits. Returns the context.
+///
+/// # Safety
+/// Main thread, outside any transaction, no slot acquired, connected to the slot's database.
+pub unsafe fn open_decoding(name: &str) -> Result<*mut pg_sys::LogicalDecodingContext> {
+    let c = c_name(name)?;
+    // SAFETY (whole block): the steps of pg_logical_slot_get_changes_guts up to XLogBeginRead; errors
+    // are raised as PostgreSQL errors through the guarded FFI boundary. The reader routine is copied
+    // into the reader by XLogReaderAllocate.
+    unsafe {
+        pg_sys::CheckSlotPermissions();
+        pg_sys::CheckLogicalDecodingRequirements();
+        pg_sys::ReplicationSlotAcquire(c.as_ptr(), true);
+        let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
+        let mut routine = pg_sys::XLogReaderRoutine {
+            page_read: Some(read_local_xlog_page),
+            segment_open: Some(wal_segment_open),
+            segment_close: Some(wal_segment_close),
+        };
+        let ctx = pg_sys::CreateDecodingContext(
+            pg_sys::InvalidXLogRecPtr as u64,
+            std::ptr::null_mut(),
+            false,
+            &mut routine,
+            None,
+            None,
+            None,
+        );
+        pg_sys::MemoryContextSwitchTo(old);
+        pg_sys::XLogBeginRead((*ctx).reader, (*pg_sys::MyReplicationSlot).data.restart_lsn);
+        Ok(ctx)
+    }
+}
+
+/// Decodes the next WAL record, calling the output plugin for every transaction it commits. Returns
+/// false when there was no record to read.
+///
+/// # Safety
+/// `ctx` must come from [`open_decoding`]; main thread; outside any transaction.
+pub unsafe fn decode_next(ctx: *mut pg_sys::LogicalDecodingContext) -> Result<bool> {
+    // SAFETY: the loop body of pg_logical_slot_get_changes_guts; errors raise PostgreSQL errors.
+    unsafe {
+        let mut errm: *mut std::ffi::c_char = std::ptr::null_mut();
+        let record = pg_sys::XLogReadRecord((*ctx).reader, &mut errm);
+        if !errm.is_null() {
+            let text = std::ffi::CStr::from_ptr(errm).to_string_lossy().into_owned();
+            return Err(Error::new(ErrorKind::Internal, format!("could not find record for logical decoding: {text}")));
+        }
+        if record.is_null() {
+            return Ok(false);
+        }
+        pg_sys::ffi::pg_guard_ffi_boundary(|| LogicalDecodingProcessRecord(ctx, (*ctx).reader));
+        Ok(true)
+    }
+}
+
+/// Confirms to the slot that everything before `lsn` is processed, and marks the slot for saving at
+/// the next checkpoint (what `pg_logical_slot_get_changes` does after a call).
+///
+/// # Safety
+/// Main thread, this process has the slot acquired, outside any decoding callback.
+pub unsafe fn confirm(lsn: u64) {
+    // SAFETY: as required above.
+    unsafe {
+        pg_sys::LogicalConfirmReceivedLocation(lsn);
+        pg_sys::ReplicationSlotMarkDirty();
     }
 }
 

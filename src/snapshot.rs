@@ -190,7 +190,7 @@ unsafe extern "C-unwind" {
 /// Installs PostgreSQL's standard handlers in a snapshot worker or helper, then unblocks signals:
 /// SIGTERM sets the die flags that CHECK_FOR_INTERRUPTS acts on, so the process stops at its next row
 /// batch; SIGHUP marks the configuration for reload.
-fn install_signal_handlers() {
+pub(crate) fn install_signal_handlers() {
     // SAFETY: called once at worker start, on the main thread, before signals are unblocked.
     unsafe {
         pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(die));
@@ -201,7 +201,7 @@ fn install_signal_handlers() {
 
 /// Runs one attempt, turning a PostgreSQL error (or a panic) raised inside it into an [`Error`], so
 /// that the worker can record it and exit cleanly. (A FATAL, such as termination, exits directly.)
-fn catching<T>(f: impl FnOnce() -> Result<T> + std::panic::UnwindSafe) -> Result<T> {
+pub(crate) fn catching<T>(f: impl FnOnce() -> Result<T> + std::panic::UnwindSafe) -> Result<T> {
     PgTryBuilder::new(f)
         .catch_others(|caught| {
             let message = match &caught {
@@ -272,7 +272,7 @@ fn clear_progress(index: usize) {
 }
 
 /// Whether azure_cdc is installed in this database (its own transaction).
-fn extension_installed() -> bool {
+pub(crate) fn extension_installed() -> bool {
     BackgroundWorker::transaction(|| {
         Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'azure_cdc')")
             .ok()
@@ -739,7 +739,7 @@ unsafe fn scan(
                 }
                 let old = pg_sys::MemoryContextSwitchTo(batch_cxt);
                 pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-                let appended = conv.append_row(&values, &nulls, builder);
+                let appended = conv.append_row(&values, &nulls, None, builder);
                 pg_sys::MemoryContextSwitchTo(old);
                 appended?;
                 rows += 1;

@@ -75,7 +75,8 @@ impl TupleConverter {
         self.natts
     }
 
-    /// Appends one deformed tuple to `builder`.
+    /// Appends one deformed tuple to `builder`, then `marker` as the last column if given (change
+    /// files end with `__rowMarker__`).
     ///
     /// # Safety
     /// `values` and `nulls` must come from `heap_deform_tuple` of a tuple of the relation this
@@ -84,6 +85,7 @@ impl TupleConverter {
         &mut self,
         values: &[pg_sys::Datum],
         nulls: &[bool],
+        marker: Option<i32>,
         builder: &mut BatchBuilder,
     ) -> Result<()> {
         for (i, plan) in self.plans.iter_mut().enumerate() {
@@ -128,7 +130,47 @@ impl TupleConverter {
                 }
             }
         }
+        if let Some(m) = marker {
+            builder.append(self.plans.len(), Value::Int32(m))?;
+        }
         builder.end_row()
+    }
+}
+
+/// Whether a non-null varlena datum is a pointer to a value stored out of line in the table's TOAST
+/// relation. In a decoded change, that is an unchanged TOASTed column of an UPDATE: the change
+/// stream does not carry its value.
+///
+/// # Safety
+/// `d` must be a non-null datum of a varlena column (attlen -1).
+pub unsafe fn is_unchanged_toast(d: pg_sys::Datum) -> bool {
+    // SAFETY: a varlena datum points at least at its 1-byte header; an external one (first byte 0x01,
+    // VARATT_IS_1B_E on little- and big-endian alike for this tag layout) has its tag in the second.
+    unsafe {
+        let p = d.cast_mut_ptr::<u8>();
+        *p == 0x01 && *p.add(1) as u32 == pg_sys::vartag_external::VARTAG_ONDISK
+    }
+}
+
+/// Whether two non-null datums of the same column hold the same value (byte-wise, after
+/// detoasting). Used to tell whether an UPDATE changed a key column.
+///
+/// # Safety
+/// Both must be non-null datums of a column with this `attlen` / `attbyval`, their memory valid.
+pub unsafe fn datums_equal(a: pg_sys::Datum, b: pg_sys::Datum, attlen: i16, attbyval: bool) -> bool {
+    // SAFETY: guaranteed by the caller; each branch reads the datum the way its storage requires.
+    unsafe {
+        if attbyval {
+            a.value() == b.value()
+        } else if attlen == -1 {
+            varlena_bytes(a) == varlena_bytes(b)
+        } else if attlen > 0 {
+            let n = attlen as usize;
+            std::slice::from_raw_parts(a.cast_mut_ptr::<u8>(), n) == std::slice::from_raw_parts(b.cast_mut_ptr::<u8>(), n)
+        } else {
+            // cstring (attlen -2)
+            std::ffi::CStr::from_ptr(a.cast_mut_ptr()) == std::ffi::CStr::from_ptr(b.cast_mut_ptr())
+        }
     }
 }
 

@@ -63,6 +63,7 @@ pub enum WorkerKind {
     Scout,
     Snapshot,
     SnapshotHelper,
+    Decoder,
 }
 
 impl WorkerKind {
@@ -72,6 +73,7 @@ impl WorkerKind {
             WorkerKind::Scout => "azure_cdc scout",
             WorkerKind::Snapshot => "azure_cdc snapshot",
             WorkerKind::SnapshotHelper => "azure_cdc snapshot helper",
+            WorkerKind::Decoder => "azure_cdc decoder",
         }
     }
 }

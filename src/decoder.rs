@@ -1,0 +1,941 @@
+//! The decoder worker: one per mirror whose snapshot is published. A dynamic background worker
+//! connected to the mirror's database that reads the mirror's slot in-process — PostgreSQL's logical
+//! decoding machinery runs in this process, with this library as the output plugin
+//! (`_PG_output_plugin_init`): its callbacks turn each decoded tuple of a mirrored table straight
+//! into Arrow column values, without a text protocol in between. Its main thread calls PostgreSQL;
+//! its shipper thread ([`azure_cdc_core::shipper`]) never does.
+//!
+//! Flow: decoded changes of mirrored tables are appended to per-table builders (the change buffer,
+//! `azure_cdc.change_batch_buffer_size`). A batch closes when the buffer is full or
+//! `azure_cdc.change_batch_export_timeout` after its first change; it goes to the shipper, which writes
+//! one change file per table and acknowledges. Only then is the slot confirmed past the batch's
+//! transactions. How this is exactly once across crashes is explained in [`azure_cdc_core::changes`].
+//!
+//! Row images: an INSERT is written with marker 0; an UPDATE with marker 1 as the whole new row, or,
+//! when it changes the key, as a delete (2) of the old key followed by an insert (0) of the new row; a
+//! DELETE with marker 2 and the old row as the change carries it (at least the key columns).
+//!
+//! Unchanged TOASTed values: a decoded UPDATE does not carry the value of a TOASTed column it did
+//! not change. `start_mirror` therefore sets REPLICA IDENTITY FULL on mirrored tables that have
+//! TOAST-able columns, so that the old row image — logged whole, TOASTed values inlined — supplies
+//! them. If such a value is ever missing anyway (the identity was changed back), the table is parked
+//! with an error rather than written with a NULL or a made-up value.
+//!
+//! What parks one table (Failed, its later changes skipped, the others go on): an UPDATE or DELETE of
+//! a table without key columns, a TRUNCATE, a change of its columns, a value the landing zone cannot
+//! hold. Any other error ends the worker; the launcher restarts it with back-off and it resumes from
+//! the slot.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use azure_cdc_core::arrow_array::RecordBatch;
+use azure_cdc_core::batch::{BatchBuilder, ColumnSpec};
+use azure_cdc_core::changes::{already_shipped, batch_due, change_columns, InFlight, Position, RowMarker};
+use azure_cdc_core::datafile::PublishedFile;
+use azure_cdc_core::error::Disposition;
+use azure_cdc_core::lifecycle::{MirrorState, TableEvent, TableState};
+use azure_cdc_core::names;
+use azure_cdc_core::shipper::{self, ShipBatch, Shipped, Shipper, TableChanges};
+use azure_cdc_core::target::{LocalTarget, TargetUrl};
+use azure_cdc_core::{Error, ErrorKind, Result};
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::prelude::*;
+
+use crate::catalog;
+use crate::shmem::{self, StreamStats};
+use crate::tuples::{datums_equal, is_unchanged_toast, TupleConverter};
+
+/// How long the decoder sleeps on its latch when it has read all flushed WAL.
+const POLL: Duration = Duration::from_millis(20);
+/// Batches that may wait for the shipper while it writes one.
+const SHIP_QUEUE: usize = 1;
+/// Least time between two writes of the tables' counters to the catalog.
+const CATALOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Set in a decoder worker: only it may read a mirror's slot.
+static IN_DECODER: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// The running decoder, for the output plugin callbacks (main thread only).
+    static DECODER: RefCell<Option<Decoder>> = const { RefCell::new(None) };
+    /// Relations whose cached conversion plan may be out of date (relcache invalidations).
+    static STALE: RefCell<HashSet<u32>> = RefCell::new(HashSet::new());
+    static ALL_STALE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// One mirrored table, as the decoder sees it.
+struct Table {
+    schema: String,
+    name: String,
+    folder: String,
+    keys: Vec<String>,
+    /// Columns of its files; a decoded change with other columns parks the table.
+    specs: Vec<ColumnSpec>,
+    /// Conversion plan, rebuilt after a relcache invalidation, in its own memory context.
+    conv: Option<(TupleConverter, pg_sys::MemoryContext)>,
+    /// Tuple-descriptor indexes of the key columns, with their attlen / attbyval.
+    key_atts: Vec<(usize, i16, bool)>,
+    builder: BatchBuilder,
+    done: Vec<RecordBatch>,
+    /// Position of the last change in the open batch.
+    last_in_batch: Option<Position>,
+    rows_in_batch: u64,
+    /// Position of the last change already in the landing zone when the decoder started.
+    published: Option<Position>,
+    next_number: u64,
+    parked: Option<Error>,
+    park_recorded: bool,
+    /// Counters not yet written to the catalog.
+    unrecorded: Counters,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Counters {
+    rows: i64,
+    files: i64,
+    bytes: i64,
+    next_number: i64,
+    touched: bool,
+}
+
+/// State of the decoder, shared by the main loop and the output plugin callbacks.
+struct Decoder {
+    index: usize,
+    tables: HashMap<u32, Table>,
+    shipper: Shipper,
+    inflight: InFlight,
+    /// Per batch in flight: (rows, first commit time, buffered bytes).
+    inflight_info: VecDeque<(u64, i64, usize)>,
+    /// Open batch: when its first change came, the commit time of its first transaction, its bytes.
+    first_change: Option<Instant>,
+    first_commit_time: i64,
+    buffered: usize,
+    /// Transaction being replayed: its commit LSN and commit time, and the ordinal of its last change.
+    in_txn: bool,
+    commit_lsn: u64,
+    commit_time: i64,
+    ordinal: u64,
+    /// Memory for one change's deformed and detoasted values, reset after each change.
+    change_cxt: pg_sys::MemoryContext,
+    /// An LSN to confirm, from acknowledgements received inside a callback.
+    confirm_pending: Option<u64>,
+    stats: StreamStats,
+    last_catalog_write: Instant,
+}
+
+/// Entry point of the decoder worker. `arg` is the mirror's index in the shared registry.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn azure_cdc_decoder_main(arg: pg_sys::Datum) {
+    crate::snapshot::install_signal_handlers();
+    let index = arg.value();
+    if index >= crate::gucs::MAX_FABRIC_MIRRORS_LIMIT as usize {
+        return;
+    }
+    let entry = shmem::entry(index);
+    if !entry.in_use {
+        return;
+    }
+    IN_DECODER.store(true, Ordering::Relaxed);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(entry.database)), None);
+    // SAFETY: MyProcPid is set at process start.
+    shmem::set_worker_pid(index, unsafe { pg_sys::MyProcPid });
+    let mirror_id = entry.mirror_id;
+    if !crate::snapshot::extension_installed() {
+        pgrx::warning!(
+            "azure_cdc: the extension was dropped from this database; mirror {mirror_id} is not decoded and its slot is left for an administrator to drop"
+        );
+        shmem::set_worker_pid(index, 0);
+        shmem::release(index);
+        return;
+    }
+    let result = crate::snapshot::catching(|| run(index, mirror_id));
+    DECODER.with(|d| d.borrow_mut().take());
+    shmem::set_stream_stats(index, StreamStats::default());
+    shmem::set_worker_pid(index, 0);
+    if let Err(e) = result {
+        // SAFETY: back to a clean state: abort the transaction a failure may have left open, release
+        // the slot so that the next decoder (or stop_mirror) can take it.
+        unsafe { pg_sys::AbortCurrentTransaction() };
+        crate::slot::release();
+        pgrx::log!("azure_cdc: decoder of mirror {mirror_id} failed: {}", e.full_text());
+        record_failure(mirror_id, &e);
+        // SAFETY: a non-zero exit tells the launcher to restart the decoder with back-off.
+        unsafe { pg_sys::proc_exit(1) };
+    }
+}
+
+fn record_failure(mirror_id: i64, e: &Error) {
+    let text = e.full_text();
+    let recorded = crate::snapshot::catching(|| {
+        BackgroundWorker::transaction(|| {
+            catalog::run(
+                "UPDATE azure_cdc.mirrors SET last_error = $2 WHERE mirror_id = $1",
+                &[mirror_id.into(), text.as_str().into()],
+            )
+        })
+    });
+    if let Err(r) = recorded {
+        pgrx::log!("azure_cdc: could not record the failure of mirror {mirror_id}: {}", r.full_text());
+    }
+}
+
+/// Reads the mirror and its replicating tables (own transaction). None: the mirror is not running.
+fn load(mirror_id: i64) -> Result<Option<(catalog::MirrorRow, HashMap<u32, Table>)>> {
+    BackgroundWorker::transaction(|| {
+        let Some(m) = catalog::mirror_by_id(mirror_id)? else { return Ok(None) };
+        if MirrorState::parse(&m.state)? != MirrorState::Running {
+            return Ok(None);
+        }
+        let mut tables = HashMap::new();
+        for t in catalog::tables(mirror_id)? {
+            if TableState::parse(&t.state)? != TableState::Replicating {
+                continue;
+            }
+            let folder = names::table_folder(&t.schema, &t.table);
+            // SAFETY: try_relation_open returns NULL when the table is gone; the converter only reads
+            // the descriptor of the open relation, which is closed right after.
+            let (specs, parked) = unsafe {
+                let rel = pg_sys::try_relation_open(t.relid, pg_sys::AccessShareLock as i32);
+                if rel.is_null() {
+                    (Vec::new(), Some(Error::new(ErrorKind::FeatureNotSupported, "the table no longer exists")))
+                } else {
+                    let specs = TupleConverter::new(rel).map(|c| c.specs().to_vec());
+                    pg_sys::relation_close(rel, pg_sys::AccessShareLock as i32);
+                    (specs?, None)
+                }
+            };
+            let builder = BatchBuilder::new(&change_columns(&specs))?;
+            tables.insert(
+                t.relid.to_u32(),
+                Table {
+                    schema: t.schema.clone(),
+                    name: t.table.clone(),
+                    folder,
+                    keys: t.key_columns.clone(),
+                    specs,
+                    conv: None,
+                    key_atts: Vec::new(),
+                    builder,
+                    done: Vec::new(),
+                    last_in_batch: None,
+                    rows_in_batch: 0,
+                    published: None,
+                    next_number: 1,
+                    parked,
+                    park_recorded: false,
+                    unrecorded: Counters::default(),
+                },
+            );
+        }
+        // SAFETY: drop catalog entries this transaction built from the current catalog, so that
+        // decoding builds its own from the historic snapshots.
+        unsafe { pg_sys::InvalidateSystemCaches() };
+        Ok(Some((m, tables)))
+    })
+}
+
+fn run(index: usize, mirror_id: i64) -> Result<()> {
+    let Some((mirror, mut tables)) = load(mirror_id)? else {
+        pgrx::log!("azure_cdc: mirror {mirror_id} is not running; decoder exits");
+        return Ok(());
+    };
+    let TargetUrl::Local(root) = TargetUrl::parse(&mirror.target)?;
+    let target = Arc::new(LocalTarget::new(root));
+    for t in tables.values_mut() {
+        let (next, published) = shipper::folder_state(&target, &t.folder)?;
+        t.next_number = next;
+        t.published = published;
+    }
+    let shipper = Shipper::start(target.clone(), SHIP_QUEUE)?;
+    // SAFETY: once per process, on the main thread, before decoding starts.
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(relcache_changed), pg_sys::Datum::from(0usize)) };
+    // SAFETY: main thread, no transaction open (load committed), no slot acquired yet.
+    let ctx = unsafe { crate::slot::open_decoding(&mirror.slot_name)? };
+    // SAFETY: the slot is acquired by this process (open_decoding).
+    let confirmed = unsafe { (*pg_sys::MyReplicationSlot).data.confirmed_flush };
+    // SAFETY: a memory context under TopMemoryContext, alive as long as the process.
+    let change_cxt = unsafe {
+        pg_sys::AllocSetContextCreateInternal(
+            pg_sys::TopMemoryContext,
+            c"azure_cdc change".as_ptr(),
+            0,
+            8 * 1024,
+            8 * 1024 * 1024,
+        )
+    };
+    pgrx::log!(
+        "azure_cdc: mirror \"{}\": decoding slot {} from {} ({} tables)",
+        mirror.name,
+        mirror.slot_name,
+        crate::slot::lsn_text(confirmed),
+        tables.len()
+    );
+    DECODER.with(|d| {
+        *d.borrow_mut() = Some(Decoder {
+            index,
+            tables,
+            shipper,
+            inflight: InFlight::new(confirmed),
+            inflight_info: VecDeque::new(),
+            first_change: None,
+            first_commit_time: 0,
+            buffered: 0,
+            in_txn: false,
+            commit_lsn: 0,
+            commit_time: 0,
+            ordinal: 0,
+            change_cxt,
+            confirm_pending: None,
+            stats: StreamStats { confirmed_lsn: confirmed, ..Default::default() },
+            last_catalog_write: Instant::now(),
+        })
+    });
+    with_decoder(|d| d.record_catalog(mirror_id, true))?;
+    loop {
+        pg_sys::check_for_interrupts!();
+        // SAFETY: reading a signal flag set by PostgreSQL's SIGHUP handler, on the main thread.
+        if unsafe { pg_sys::ConfigReloadPending } != 0 {
+            // SAFETY: as every process does after SIGHUP.
+            unsafe {
+                pg_sys::ConfigReloadPending = 0;
+                pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+            }
+        }
+        let e = shmem::entry(index);
+        if !e.in_use || e.mirror_id != mirror_id || e.desired != shmem::Desired::Run {
+            return Ok(());
+        }
+        // SAFETY: GetFlushRecPtr reads shared WAL state; a null timeline pointer is allowed.
+        let flushed = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
+        let started = Instant::now();
+        let mut read_any = false;
+        // SAFETY: ctx is the live decoding context of this process.
+        while unsafe { (*(*ctx).reader).EndRecPtr } < flushed {
+            // SAFETY: main thread, outside any transaction, ctx from open_decoding.
+            if !unsafe { crate::slot::decode_next(ctx)? } {
+                break;
+            }
+            read_any = true;
+            with_decoder(|d| d.after_record(ctx))?;
+            if started.elapsed() >= CATALOG_EVERY {
+                break;
+            }
+        }
+        with_decoder(|d| d.after_record(ctx))?;
+        // SAFETY: ctx is live; EndRecPtr is where decoding has read to.
+        let read_upto = unsafe { (*(*ctx).reader).EndRecPtr };
+        with_decoder(|d| {
+            d.stats.read_lsn = read_upto;
+            // SAFETY: the reorder buffer of the live context.
+            d.stats.spilled_bytes = unsafe { (*(*ctx).reorder).spillBytes } as u64;
+            if d.first_change.is_none() {
+                if let Some(lsn) = d.inflight.idle(read_upto) {
+                    d.confirm(lsn);
+                }
+            }
+            d.publish_stats();
+            d.record_catalog(mirror_id, false)
+        })?;
+        if !read_any {
+            let wait = with_decoder(|d| Ok(d.next_wakeup()))?;
+            if !BackgroundWorker::wait_latch(Some(wait)) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Runs `f` on the running decoder (main thread, outside callbacks' own borrows).
+fn with_decoder<T>(f: impl FnOnce(&mut Decoder) -> Result<T>) -> Result<T> {
+    DECODER.with(|d| match d.borrow_mut().as_mut() {
+        Some(dec) => f(dec),
+        None => Err(Error::new(ErrorKind::Internal, "the decoder is not initialised")),
+    })
+}
+
+impl Decoder {
+    /// Between records (no transaction being replayed): collect acknowledgements, close a batch that
+    /// is due, confirm what is published.
+    fn after_record(&mut self, _ctx: *mut pg_sys::LogicalDecodingContext) -> Result<()> {
+        self.collect_acks(Duration::ZERO)?;
+        if batch_due(
+            self.buffered,
+            crate::gucs::change_buffer_bytes(),
+            self.first_change,
+            Instant::now(),
+            crate::gucs::change_batch_timeout(),
+        ) {
+            // SAFETY: reading where decoding has read to; between records every decoded commit up to
+            // there is in the batch.
+            let upto = unsafe { (*(*_ctx).reader).EndRecPtr };
+            self.close_batch(upto)?;
+        }
+        if let Some(lsn) = self.confirm_pending.take() {
+            self.confirm(lsn);
+        }
+        Ok(())
+    }
+
+    fn confirm(&mut self, lsn: u64) {
+        // SAFETY: main thread, outside callbacks, the slot is acquired by this process.
+        unsafe { crate::slot::confirm(lsn) };
+        self.stats.confirmed_lsn = lsn;
+    }
+
+    /// How long to sleep when all WAL is read: the poll interval, or less if a batch falls due sooner.
+    fn next_wakeup(&self) -> Duration {
+        match self.first_change {
+            Some(t) => crate::gucs::change_batch_timeout().saturating_sub(t.elapsed()).clamp(Duration::from_millis(1), POLL),
+            None => POLL,
+        }
+    }
+
+    /// Takes acknowledgements from the shipper, waiting up to `wait` for the first one.
+    fn collect_acks(&mut self, wait: Duration) -> Result<usize> {
+        let mut n = 0;
+        let mut w = wait;
+        while let Some(ack) = self.shipper.recv(w)? {
+            self.on_shipped(ack)?;
+            n += 1;
+            w = Duration::ZERO;
+        }
+        Ok(n)
+    }
+
+    fn on_shipped(&mut self, ack: Shipped) -> Result<()> {
+        if let Some(lsn) = self.inflight.ack(ack.seq)? {
+            self.confirm_pending = Some(lsn);
+        }
+        let (rows, _, _) = self.inflight_info.pop_front().unwrap_or_default();
+        if self.stats.changes_shipped == 0 {
+            // Publishing works again: a later failure starts its back-off afresh.
+            shmem::REGISTRY.exclusive().entries[self.index].failures = 0;
+        }
+        self.stats.changes_shipped += rows;
+        // SAFETY: reads the clock.
+        self.stats.last_shipped_at = unsafe { pg_sys::GetCurrentTimestamp() };
+        for (relid, f) in ack.files {
+            if let Some(t) = self.tables.get_mut(&relid) {
+                count_file(t, &f);
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the open batch and hands it to the shipper; `confirm_lsn` is how far the slot may be
+    /// confirmed once it is published. Waits (for acknowledgements) while the shipper's queue is full.
+    fn close_batch(&mut self, confirm_lsn: u64) -> Result<()> {
+        if self.first_change.is_none() {
+            return Ok(());
+        }
+        let mut tables = Vec::new();
+        let mut rows = 0;
+        for (relid, t) in self.tables.iter_mut() {
+            if t.builder.rows() > 0 {
+                t.done.push(t.builder.finish()?);
+            }
+            let Some(last) = t.last_in_batch.take() else {
+                t.done.clear();
+                continue;
+            };
+            rows += t.rows_in_batch;
+            t.rows_in_batch = 0;
+            tables.push(TableChanges {
+                relid: *relid,
+                folder: t.folder.clone(),
+                schema: t.builder.schema(),
+                batches: std::mem::take(&mut t.done),
+                last,
+                number: t.next_number,
+            });
+            t.next_number += 1;
+        }
+        let bytes = self.buffered;
+        let first_commit = self.first_commit_time;
+        self.first_change = None;
+        self.buffered = 0;
+        if tables.is_empty() {
+            return Ok(());
+        }
+        let seq = self.inflight.push(confirm_lsn);
+        self.inflight_info.push_back((rows, first_commit, bytes));
+        let mut batch = ShipBatch { seq, compression: crate::gucs::parquet_compression(), tables };
+        loop {
+            match self.shipper.try_send(batch)? {
+                None => return Ok(()),
+                Some(back) => {
+                    batch = back;
+                    self.collect_acks(Duration::from_millis(50))?;
+                    pg_sys::check_for_interrupts!();
+                }
+            }
+        }
+    }
+
+    /// The live figures, for the status functions.
+    fn publish_stats(&mut self) {
+        let oldest = self
+            .inflight_info
+            .front()
+            .map(|i| i.1)
+            .or(if self.first_change.is_some() { Some(self.first_commit_time) } else { None })
+            .unwrap_or(0);
+        self.stats.oldest_unshipped_commit = oldest;
+        self.stats.buffered_bytes =
+            self.buffered as u64 + self.inflight_info.iter().map(|i| i.2 as u64).sum::<u64>();
+        shmem::set_stream_stats(self.index, self.stats);
+    }
+
+    /// Writes the tables' counters and parked tables to the catalog (own transaction), at most once
+    /// per CATALOG_EVERY unless `force`.
+    fn record_catalog(&mut self, mirror_id: i64, force: bool) -> Result<()> {
+        let parked = self.tables.values().any(|t| t.parked.is_some() && !t.park_recorded);
+        let touched = self.tables.values().any(|t| t.unrecorded.touched);
+        if !(parked || force || (touched && self.last_catalog_write.elapsed() >= CATALOG_EVERY)) {
+            return Ok(());
+        }
+        self.last_catalog_write = Instant::now();
+        let tables = &mut self.tables;
+        BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| -> Result<()> {
+            // SAFETY: see load(): this transaction must neither use nor leave catalog entries built
+            // under the historic snapshots of decoding.
+            unsafe { pg_sys::InvalidateSystemCaches() };
+            for (relid, t) in tables.iter_mut() {
+                if let (Some(e), false) = (&t.parked, t.park_recorded) {
+                    let state = TableState::Replicating.on(TableEvent::Failed)?;
+                    catalog::run(
+                        "UPDATE azure_cdc.mirror_tables SET state = $3, last_error = $4 WHERE mirror_id = $1 AND relid = $2",
+                        &[mirror_id.into(), pg_sys::Oid::from(*relid).into(), state.as_str().into(), e.full_text().into()],
+                    )?;
+                    t.park_recorded = true;
+                }
+                if t.unrecorded.touched {
+                    let c = t.unrecorded;
+                    catalog::run(
+                        "UPDATE azure_cdc.mirror_tables SET rows_replicated = rows_replicated + $3, \
+                                files_published = files_published + $4, bytes_published = bytes_published + $5, \
+                                next_file_number = GREATEST(next_file_number, $6), \
+                                last_completed_at = pg_catalog.clock_timestamp() \
+                          WHERE mirror_id = $1 AND relid = $2",
+                        &[
+                            mirror_id.into(),
+                            pg_sys::Oid::from(*relid).into(),
+                            c.rows.into(),
+                            c.files.into(),
+                            c.bytes.into(),
+                            c.next_number.into(),
+                        ],
+                    )?;
+                    t.unrecorded = Counters::default();
+                }
+            }
+            // SAFETY: as above.
+            unsafe { pg_sys::InvalidateSystemCaches() };
+            Ok(())
+        }))
+    }
+
+    /// Parks a table: its changes not yet handed to the shipper and all later ones are dropped; the
+    /// catalog shows it Failed with the error. (Its folder keeps what was published.)
+    fn park(&mut self, relid: u32, e: Error) {
+        if let Some(t) = self.tables.get_mut(&relid) {
+            if t.parked.is_none() {
+                pgrx::warning!("azure_cdc: table \"{}.{}\" parked: {}", t.schema, t.name, e.full_text());
+                t.parked = Some(e);
+                t.builder.abandon();
+                t.done.clear();
+                t.last_in_batch = None;
+                t.rows_in_batch = 0;
+            }
+        }
+    }
+
+    /// One decoded INSERT / UPDATE / DELETE (inside the replay of a committed transaction).
+    ///
+    /// # Safety
+    /// Called from the change callback with its arguments.
+    unsafe fn on_change(&mut self, rel: pg_sys::Relation, change: *mut pg_sys::ReorderBufferChange) -> Result<()> {
+        self.ordinal += 1;
+        if ALL_STALE.with(|a| a.replace(false)) {
+            STALE.with(|s| s.borrow_mut().extend(self.tables.keys().copied()));
+        }
+        // SAFETY: rel is the open relation of the change.
+        let relid = unsafe { (*rel).rd_id.to_u32() };
+        let pos = Position { commit_lsn: self.commit_lsn, ordinal: self.ordinal };
+        let Some(t) = self.tables.get_mut(&relid) else { return Ok(()) };
+        if t.parked.is_some() || already_shipped(t.published, pos) {
+            return Ok(());
+        }
+        // SAFETY: the change's tuple data is valid during the callback; all memory this allocates goes
+        // to change_cxt, reset below once the values are copied into Arrow builders.
+        let r = unsafe {
+            let old = pg_sys::MemoryContextSwitchTo(self.change_cxt);
+            let r = append_change(t, rel, change, pos);
+            pg_sys::MemoryContextSwitchTo(old);
+            pg_sys::MemoryContextReset(self.change_cxt);
+            r
+        };
+        match r {
+            Ok(0) => Ok(()),
+            Ok(bytes) => {
+                if self.first_change.is_none() {
+                    self.first_change = Some(Instant::now());
+                    self.first_commit_time = self.commit_time;
+                }
+                self.buffered += bytes;
+                if self.buffered >= crate::gucs::change_buffer_bytes() {
+                    // Mid-transaction: confirm no further than this transaction's commit record, so
+                    // that the rest of it is decoded again after a restart.
+                    self.close_batch(self.commit_lsn)?;
+                }
+                Ok(())
+            }
+            Err(e) if e.kind.disposition() == Disposition::ParkTable => {
+                self.park(relid, e);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn count_file(t: &mut Table, f: &PublishedFile) {
+    t.unrecorded.rows += f.rows as i64;
+    t.unrecorded.files += 1;
+    t.unrecorded.bytes += f.bytes as i64;
+    t.unrecorded.next_number = t.unrecorded.next_number.max(f.number as i64 + 1);
+    t.unrecorded.touched = true;
+}
+
+/// Makes sure `t` has a conversion plan for `rel` as it is now; a change of columns parks the table.
+///
+/// # Safety
+/// `rel` is the open relation of a change being replayed; main thread.
+unsafe fn ensure_plan(t: &mut Table, rel: pg_sys::Relation, relid: u32) -> Result<()> {
+    let stale = STALE.with(|s| s.borrow().contains(&relid));
+    if t.conv.is_some() && !stale {
+        return Ok(());
+    }
+    STALE.with(|s| s.borrow_mut().remove(&relid));
+    // SAFETY: a long-lived context for the plan's FmgrInfo (functions may cache data in fn_mcxt).
+    unsafe {
+        let cxt = pg_sys::AllocSetContextCreateInternal(
+            pg_sys::TopMemoryContext,
+            c"azure_cdc conversion plan".as_ptr(),
+            0,
+            1024,
+            64 * 1024,
+        );
+        let old = pg_sys::MemoryContextSwitchTo(cxt);
+        let conv = TupleConverter::new(rel);
+        pg_sys::MemoryContextSwitchTo(old);
+        let conv = match conv {
+            Ok(c) => c,
+            Err(e) => {
+                pg_sys::MemoryContextDelete(cxt);
+                return Err(e);
+            }
+        };
+        if conv.specs() != t.specs.as_slice() {
+            pg_sys::MemoryContextDelete(cxt);
+            let was: Vec<&str> = t.specs.iter().map(|c| c.name.as_str()).collect();
+            let now: Vec<&str> = conv.specs().iter().map(|c| c.name.as_str()).collect();
+            return Err(Error::new(ErrorKind::FeatureNotSupported, "the columns of the table changed")
+                .with_detail(format!("Mirrored columns {was:?}; the change stream now has {now:?}."))
+                .with_hint("Stop and start the mirror to copy the table again with its new columns."));
+        }
+        let desc = (*rel).rd_att;
+        let natts = (*desc).natts as usize;
+        let attrs = (*desc).attrs.as_slice(natts);
+        let mut key_atts = Vec::new();
+        for k in &t.keys {
+            let found = attrs.iter().enumerate().find(|(_, a)| {
+                !a.attisdropped && std::ffi::CStr::from_ptr(a.attname.data.as_ptr()).to_bytes() == k.as_bytes()
+            });
+            match found {
+                Some((i, a)) => key_atts.push((i, a.attlen, a.attbyval)),
+                None => {
+                    pg_sys::MemoryContextDelete(cxt);
+                    return Err(Error::new(
+                        ErrorKind::FeatureNotSupported,
+                        format!("key column \"{k}\" is no longer in the table"),
+                    ));
+                }
+            }
+        }
+        if let Some((_, old_cxt)) = t.conv.take() {
+            pg_sys::MemoryContextDelete(old_cxt);
+        }
+        t.conv = Some((conv, cxt));
+        t.key_atts = key_atts;
+    }
+    Ok(())
+}
+
+/// A deformed tuple image.
+struct Image {
+    values: Vec<pg_sys::Datum>,
+    nulls: Vec<bool>,
+}
+
+/// # Safety
+/// `buf` is a tuple of the change being replayed, `desc` its relation's descriptor.
+unsafe fn deform(buf: *mut pg_sys::ReorderBufferTupleBuf, desc: pg_sys::TupleDesc) -> Option<Image> {
+    if buf.is_null() {
+        return None;
+    }
+    // SAFETY: as required above; heap_deform_tuple fills natts entries.
+    unsafe {
+        let natts = (*desc).natts as usize;
+        let mut img = Image { values: vec![pg_sys::Datum::from(0usize); natts], nulls: vec![true; natts] };
+        pg_sys::heap_deform_tuple(&mut (*buf).tuple, desc, img.values.as_mut_ptr(), img.nulls.as_mut_ptr());
+        Some(img)
+    }
+}
+
+/// Appends the rows of one change to the table's builder. Returns the bytes added.
+///
+/// # Safety
+/// Inside the change callback, with change_cxt current.
+unsafe fn append_change(
+    t: &mut Table,
+    rel: pg_sys::Relation,
+    change: *mut pg_sys::ReorderBufferChange,
+    pos: Position,
+) -> Result<usize> {
+    use pg_sys::ReorderBufferChangeType as C;
+    // SAFETY: the caller guarantees a live change and relation.
+    unsafe {
+        let relid = (*rel).rd_id.to_u32();
+        ensure_plan(t, rel, relid)?;
+        let desc = (*rel).rd_att;
+        let tp = (*change).data.tp;
+        let action = (*change).action;
+        let no_keys = || {
+            Error::new(ErrorKind::FeatureNotSupported, "updates and deletes of a table without key columns cannot be mirrored")
+                .with_hint("Give the table a primary key (or REPLICA IDENTITY USING INDEX), then stop and start the mirror.")
+        };
+        let mut rows: Vec<(Image, RowMarker)> = Vec::with_capacity(2);
+        match action {
+            C::REORDER_BUFFER_CHANGE_INSERT => {
+                let Some(new) = deform(tp.newtuple, desc) else { return Ok(0) };
+                rows.push((new, RowMarker::Insert));
+            }
+            C::REORDER_BUFFER_CHANGE_UPDATE => {
+                if t.keys.is_empty() {
+                    return Err(no_keys());
+                }
+                let Some(mut new) = deform(tp.newtuple, desc) else { return Ok(0) };
+                let old = deform(tp.oldtuple, desc);
+                fill_unchanged_toast(&mut new, old.as_ref(), desc)?;
+                let key_changed = match &old {
+                    None => false,
+                    Some(o) => t.key_atts.iter().any(|&(i, len, byval)| {
+                        o.nulls[i] != new.nulls[i]
+                            || (!o.nulls[i] && !datums_equal(o.values[i], new.values[i], len, byval))
+                    }),
+                };
+                if key_changed {
+                    let Some(o) = old else { return Ok(0) };
+                    rows.push((o, RowMarker::Delete));
+                    rows.push((new, RowMarker::Insert));
+                } else {
+                    rows.push((new, RowMarker::Update));
+                }
+            }
+            C::REORDER_BUFFER_CHANGE_DELETE => {
+                if t.keys.is_empty() {
+                    return Err(no_keys());
+                }
+                let Some(old) = deform(tp.oldtuple, desc) else {
+                    return Err(Error::new(ErrorKind::FeatureNotSupported, "a deleted row came without its key")
+                        .with_hint("Set REPLICA IDENTITY DEFAULT or FULL on the table, then stop and start the mirror."));
+                };
+                rows.push((old, RowMarker::Delete));
+            }
+            _ => return Ok(0),
+        }
+        let Some((conv, _)) = t.conv.as_mut() else {
+            return Err(Error::new(ErrorKind::Internal, "no conversion plan"));
+        };
+        let before = t.builder.bytes();
+        let mut added = 0;
+        for (img, marker) in &rows {
+            for (i, null) in img.nulls.iter().enumerate() {
+                // Only a DELETE's old image may lack non-key values.
+                if !*null && (*desc).attrs.as_slice((*desc).natts as usize)[i].attlen == -1 && is_unchanged_toast(img.values[i]) {
+                    return Err(missing_toast(desc, i));
+                }
+            }
+            conv.append_row(&img.values, &img.nulls, Some(*marker as i32), &mut t.builder)?;
+            t.rows_in_batch += 1;
+        }
+        added += t.builder.bytes().saturating_sub(before);
+        if t.builder.is_full() {
+            t.done.push(t.builder.finish()?);
+        }
+        t.last_in_batch = Some(pos);
+        Ok(added.max(1))
+    }
+}
+
+/// Replaces unchanged TOASTed values of an UPDATE's new image with the old image's values.
+///
+/// # Safety
+/// Images of the change being replayed, `desc` their descriptor.
+unsafe fn fill_unchanged_toast(new: &mut Image, old: Option<&Image>, desc: pg_sys::TupleDesc) -> Result<()> {
+    // SAFETY: as required above.
+    unsafe {
+        let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+        for (i, a) in attrs.iter().enumerate() {
+            if a.attisdropped || a.attlen != -1 || new.nulls[i] || !is_unchanged_toast(new.values[i]) {
+                continue;
+            }
+            match old {
+                Some(o) if !o.nulls[i] && !is_unchanged_toast(o.values[i]) => new.values[i] = o.values[i],
+                _ => return Err(missing_toast(desc, i)),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// # Safety
+/// `desc` a live descriptor with more than `i` attributes.
+unsafe fn missing_toast(desc: pg_sys::TupleDesc, i: usize) -> Error {
+    // SAFETY: as required above.
+    let name = unsafe {
+        let a = &(*desc).attrs.as_slice((*desc).natts as usize)[i];
+        std::ffi::CStr::from_ptr(a.attname.data.as_ptr()).to_string_lossy().into_owned()
+    };
+    Error::new(ErrorKind::FeatureNotSupported, format!("the change stream lacks the unchanged TOASTed value of column \"{name}\""))
+        .with_detail("The table's REPLICA IDENTITY is not FULL, so an UPDATE that leaves the value unchanged does not carry it.")
+        .with_hint("ALTER TABLE … REPLICA IDENTITY FULL, then stop and start the mirror.")
+}
+
+// ---- output plugin ------------------------------------------------------------------------------
+
+/// The output plugin entry point PostgreSQL looks up in the library named by the slot.
+///
+/// # Safety
+/// Called by PostgreSQL's LoadOutputPlugin with a callbacks struct to fill.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPluginCallbacks) {
+    // SAFETY: cb points to the struct LoadOutputPlugin passes.
+    unsafe {
+        (*cb).startup_cb = Some(startup_cb);
+        (*cb).begin_cb = Some(begin_cb);
+        (*cb).change_cb = Some(change_cb);
+        (*cb).truncate_cb = Some(truncate_cb);
+        (*cb).commit_cb = Some(commit_cb);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn startup_cb(
+    _ctx: *mut pg_sys::LogicalDecodingContext,
+    options: *mut pg_sys::OutputPluginOptions,
+    is_init: bool,
+) {
+    // SAFETY: options points to the context's options.
+    unsafe {
+        (*options).output_type = pg_sys::OutputPluginOutputType::OUTPUT_PLUGIN_BINARY_OUTPUT;
+        (*options).receive_rewrites = false;
+    }
+    if !is_init && !IN_DECODER.load(Ordering::Relaxed) {
+        crate::errors::raise(
+            Error::new(ErrorKind::PrerequisiteNotMet, "the replication slot of an azure_cdc mirror can only be read by the mirror's decoder")
+                .with_hint("Use azure_cdc.get_all_tables_mirror_status() to follow a mirror."),
+        );
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn begin_cb(_ctx: *mut pg_sys::LogicalDecodingContext, txn: *mut pg_sys::ReorderBufferTXN) {
+    // SAFETY: txn is the transaction being replayed; its commit LSN and time are set before replay.
+    let (lsn, time) = unsafe { ((*txn).final_lsn, (*txn).xact_time.commit_time) };
+    DECODER.with(|d| {
+        if let Some(d) = d.borrow_mut().as_mut() {
+            d.in_txn = true;
+            d.commit_lsn = lsn;
+            d.commit_time = time;
+            d.ordinal = 0;
+        }
+    });
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn commit_cb(
+    _ctx: *mut pg_sys::LogicalDecodingContext,
+    _txn: *mut pg_sys::ReorderBufferTXN,
+    _commit_lsn: pg_sys::XLogRecPtr,
+) {
+    DECODER.with(|d| {
+        if let Some(d) = d.borrow_mut().as_mut() {
+            d.in_txn = false;
+        }
+    });
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn change_cb(
+    _ctx: *mut pg_sys::LogicalDecodingContext,
+    _txn: *mut pg_sys::ReorderBufferTXN,
+    rel: pg_sys::Relation,
+    change: *mut pg_sys::ReorderBufferChange,
+) {
+    let r = DECODER.with(|d| match d.borrow_mut().as_mut() {
+        // SAFETY: the callback's own arguments.
+        Some(d) => unsafe { d.on_change(rel, change) },
+        None => Ok(()),
+    });
+    if let Err(e) = r {
+        crate::errors::raise(e);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn truncate_cb(
+    _ctx: *mut pg_sys::LogicalDecodingContext,
+    _txn: *mut pg_sys::ReorderBufferTXN,
+    nrelations: std::ffi::c_int,
+    relations: *mut pg_sys::Relation,
+    _change: *mut pg_sys::ReorderBufferChange,
+) {
+    // SAFETY: relations holds nrelations open relations.
+    let relids: Vec<u32> =
+        unsafe { std::slice::from_raw_parts(relations, nrelations.max(0) as usize).iter().map(|r| (**r).rd_id.to_u32()).collect() };
+    DECODER.with(|d| {
+        if let Some(d) = d.borrow_mut().as_mut() {
+            d.ordinal += 1;
+            let pos = Position { commit_lsn: d.commit_lsn, ordinal: d.ordinal };
+            for relid in relids {
+                let mirrored = d.tables.get(&relid).is_some_and(|t| t.parked.is_none() && !already_shipped(t.published, pos));
+                if mirrored {
+                    d.park(
+                        relid,
+                        Error::new(ErrorKind::FeatureNotSupported, "TRUNCATE is not mirrored")
+                            .with_hint("Stop and start the mirror to copy the table again."),
+                    );
+                }
+            }
+        }
+    });
+}
+
+/// Relcache invalidation: conversion plans of the relation (or all, for InvalidOid) must be rebuilt.
+#[pg_guard]
+unsafe extern "C-unwind" fn relcache_changed(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    if relid == pg_sys::InvalidOid {
+        // Every plan is rebuilt on its next use (the next change marks them all stale).
+        ALL_STALE.with(|a| a.set(true));
+    } else {
+        STALE.with(|s| s.borrow_mut().insert(relid.to_u32()));
+    }
+}
