@@ -30,6 +30,10 @@ start)
             echo "max_replication_slots = 10"
             echo "logging_collector = off"
             echo "fsync = on"
+            # Servers with an allow-list of output plugins must name azure_cdc in it.
+            if as_user "$PGBIN/postgres" --describe-config 2>/dev/null | grep '^output_plugin_libraries' >/dev/null; then
+                echo "output_plugin_libraries = 'pgoutput, test_decoding, azure_cdc'"
+            fi
             for line in "$@"; do echo "$line"; done
         } | as_user tee -a "$dir/postgresql.conf" >/dev/null
     fi

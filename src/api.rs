@@ -87,6 +87,10 @@ fn server_facts() -> Result<ServerFacts> {
         )
         .map_err(spi)?
         .unwrap_or(false),
+        output_plugin_libraries: Spi::get_one::<String>(
+            "SELECT pg_catalog.current_setting('output_plugin_libraries', true)",
+        )
+        .map_err(spi)?,
     })
 }
 

@@ -67,6 +67,11 @@ pub mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec!["shared_preload_libraries='azure_cdc'", "wal_level=logical", "max_worker_processes=16"]
+        vec![
+            "shared_preload_libraries='azure_cdc'",
+            "wal_level=logical",
+            "max_worker_processes=16",
+            "output_plugin_libraries='pgoutput, test_decoding, azure_cdc'",
+        ]
     }
 }

@@ -116,7 +116,6 @@ pub unsafe fn open_decoding(name: &str) -> Result<*mut pg_sys::LogicalDecodingCo
     // are raised as PostgreSQL errors through the guarded FFI boundary. The reader routine is copied
     // into the reader by XLogReaderAllocate.
     unsafe {
-        pg_sys::CheckSlotPermissions();
         pg_sys::CheckLogicalDecodingRequirements();
         pg_sys::ReplicationSlotAcquire(c.as_ptr(), true);
         let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);

@@ -6,7 +6,8 @@ use serde_json::{json, Value};
 
 use crate::lifecycle::Health;
 
-/// Background workers a mirror needs (snapshot, decoder, shipper).
+/// Background workers budgeted per mirror, as Fabric's sizing rule has it: the snapshot worker and its
+/// helpers while the snapshot runs, then the decoder (whose shipper is a thread of it).
 pub const WORKERS_PER_MIRROR: i64 = 3;
 /// The launcher.
 pub const STATIC_WORKERS: i64 = 1;
@@ -29,6 +30,16 @@ pub struct ServerFacts {
     pub admin_role_exists: bool,
     pub caller_is_admin: bool,
     pub caller_has_create_on_database: bool,
+    /// `output_plugin_libraries`, on servers that have that allow-list of output plugins (None otherwise).
+    pub output_plugin_libraries: Option<String>,
+}
+
+/// Whether an `output_plugin_libraries` value admits this library as an output plugin.
+pub fn output_plugin_allowed(list: Option<&str>) -> bool {
+    match list {
+        None => true,
+        Some(l) => l.split(',').map(|x| x.trim().trim_matches('"')).any(|x| x == "azure_cdc" || x == "*"),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -106,6 +117,12 @@ pub fn evaluate(f: &ServerFacts) -> Vec<Check> {
             json!({"role": "azure_cdc_admin", "hint": "A superuser can run: GRANT azure_cdc_admin TO <user>;"}),
         ),
         check(
+            "OUTPUT_PLUGIN_NOT_ALLOWED",
+            output_plugin_allowed(f.output_plugin_libraries.as_deref()),
+            json!({"output_plugin_libraries": f.output_plugin_libraries,
+                   "hint": "The mirror's decoder reads its slot with azure_cdc as the output plugin: add azure_cdc to output_plugin_libraries (for example 'pgoutput, test_decoding, azure_cdc') and reload the configuration."}),
+        ),
+        check(
             "NO_CREATE_PRIVILEGE_ON_DATABASE",
             f.caller_has_create_on_database,
             json!({"hint": "A superuser or the database owner can run: GRANT CREATE ON DATABASE <db> TO <user>;"}),
@@ -133,6 +150,7 @@ mod tests {
             admin_role_exists: true,
             caller_is_admin: true,
             caller_has_create_on_database: true,
+            output_plugin_libraries: None,
         }
     }
 
@@ -143,7 +161,7 @@ mod tests {
     #[test]
     fn all_ok() {
         assert!(failing(&good()).is_empty());
-        assert_eq!(evaluate(&good()).len(), 10);
+        assert_eq!(evaluate(&good()).len(), 11);
     }
 
     #[test]
@@ -179,6 +197,20 @@ mod tests {
                 "NO_CREATE_PRIVILEGE_ON_DATABASE"
             ]
         );
+    }
+
+    #[test]
+    fn the_output_plugin_must_be_allowed_where_the_server_has_an_allow_list() {
+        assert!(output_plugin_allowed(None));
+        assert!(output_plugin_allowed(Some("pgoutput, test_decoding, azure_cdc")));
+        assert!(output_plugin_allowed(Some("azure_cdc")));
+        assert!(output_plugin_allowed(Some("pgoutput,\"azure_cdc\"")));
+        assert!(!output_plugin_allowed(Some("pgoutput, test_decoding")));
+        assert!(!output_plugin_allowed(Some("azure_cdc_x, xazure_cdc")));
+        assert!(!output_plugin_allowed(Some("")));
+        let mut f = good();
+        f.output_plugin_libraries = Some("pgoutput, test_decoding".into());
+        assert_eq!(failing(&f), vec!["OUTPUT_PLUGIN_NOT_ALLOWED"]);
     }
 
     #[test]
