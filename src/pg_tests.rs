@@ -96,7 +96,9 @@ fn server_parameters_have_their_defaults_and_ranges() {
     .unwrap();
     assert_eq!(
         settings,
-        "azure_cdc.max_fabric_mirrors postmaster 1 6; \
+        "azure_cdc.change_batch_buffer_size sighup 1 1024 MB; \
+         azure_cdc.change_batch_export_timeout sighup 100 3600000 ms; \
+         azure_cdc.max_fabric_mirrors postmaster 1 6; \
          azure_cdc.max_snapshot_workers sighup 1 16; \
          azure_cdc.parquet_compression sighup {zstd,snappy,gzip,uncompressed}; \
          azure_cdc.snapshot_buffer_size sighup 10 4000 MB"
@@ -122,6 +124,7 @@ fn prerequisites_report_every_check() {
         "CDC_ADMIN_ROLE_NOT_EXISTS",
         "USER_NOT_CDC_ADMIN",
         "NO_CREATE_PRIVILEGE_ON_DATABASE",
+        "OUTPUT_PLUGIN_NOT_ALLOWED",
     ] {
         assert!(codes.contains(&code), "{code} missing from {codes:?}");
     }
@@ -257,4 +260,17 @@ fn numeric_decoding_matches_numeric_out() {
         let decoded = azure_cdc_core::numeric::decode(&bytes).unwrap();
         assert_eq!(decoded.to_text(), text);
     }
+}
+
+#[pg_test]
+fn the_output_plugin_refuses_readers_other_than_the_decoder() {
+    // Only the slot's creator (is_init) and a mirror's decoder may load azure_cdc as an output plugin;
+    // an SQL reader of a mirror's slot gets a clear error instead of a stream.
+    let (code, message, _) = error_of(
+        "SELECT * FROM pg_catalog.pg_logical_slot_peek_binary_changes(\
+            (SELECT slot_name FROM pg_catalog.pg_create_logical_replication_slot('azure_cdc_pgtest', 'azure_cdc', true)), NULL, NULL)",
+    )
+    .unwrap();
+    assert_eq!(code, PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "{message}");
+    assert!(message.contains("can only be read by the mirror's decoder"), "{message}");
 }

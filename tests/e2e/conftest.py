@@ -31,7 +31,8 @@ class Cluster:
     def start(self):
         subprocess.run(
             [CLUSTER, "start", self.datadir, str(self.port), "azure_cdc.max_fabric_mirrors = 6",
-             "max_worker_processes = 24", "max_replication_slots = 12"],
+             "max_worker_processes = 24", "max_replication_slots = 12",
+             "azure_cdc.change_batch_export_timeout = '200ms'", "logical_decoding_work_mem = '4MB'"],
             check=True,
         )
 
@@ -84,6 +85,18 @@ class Db:
         except Exception:
             pass
         self.conn = self.cluster.connect(self.name)
+
+    def reconnect_when_ready(self, deadline_s=120):
+        """Reconnects after a server restart (waits out crash recovery)."""
+        end = time.time() + deadline_s
+        while True:
+            try:
+                self.reconnect()
+                self.one("SELECT 1")
+                return
+            except psycopg.OperationalError:
+                assert time.time() < end, "server did not come back"
+                time.sleep(0.2)
 
     def sql(self, query, params=None):
         with self.conn.cursor() as cur:
@@ -147,6 +160,38 @@ class Db:
             if time.time() > end:
                 raise AssertionError(f"mirror {mirror} still {state} after {deadline_s}s: {self.status(mirror)}")
             time.sleep(0.2)
+
+
+    def wait_caught_up(self, mirror, deadline_s=300):
+        """Waits until every change committed so far is published: the mirror's slot is confirmed past
+        the current WAL position (the decoder confirms only what is durably in the target). A deadline
+        for failing, not a timing check."""
+        upto = self.one("SELECT pg_catalog.pg_current_wal_lsn()::text")
+        end = time.time() + deadline_s
+        while True:
+            try:
+                done = self.one(
+                    "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_catalog.pg_replication_slots WHERE slot_name = %s",
+                    (upto, "azure_cdc_" + mirror),
+                )
+            except psycopg.OperationalError:
+                time.sleep(0.5)
+                self.reconnect()
+                continue
+            if done:
+                return
+            if time.time() > end:
+                raise AssertionError(f"mirror {mirror} not caught up with {upto}: {self.sql('SELECT * FROM azure_cdc.get_mirror_status()')}")
+            time.sleep(0.1)
+
+    def decoder_pid(self, mirror, deadline_s=120):
+        end = time.time() + deadline_s
+        while True:
+            pid = self.one("SELECT decoder_pid FROM azure_cdc.get_mirror_status() WHERE mirror_name = %s", (mirror,))
+            if pid:
+                return pid
+            assert time.time() < end, f"no decoder for mirror {mirror}"
+            time.sleep(0.1)
 
 
 @pytest.fixture
