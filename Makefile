@@ -8,7 +8,7 @@ PGRX_TEST_DATA ?= /tmp/azure_cdc_pgrx_test_data
 PYTHON         ?= python3
 CARGO_PGRX      = cargo pgrx
 
-.PHONY: setup install test test-unit test-pg test-e2e demo demo-stop bench-snapshot
+.PHONY: setup install test test-unit test-pg test-e2e demo demo-stop bench-snapshot bench-changes
 
 setup:
 	bash scripts/setup.sh
@@ -43,3 +43,7 @@ demo-stop:
 bench-snapshot: setup
 	$(CARGO_PGRX) install --release --pg-config $(PG_CONFIG)
 	bash scripts/bench_snapshot.sh
+
+bench-changes: setup
+	$(CARGO_PGRX) install --release --pg-config $(PG_CONFIG)
+	$(PYTHON) scripts/bench_changes.py

@@ -58,6 +58,17 @@ fn count(query: &str) -> Result<i64> {
     Ok(Spi::get_one::<i64>(query).map_err(spi)?.unwrap_or(0))
 }
 
+/// The server's `output_plugin_libraries`, if it has that parameter. It is readable by superusers only;
+/// the prerequisite check reads it for everyone but reports only whether azure_cdc is in it.
+fn output_plugin_libraries() -> Option<String> {
+    // SAFETY: GetConfigOption with missing_ok returns NULL for an unknown parameter, else a pointer to
+    // the current value, valid until the next change of the setting; it is copied at once.
+    unsafe {
+        let v = pg_sys::GetConfigOption(c"output_plugin_libraries".as_ptr(), true, false);
+        (!v.is_null()).then(|| std::ffi::CStr::from_ptr(v).to_string_lossy().into_owned())
+    }
+}
+
 /// Gathers what the prerequisite rules look at.
 fn server_facts() -> Result<ServerFacts> {
     Ok(ServerFacts {
@@ -87,10 +98,7 @@ fn server_facts() -> Result<ServerFacts> {
         )
         .map_err(spi)?
         .unwrap_or(false),
-        output_plugin_libraries: Spi::get_one::<String>(
-            "SELECT pg_catalog.current_setting('output_plugin_libraries', true)",
-        )
-        .map_err(spi)?,
+        output_plugin_libraries: output_plugin_libraries(),
     })
 }
 
@@ -232,8 +240,15 @@ fn start_mirror_impl(
         ..e
     })?;
 
+    let slot = names::slot_name(mirror_name);
+    let mut with_keys = Vec::with_capacity(rels.len());
+    for rel in rels {
+        let keys = catalog::key_columns(rel.relid)?;
+        with_keys.push((rel, keys));
+    }
     // Unchanged TOASTed values reach the change stream only in a FULL old row image (see decoder.rs).
-    let relids: Vec<pg_sys::Oid> = rels.iter().map(|r| r.relid).collect();
+    // Keys are looked up first: FULL replaces a REPLICA IDENTITY USING INDEX key.
+    let relids: Vec<pg_sys::Oid> = with_keys.iter().map(|(r, _)| r.relid).collect();
     let altered = catalog::tables_needing_full_identity(&relids)?;
     for (schema, table) in &altered {
         catalog::set_replica_identity_full(schema, table)?;
@@ -246,12 +261,6 @@ fn start_mirror_impl(
             if list.len() == 1 { "" } else { "s" },
             list.join(", ")
         );
-    }
-    let slot = names::slot_name(mirror_name);
-    let mut with_keys = Vec::with_capacity(rels.len());
-    for rel in rels {
-        let keys = catalog::key_columns(rel.relid)?;
-        with_keys.push((rel, keys));
     }
     let id = catalog::insert_mirror(mirror_name, &url.to_url(), all_tables, options, &slot, &with_keys)?;
     let database = database_oid();
@@ -471,9 +480,10 @@ fn mirror_status_rows() -> Result<Vec<MirrorStatusRow>> {
                 "SELECT m.mirror_id, m.mirror_name, m.state, s.confirmed_flush_lsn::text, \
                         CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
                              ELSE pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint END, \
-                        m.last_error \
+                        m.last_error, st.spill_bytes \
                    FROM azure_cdc.mirrors m \
                    LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name = m.slot_name \
+                   LEFT JOIN pg_catalog.pg_stat_replication_slots st ON st.slot_name = m.slot_name \
                   ORDER BY m.mirror_name",
                 None,
                 &[],
@@ -503,7 +513,7 @@ fn mirror_status_rows() -> Result<Vec<MirrorStatusRow>> {
                 r.get(5).map_err(spi)?,
                 lag_seconds,
                 s.map(|s| s.buffered_bytes as i64),
-                s.map(|s| s.spilled_bytes as i64),
+                r.get::<i64>(7).map_err(spi)?,
                 s.map(|s| s.changes_shipped as i64),
                 last_shipped,
                 decoder.map(|e| e.worker_pid),
@@ -517,7 +527,7 @@ fn mirror_status_rows() -> Result<Vec<MirrorStatusRow>> {
 /// One row per mirror of this database: its state; the slot's confirmed LSN; lag in bytes (WAL
 /// written since the confirmed LSN) and in seconds (age of the oldest committed change not yet
 /// published, 0 when everything is published); bytes buffered and not yet published; bytes the
-/// server's reorder buffer spilled to disk for the slot; changes published, and when the last batch
+/// server's reorder buffer spilled to disk for the slot (pg_stat_replication_slots); changes published, and when the last batch
 /// was, since the decoder started; the decoder's process id; the last error. The decoder's figures
 /// are NULL while no decoder runs.
 #[pg_extern]

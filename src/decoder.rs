@@ -331,8 +331,6 @@ fn run(index: usize, mirror_id: i64) -> Result<()> {
         let read_upto = unsafe { (*(*ctx).reader).EndRecPtr };
         with_decoder(|d| {
             d.stats.read_lsn = read_upto;
-            // SAFETY: the reorder buffer of the live context.
-            d.stats.spilled_bytes = unsafe { (*(*ctx).reorder).spillBytes } as u64;
             if d.first_change.is_none() {
                 if let Some(lsn) = d.inflight.idle(read_upto) {
                     d.confirm(lsn);

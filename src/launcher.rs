@@ -1,8 +1,8 @@
 //! The launcher: one static background worker per server. It keeps the mirrors' workers running:
 //! after a start it sends a short-lived scout into every database to report the mirrors recorded there,
 //! then, woken by the SQL API (commit of start_mirror / stop_mirror) or every few seconds, it starts the
-//! worker a mirror needs, restarts failed ones with exponential back-off, and terminates the workers of
-//! stopped mirrors. It is connected to no database and calls PostgreSQL only on its main thread.
+//! worker a mirror needs (its snapshot worker until the snapshot is published, then its decoder),
+//! restarts failed ones with exponential back-off, and terminates the workers of stopped mirrors. It is connected to no database and calls PostgreSQL only on its main thread.
 //!
 //! The scout (one per database, in turn) connects to its database, and if azure_cdc is installed
 //! there, reserves a registry entry for every mirror that is not Stopped, then exits.

@@ -4,13 +4,15 @@
 //! Processes (see DESIGN.md): one static **launcher** per server; per mirrored database a short-lived
 //! **scout** that reports the database's mirrors after a restart; per mirror a **snapshot** worker
 //! that creates the mirror's logical replication slot and copies its tables into Parquet files in the
-//! same consistent snapshot. The SQL API ([`api`]) only validates, writes catalog rows and wakes the
-//! launcher.
+//! same consistent snapshot, then a **decoder** ([`decoder`]) that reads the slot in-process with this
+//! library as the output plugin and publishes change files through its shipper thread. The SQL API
+//! ([`api`]) only validates, writes catalog rows and wakes the launcher.
 //!
 //! Vocabulary (shared with the pure crate `azure_cdc_core`): mirror, target, landing zone, table
 //! folder, data file, file number, slot, consistent point. Pure logic lives in `azure_cdc_core`;
 //! everything in this crate is PostgreSQL glue and runs on the main thread of a backend or worker,
-//! except the encoder thread of the snapshot worker, which never calls PostgreSQL.
+//! except the encoder thread of the snapshot worker and the shipper thread of the decoder, which
+//! never call PostgreSQL.
 
 use pgrx::prelude::*;
 

@@ -262,15 +262,3 @@ fn numeric_decoding_matches_numeric_out() {
     }
 }
 
-#[pg_test]
-fn the_output_plugin_refuses_readers_other_than_the_decoder() {
-    // Only the slot's creator (is_init) and a mirror's decoder may load azure_cdc as an output plugin;
-    // an SQL reader of a mirror's slot gets a clear error instead of a stream.
-    let (code, message, _) = error_of(
-        "SELECT * FROM pg_catalog.pg_logical_slot_peek_binary_changes(\
-            (SELECT slot_name FROM pg_catalog.pg_create_logical_replication_slot('azure_cdc_pgtest', 'azure_cdc', true)), NULL, NULL)",
-    )
-    .unwrap();
-    assert_eq!(code, PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, "{message}");
-    assert!(message.contains("can only be read by the mirror's decoder"), "{message}");
-}

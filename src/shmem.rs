@@ -78,8 +78,6 @@ pub struct StreamStats {
     pub read_lsn: u64,
     /// Bytes of changes decoded and not yet published (open batch and batches in flight).
     pub buffered_bytes: u64,
-    /// Bytes the server's reorder buffer spilled to disk for this slot since the decoder started.
-    pub spilled_bytes: u64,
     /// Commit time (PostgreSQL TimestampTz) of the oldest transaction with changes not yet published; 0: none.
     pub oldest_unshipped_commit: i64,
     /// Changes published since the decoder started.

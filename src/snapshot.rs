@@ -650,7 +650,9 @@ fn snapshot_table(
         return Ok(outcome);
     }
     let result = (|| -> Result<()> {
-        outcome.keys = catalog::key_columns(t.relid)?;
+        // The keys recorded by start_mirror (before it may have set REPLICA IDENTITY FULL, which would
+        // hide a REPLICA IDENTITY USING INDEX key from a new look-up).
+        outcome.keys = t.key_columns.clone();
         target.put_document(
             &folder,
             landing_zone::METADATA_FILE,

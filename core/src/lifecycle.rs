@@ -8,8 +8,9 @@
 //!   Snapshotting --SnapshotRestarted--> Snapshotting
 //!   any          --Stopped------------> Stopped        (stop_mirror)
 //! ```
-//! Replicating with no change stream yet means: the snapshot is published and the mirror's slot holds
-//! every later change from the snapshot's consistent point.
+//! Replicating means: the snapshot is published and the mirror's decoder publishes the table's changes
+//! from the snapshot's consistent point on. The decoder parks a table it cannot follow
+//! (Replicating --Failed--> Failed).
 
 use crate::error::{Error, ErrorKind, Result};
 

@@ -119,7 +119,8 @@ pub fn evaluate(f: &ServerFacts) -> Vec<Check> {
         check(
             "OUTPUT_PLUGIN_NOT_ALLOWED",
             output_plugin_allowed(f.output_plugin_libraries.as_deref()),
-            json!({"output_plugin_libraries": f.output_plugin_libraries,
+            json!({"parameter_exists": f.output_plugin_libraries.is_some(),
+                   "azure_cdc_allowed": output_plugin_allowed(f.output_plugin_libraries.as_deref()),
                    "hint": "The mirror's decoder reads its slot with azure_cdc as the output plugin: add azure_cdc to output_plugin_libraries (for example 'pgoutput, test_decoding, azure_cdc') and reload the configuration."}),
         ),
         check(

@@ -81,8 +81,10 @@ pub fn ship(target: &Arc<LocalTarget>, batch: ShipBatch) -> Result<Shipped> {
 }
 
 /// Where a table folder stands: the next file number, and the position of the last published change
-/// (None when the folder holds no change file yet).
+/// (None when the folder holds no change file yet). Temporary files of an interrupted write are removed
+/// first: they were never published, and their changes are in the slot's stream again.
 pub fn folder_state(target: &LocalTarget, folder: &str) -> Result<(u64, Option<Position>)> {
+    target.remove_temporary_files(folder)?;
     let numbers = target.data_file_numbers(folder)?;
     let Some(&last) = numbers.last() else { return Ok((1, None)) };
     let path = target.root().join(folder).join(names::data_file_name(last));
@@ -185,6 +187,10 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let target = Arc::new(LocalTarget::new(dir.clone()));
         assert_eq!(folder_state(&target, "s.schema/t").unwrap(), (1, None));
+        // A temporary file of an interrupted write is not a published file, and is cleared away.
+        drop(target.create_temp_data_file("s.schema/t", 1).unwrap());
+        assert_eq!(folder_state(&target, "s.schema/t").unwrap(), (1, None));
+        assert!(!dir.join("s.schema/t").join(names::temporary_file_name(1)).exists());
         // A snapshot file has no position.
         target.publish_data_file("s.schema/t", 1, b"not parquet, never read").unwrap();
         let shipper = Shipper::start(target.clone(), 1).unwrap();

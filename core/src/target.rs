@@ -197,6 +197,31 @@ impl LocalTarget {
         sync_dir(&dir)
     }
 
+    /// Removes temporary data files (`_<number>.parquet`) left in a table folder by a process that
+    /// stopped while writing them. Published files are not touched.
+    pub fn remove_temporary_files(&self, rel: &str) -> Result<usize> {
+        let dir = self.root.join(rel);
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(Error::io("read folder", &dir, &e)),
+        };
+        let mut removed = 0;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("read folder", &dir, &e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.strip_prefix('_').and_then(names::parse_data_file_name).is_some() {
+                let p = entry.path();
+                fs::remove_file(&p).map_err(|e| Error::io("remove", &p, &e))?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            sync_dir(&dir)?;
+        }
+        Ok(removed)
+    }
+
     /// Numbers of the data files published in a table folder, ascending.
     pub fn data_file_numbers(&self, rel: &str) -> Result<Vec<u64>> {
         let dir = self.root.join(rel);

@@ -245,3 +245,20 @@ def test_fast_shutdown_with_a_busy_mirror(cluster, db):
     db.reconnect_when_ready()
     db.wait_caught_up("m")
     assert_mirror_equals_source(db.conn, root, "public", "big")
+
+
+def test_slot_follows_the_wal_while_mirrored_tables_are_idle(cluster, db):
+    db.sql("CREATE TABLE quiet (id int PRIMARY KEY)")
+    db.sql("CREATE TABLE busy (id int PRIMARY KEY, v text)")
+    db.start_mirror("m", ["quiet"])
+    db.wait_snapshot("m")
+    db.decoder_pid("m")
+    before = db.one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'azure_cdc_m'")
+    for i in range(200):
+        db.sql("INSERT INTO busy VALUES (%s, repeat('x', 1000))", (i,))
+    db.wait_caught_up("m")
+    moved = db.one("SELECT pg_wal_lsn_diff(confirmed_flush_lsn, %s::pg_lsn) FROM pg_replication_slots "
+                   "WHERE slot_name = 'azure_cdc_m'", (before,))
+    assert moved > 200 * 1000
+    row = db.sql("SELECT lag_bytes, lag_seconds, buffered_bytes, changes_published FROM azure_cdc.get_mirror_status()")[0]
+    assert row[1] == 0 and row[2] == 0 and row[3] == 0, row

@@ -112,3 +112,15 @@ def test_non_admin_is_refused_with_a_hint(db, cluster):
         c.execute("SELECT azure_cdc.start_mirror('m', 'file://%s')" % root)
     db.wait_snapshot("m")
     db.sql("REVOKE azure_cdc_admin FROM e2e_user")
+
+
+def test_only_the_decoder_reads_with_the_azure_cdc_plugin(db):
+    # Creating a slot with the plugin is allowed (the mirror's worker does it); reading one from SQL is not.
+    db.sql("SELECT pg_create_logical_replication_slot('azure_cdc_reader_test', 'azure_cdc')")
+    try:
+        with pytest.raises(psycopg.Error) as e:
+            db.sql("SELECT * FROM pg_logical_slot_peek_binary_changes('azure_cdc_reader_test', NULL, NULL)")
+        assert e.value.sqlstate == "55000"
+        assert "can only be read by the mirror's decoder" in str(e.value)
+    finally:
+        db.sql("SELECT pg_drop_replication_slot('azure_cdc_reader_test')")
