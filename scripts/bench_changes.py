@@ -62,7 +62,8 @@ def wait_caught_up(conn, slot, deadline=600):
 
 
 def start_mirror(conn, name, tables):
-    root = os.path.join(BASE, name)
+    root = os.path.join(BASE, "mirrors", name)
+    sh("rm", "-rf", root)
     conn.execute("SELECT azure_cdc.start_mirror(%s, %s, %s)", (name, "file://" + root, tables))
     while one(conn, "SELECT state FROM azure_cdc.mirrors WHERE mirror_name = %s", (name,)) != "Running":
         time.sleep(0.05)
@@ -76,7 +77,15 @@ def stop_mirror(conn, name):
     conn.execute("SELECT azure_cdc.drop_mirror(%s)", (name,))
 
 
+def set_timeout(conn, value):
+    conn.execute(f"ALTER SYSTEM SET azure_cdc.change_batch_export_timeout = '{value}'")
+    conn.execute("SELECT pg_reload_conf()")
+    time.sleep(0.5)
+
+
 def throughput(conn):
+    # The shortest batch timeout, so that the last, partly filled batch does not wait.
+    set_timeout(conn, "100ms")
     root, pid = start_mirror(conn, "tput", ["pgbench_accounts"])
     conn.execute("CREATE PUBLICATION bench_pub FOR TABLE pgbench_accounts")
     conn.execute("SELECT pg_create_logical_replication_slot('bench_pgoutput', 'pgoutput')")
@@ -124,8 +133,7 @@ def overhead(conn):
 
 def lag(conn, max_tps):
     conn.execute("CREATE TABLE probe (id serial PRIMARY KEY, at timestamptz NOT NULL)")
-    conn.execute("ALTER SYSTEM SET azure_cdc.change_batch_export_timeout = '200ms'")
-    conn.execute("SELECT pg_reload_conf()")
+    set_timeout(conn, "200ms")
     root, _ = start_mirror(conn, "lag", None)
     folder = os.path.join(root, "public.schema", "probe")
     seen, visible, stop = set(), {}, threading.Event()
@@ -170,22 +178,36 @@ def lag(conn, max_tps):
           f"max {lags[-1] * 1000:.0f} ms (target p99 < 1000 ms); not yet visible at the end: {len(missing)}")
 
 
-def memory(conn):
+def memory(conn, decoding_work_mem=None):
+    if decoding_work_mem:
+        conn.execute(f"ALTER SYSTEM SET logical_decoding_work_mem = '{decoding_work_mem}'")
+        conn.execute("SELECT pg_reload_conf()")
+    conn.execute("DROP TABLE IF EXISTS wide")
     conn.execute("CREATE TABLE wide (id bigint PRIMARY KEY, payload text)")
     root, pid = start_mirror(conn, "mem", ["wide"])
     budget = one(conn, "SELECT setting::int FROM pg_settings WHERE name = 'azure_cdc.change_batch_buffer_size'")
-    peak, stop = [0], threading.Event()
+    work_mem = one(conn, "SELECT setting::int / 1024 FROM pg_settings WHERE name = 'logical_decoding_work_mem'")
+    peak, stop = {"VmHWM": 0, "RssAnon": 0, "RssShmem": 0}, threading.Event()
+
+    def read_status():
+        out = {}
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                k = line.split(":")[0]
+                if k in peak:
+                    out[k] = int(line.split()[1])
+        return out
+
+    idle = read_status()
 
     def sample():
         while not stop.is_set():
             try:
-                with open(f"/proc/{pid}/status") as f:
-                    for line in f:
-                        if line.startswith("VmHWM"):
-                            peak[0] = max(peak[0], int(line.split()[1]))
+                for k, v in read_status().items():
+                    peak[k] = max(peak[k], v)
             except OSError:
                 pass
-            time.sleep(0.05)
+            time.sleep(0.02)
 
     t = threading.Thread(target=sample)
     t.start()
@@ -200,15 +222,18 @@ def memory(conn):
     stop_mirror(conn, "mem")
     print(f"memory       one transaction of 4,000,000 rows ({size / 2**30:.2f} GB of table) mirrored in {took:.1f} s; "
           f"reorder buffer spilled {spilled / 2**30:.2f} GB")
-    print(f"             decoder peak RSS {peak[0] / 1024:,.0f} MB; budget = change_batch_buffer_size {budget} MB "
-          f"+ 64 MB = {budget + 64} MB (RSS includes shared buffers the process touched)")
+    mb = lambda kb: f"{kb / 1024:,.0f} MB"
+    print(f"             decoder peak RSS {mb(peak['VmHWM'])} = private {mb(peak['RssAnon'])} + shared memory touched "
+          f"{mb(peak['RssShmem'])} (idle before: RSS {mb(idle['VmHWM'])}, private {mb(idle['RssAnon'])})")
+    print(f"             budget = change_batch_buffer_size {budget} MB + 64 MB = {budget + 64} MB; the server's reorder "
+          f"buffer alone may hold logical_decoding_work_mem = {work_mem} MB of it before spilling")
 
 
 def main():
     sh(CLUSTER, "stop", DATA, "immediate")
     sh("rm", "-rf", BASE)
-    os.makedirs(BASE)
-    sh("chown", RUN_AS, BASE)
+    os.makedirs(os.path.join(BASE, "mirrors"))
+    sh("chown", RUN_AS, BASE, os.path.join(BASE, "mirrors"))
     sh(CLUSTER, "start", DATA, str(PORT), "shared_buffers = 1GB", "max_wal_size = 8GB",
        "checkpoint_timeout = 30min", "azure_cdc.change_batch_export_timeout = '1s'")
     try:
@@ -229,6 +254,8 @@ def main():
             lag(conn, max_tps)
         if "memory" in which:
             memory(conn)
+            # The same with a smaller reorder buffer, to tell its share from azure_cdc's.
+            memory(conn, "8MB")
     finally:
         sh(CLUSTER, "stop", DATA, "fast")
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The demo: a throwaway cluster with azure_cdc preloaded, sample data (pgbench scale 10 plus a table of
-# many types), a mirror into ./demo-mirror, the status, the files, and how to read them.
+# many types), a mirror into ./demo-mirror, the snapshot, then changes streamed as change files, the
+# status, the files, and how to read them.
 #   bash scripts/demo.sh          run it and stop the cluster at the end (DEMO_KEEP=1 keeps it running)
 #   bash scripts/demo.sh stop     stop a kept demo cluster
 set -euo pipefail
@@ -13,6 +14,19 @@ MIRROR=$TOP/demo-mirror
 PGBIN=/usr/lib/postgresql/15/bin
 psql_demo() { scripts/cluster.sh psql "$PORT" -d demo "$@"; }
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+compare() {
+python3 - "$PORT" "$MIRROR" <<'PY'
+import sys
+sys.path.insert(0, "tests/e2e")
+import psycopg
+from replay import assert_mirror_equals_source
+port, root = sys.argv[1], sys.argv[2]
+with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="demo", autocommit=True) as c:
+    for (s, t) in c.execute("SELECT schema_name, table_name FROM azure_cdc.get_all_tables_mirror_status() ORDER BY 2").fetchall():
+        rep = assert_mirror_equals_source(c, root, s, t)
+        print(f"  {s}.{t}: {len(rep.rows)} rows in {rep.files} file(s), equal to the source")
+PY
+}
 
 if [ "${1:-}" = stop ]; then scripts/cluster.sh stop "$DATA" fast; echo "demo cluster stopped"; exit 0; fi
 
@@ -23,7 +37,7 @@ chown "$RUN_AS" "$MIRROR"
 trap '[ "${DEMO_KEEP:-0}" = 1 ] || scripts/cluster.sh stop "$DATA" fast' EXIT
 
 say "starting a throwaway PostgreSQL 15 on port $PORT (data in .run/demo-data, running as $RUN_AS)"
-scripts/cluster.sh start "$DATA" "$PORT"
+scripts/cluster.sh start "$DATA" "$PORT" "azure_cdc.change_batch_export_timeout = '1s'"
 scripts/cluster.sh psql "$PORT" -d postgres -qc "CREATE DATABASE demo"
 
 say "loading sample data: pgbench -i -s 10 (1 million accounts) and a table of many types"
@@ -66,28 +80,43 @@ say "the landing zone in ./demo-mirror"
 echo; echo "public.schema/pgbench_accounts/_metadata.json: $(cat "$MIRROR/public.schema/pgbench_accounts/_metadata.json")"
 
 say "replaying the landing zone and comparing it with the source, cell by cell"
-python3 - "$PORT" "$MIRROR" <<'PY'
-import sys
-sys.path.insert(0, "tests/e2e")
-import psycopg
-from replay import assert_mirror_equals_source
-port, root = sys.argv[1], sys.argv[2]
-with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="demo", autocommit=True) as c:
-    for (s, t) in c.execute("SELECT schema_name, table_name FROM azure_cdc.get_all_tables_mirror_status() ORDER BY 2").fetchall():
-        rep = assert_mirror_equals_source(c, root, s, t)
-        print(f"  {s}.{t}: {len(rep.rows)} rows in {rep.files} file(s), equal to the source")
+compare
+
+say "making changes: 2000 pgbench transactions, and an update, a key change, a delete and an insert"
+"$PGBIN/pgbench" -h 127.0.0.1 -p "$PORT" -U postgres -t 1000 -c 2 -n demo 2>&1 | grep -E "^(number of transactions actually|tps)" || true
+psql_demo -q <<'SQL'
+UPDATE public.type_showcase SET label = 'edited', doc = doc || '{"edited": true}' WHERE id = 1;
+UPDATE public.type_showcase SET id = 30 WHERE id = 3;
+DELETE FROM public.type_showcase WHERE id = 2;
+INSERT INTO public.type_showcase (id, amount, label) VALUES (4, 99.99, 'new row');
+SQL
+
+say "waiting until every change is published (the slot is confirmed only past published changes)"
+upto=$(psql_demo -Atc "SELECT pg_current_wal_lsn()")
+for _ in $(seq 1 600); do
+    [ "$(psql_demo -Atc "SELECT confirmed_flush_lsn >= '$upto' FROM pg_replication_slots WHERE slot_name = 'azure_cdc_demo'")" = t ] && break
+    sleep 0.2
+done
+psql_demo -c "SELECT mirror_name, state, confirmed_lsn, lag_bytes, lag_seconds, buffered_bytes, changes_published, last_published_at FROM azure_cdc.get_mirror_status()"
+psql_demo -c "SELECT table_name, state, status, rows_replicated, files_published, last_completed_at FROM azure_cdc.get_all_tables_mirror_status()"
+
+say "change files of public.type_showcase (the last column is __rowMarker__: 0 insert, 1 update, 2 delete)"
+python3 - "$MIRROR" <<'PY'
+import sys, glob
+import pyarrow.parquet as pq
+for f in sorted(glob.glob(sys.argv[1] + "/public.schema/type_showcase/0*.parquet"))[1:]:
+    t = pq.read_table(f, columns=["id", "label", "__rowMarker__"])
+    print(" ", f.rsplit("/", 1)[1], t.to_pylist())
 PY
 
-say "making changes: 1000 pgbench transactions"
-"$PGBIN/pgbench" -h 127.0.0.1 -p "$PORT" -U postgres -t 1000 -c 2 -n demo 2>&1 | grep -E "^(number of transactions actually|tps)" || true
-psql_demo -c "SELECT slot_name, confirmed_flush_lsn, pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)) AS changes_held_in_slot FROM pg_replication_slots"
-echo "The mirror's slot holds every change made after the snapshot's consistent point. Shipping them as"
-echo "Parquet change files (__rowMarker__ rows) is the change-capture stage of azure_cdc, not in this build yet."
+say "replaying the landing zone again and comparing it with the source"
+compare
 
 say "how to read the files"
 cat <<TXT
   Every table folder is <schema>.schema/<table>/ with _metadata.json (key columns) and Parquet files
-  numbered 00000000000000000001.parquet, 00000000000000000002.parquet, ... applied in order.
+  numbered 00000000000000000001.parquet, 00000000000000000002.parquet, ... applied in order: first the
+  snapshot files (all inserts), then change files whose __rowMarker__ says insert, update or delete.
   With Python:
     python3 -c "import pyarrow.parquet as pq; print(pq.read_table('demo-mirror/public.schema/type_showcase'))"
   (dates and timestamps at +-infinity are stored as the extreme int32 / int64 values; see README)

@@ -53,6 +53,15 @@ use crate::tuples::{datums_equal, is_unchanged_toast, TupleConverter};
 const POLL: Duration = Duration::from_millis(20);
 /// Batches that may wait for the shipper while it writes one.
 const SHIP_QUEUE: usize = 1;
+/// CPU priority of the decoder and its shipper (nice value): under CPU contention the primary's own
+/// backends come first; the decoder catches up when there is room.
+const NICE: i32 = 10;
+
+/// Bytes at which the open batch closes: a third of `azure_cdc.change_batch_buffer_size`, so that the
+/// batch being filled, the one waiting for the shipper and the one being written together stay within it.
+fn batch_bytes() -> usize {
+    (crate::gucs::change_buffer_bytes() / 3).max(1)
+}
 /// Least time between two writes of the tables' counters to the catalog.
 const CATALOG_EVERY: Duration = Duration::from_secs(1);
 
@@ -251,6 +260,9 @@ fn run(index: usize, mirror_id: i64) -> Result<()> {
         t.next_number = next;
         t.published = published;
     }
+    // SAFETY: lowers this thread's own priority (Linux: per thread); the shipper thread started next
+    // inherits it. Raising one's own nice value needs no privilege; a failure changes nothing.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, NICE) };
     let shipper = Shipper::start(target.clone(), SHIP_QUEUE)?;
     // SAFETY: once per process, on the main thread, before decoding starts.
     unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(relcache_changed), pg_sys::Datum::from(0usize)) };
@@ -363,7 +375,7 @@ impl Decoder {
         self.collect_acks(Duration::ZERO)?;
         if batch_due(
             self.buffered,
-            crate::gucs::change_buffer_bytes(),
+            batch_bytes(),
             self.first_change,
             Instant::now(),
             crate::gucs::change_batch_timeout(),
@@ -586,7 +598,7 @@ impl Decoder {
                     self.first_commit_time = self.commit_time;
                 }
                 self.buffered += bytes;
-                if self.buffered >= crate::gucs::change_buffer_bytes() {
+                if self.buffered >= batch_bytes() {
                     // Mid-transaction: confirm no further than this transaction's commit record, so
                     // that the rest of it is decoded again after a restart.
                     self.close_batch(self.commit_lsn)?;

@@ -22,11 +22,11 @@ pub static MAX_SNAPSHOT_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(3);
 /// the target's temporary file, one row group (at most 64 MB) at a time.
 pub static SNAPSHOT_BUFFER_SIZE_MB: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
-/// `azure_cdc.change_batch_buffer_size`: the change buffer of one mirror, in MB. Decoded changes are
-/// held here (as Arrow columns) until the batch closes; a batch closes when it reaches this size or
+/// `azure_cdc.change_batch_buffer_size`: the change buffer of one mirror, in MB: decoded changes not
+/// yet published (as Arrow columns). It holds up to three batches — one filling, one waiting for the
+/// shipper, one being written — so a batch closes when it reaches a third of this size, or
 /// `azure_cdc.change_batch_export_timeout` after its first change. Range 1–1024, default 16. Reload
-/// (SIGHUP). A mirror's decoder holds at most about three buffers: one filling, one waiting for the
-/// shipper, one being written.
+/// (SIGHUP).
 pub static CHANGE_BATCH_BUFFER_SIZE_MB: GucSetting<i32> = GucSetting::<i32>::new(16);
 
 /// `azure_cdc.change_batch_export_timeout`: the longest a decoded change waits in the buffer before its
