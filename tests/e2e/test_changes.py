@@ -229,6 +229,30 @@ def test_immediate_shutdown_and_restart_resume_exactly(cluster, db):
     assert_all_equal(db, root)
 
 
+def pg_ctl_stop(cluster, mode):
+    """pg_ctl stop, which fails if the server has not stopped within 60 s."""
+    subprocess.run(
+        ["sudo", "-u", os.environ.get("AZURE_CDC_RUN_AS", "pgrxtest"), "/usr/lib/postgresql/15/bin/pg_ctl",
+         "-D", cluster.datadir, "-m", mode, "-w", "-t", "60", "stop"],
+        check=True, stdout=subprocess.DEVNULL,
+    )
+    assert not os.path.exists(os.path.join(cluster.datadir, "postmaster.pid"))
+
+
+def test_smart_shutdown_with_a_running_mirror(cluster, db):
+    db.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    root = db.start_mirror("m", ["t"])
+    db.wait_snapshot("m")
+    db.decoder_pid("m")
+    db.sql("INSERT INTO t SELECT g, 'v' FROM generate_series(1, 50000) g")
+    db.conn.close()  # a smart shutdown waits for client sessions, not for the mirror's workers
+    pg_ctl_stop(cluster, "smart")
+    cluster.start()
+    db.reconnect_when_ready()
+    db.wait_caught_up("m")
+    assert_mirror_equals_source(db.conn, root, "public", "t")
+
+
 def test_fast_shutdown_with_a_busy_mirror(cluster, db):
     db.sql("CREATE TABLE big (id int PRIMARY KEY, v text)")
     root = db.start_mirror("m", ["big"])
@@ -236,11 +260,7 @@ def test_fast_shutdown_with_a_busy_mirror(cluster, db):
     db.sql("INSERT INTO big SELECT g, repeat('x', 100) FROM generate_series(1, 600000) g")
     # The decoder is busy with the transaction; a fast shutdown must still complete (pg_ctl waits at
     # most 60 s and fails otherwise).
-    subprocess.run(
-        ["sudo", "-u", os.environ.get("AZURE_CDC_RUN_AS", "pgrxtest"), "/usr/lib/postgresql/15/bin/pg_ctl", "-D", cluster.datadir, "-m", "fast", "-w", "-t", "60", "stop"],
-        check=True, stdout=subprocess.DEVNULL,
-    )
-    assert not os.path.exists(os.path.join(cluster.datadir, "postmaster.pid"))
+    pg_ctl_stop(cluster, "fast")
     cluster.start()
     db.reconnect_when_ready()
     db.wait_caught_up("m")
