@@ -282,3 +282,32 @@ def test_slot_follows_the_wal_while_mirrored_tables_are_idle(cluster, db):
     assert moved > 200 * 1000
     row = db.sql("SELECT lag_bytes, lag_seconds, buffered_bytes, changes_published FROM azure_cdc.get_mirror_status()")[0]
     assert row[1] == 0 and row[2] == 0 and row[3] == 0, row
+
+
+def test_changes_this_build_cannot_mirror_park_only_their_table(cluster, db):
+    db.sql("CREATE TABLE keyed (id int PRIMARY KEY, v text)")
+    db.sql("CREATE TABLE keyless (v text)")
+    db.sql("CREATE TABLE truncated (id int PRIMARY KEY)")
+    db.sql("INSERT INTO keyless VALUES ('a'), ('b')")
+    db.sql("INSERT INTO truncated SELECT generate_series(1, 10)")
+    root = db.start_mirror("m", ["keyed", "keyless", "truncated"])
+    db.wait_snapshot("m")
+    db.sql("INSERT INTO keyless VALUES ('c')")          # inserts into a table without keys are fine
+    db.sql("INSERT INTO keyed VALUES (1, 'one')")
+    db.wait_caught_up("m")
+    assert_mirror_equals_source(db.conn, root, "public", "keyless")
+    db.sql("UPDATE keyless SET v = 'changed' WHERE v = 'a'")
+    db.sql("TRUNCATE truncated")
+    db.sql("INSERT INTO keyed VALUES (2, 'two')")
+    db.wait_caught_up("m")
+    end = time.time() + 60
+    while any(db.status("m")[("public", t)]["state"] != "Failed" for t in ("keyless", "truncated")):
+        assert time.time() < end, db.status("m")
+        time.sleep(0.1)
+    status = db.status("m")
+    assert status[("public", "keyless")]["state"] == "Failed", status
+    assert "without key columns" in status[("public", "keyless")]["error"]
+    assert status[("public", "truncated")]["state"] == "Failed", status
+    assert "TRUNCATE" in status[("public", "truncated")]["error"]
+    assert status[("public", "keyed")]["state"] == "Replicating" and status[("public", "keyed")]["status"] == "OK"
+    assert_mirror_equals_source(db.conn, root, "public", "keyed")
