@@ -118,9 +118,10 @@ cat <<TXT
   numbered 00000000000000000001.parquet, 00000000000000000002.parquet, ... applied in order: first the
   snapshot files (all inserts), then change files whose __rowMarker__ says insert, update or delete.
   With Python:
-    python3 -c "import pyarrow.parquet as pq; print(pq.read_table('demo-mirror/public.schema/type_showcase'))"
+    python3 -c "import pyarrow.parquet as pq; print(pq.read_table('demo-mirror/public.schema/type_showcase/00000000000000000002.parquet'))"
   (dates and timestamps at +-infinity are stored as the extreme int32 / int64 values; see README)
-  With DuckDB:  SELECT * FROM 'demo-mirror/public.schema/pgbench_accounts/*.parquet' LIMIT 5;
+  With DuckDB:  SELECT * FROM 'demo-mirror/public.schema/pgbench_accounts/00000000000000000001.parquet' LIMIT 5;
+  To apply the change files in order the way a replicator does, see tests/e2e/replay.py.
   Point Fabric Open Mirroring (or any lakehouse) at the folder to ingest it.
 TXT
 if [ "${DEMO_KEEP:-0}" = 1 ]; then
