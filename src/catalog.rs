@@ -253,7 +253,10 @@ pub fn tables_needing_full_identity(relids: &[pg_sys::Oid]) -> Result<Vec<(Strin
         t.into_iter()
             .map(|r| {
                 let missing = || Error::new(ErrorKind::Internal, "pg_class row without a name");
-                Ok((r.get::<String>(1).map_err(spi)?.ok_or_else(missing)?, r.get::<String>(2).map_err(spi)?.ok_or_else(missing)?))
+                Ok((
+                    r.get::<String>(1).map_err(spi)?.ok_or_else(missing)?,
+                    r.get::<String>(2).map_err(spi)?.ok_or_else(missing)?,
+                ))
             })
             .collect()
     })

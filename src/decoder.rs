@@ -124,7 +124,6 @@ struct Decoder {
     first_commit_time: i64,
     buffered: usize,
     /// Transaction being replayed: its commit LSN and commit time, and the ordinal of its last change.
-    in_txn: bool,
     commit_lsn: u64,
     commit_time: i64,
     ordinal: u64,
@@ -134,6 +133,8 @@ struct Decoder {
     confirm_pending: Option<u64>,
     stats: StreamStats,
     last_catalog_write: Instant,
+    /// Whether the mirror's last_error (of an earlier, failed decoder) was cleared after a publish.
+    error_cleared: bool,
 }
 
 /// Entry point of the decoder worker. `arg` is the mirror's index in the shared registry.
@@ -297,7 +298,6 @@ fn run(index: usize, mirror_id: i64) -> Result<()> {
             first_change: None,
             first_commit_time: 0,
             buffered: 0,
-            in_txn: false,
             commit_lsn: 0,
             commit_time: 0,
             ordinal: 0,
@@ -305,6 +305,7 @@ fn run(index: usize, mirror_id: i64) -> Result<()> {
             confirm_pending: None,
             stats: StreamStats { confirmed_lsn: confirmed, ..Default::default() },
             last_catalog_write: Instant::now(),
+            error_cleared: false,
         })
     });
     with_decoder(|d| d.record_catalog(mirror_id, true))?;
@@ -326,8 +327,11 @@ fn run(index: usize, mirror_id: i64) -> Result<()> {
         let flushed = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
         let started = Instant::now();
         let mut read_any = false;
-        // SAFETY: ctx is the live decoding context of this process.
-        while unsafe { (*(*ctx).reader).EndRecPtr } < flushed {
+        loop {
+            // SAFETY: ctx is the live decoding context of this process.
+            if unsafe { (*(*ctx).reader).EndRecPtr } >= flushed {
+                break;
+            }
             // SAFETY: main thread, outside any transaction, ctx from open_decoding.
             if !unsafe { crate::slot::decode_next(ctx)? } {
                 break;
@@ -400,7 +404,9 @@ impl Decoder {
     /// How long to sleep when all WAL is read: the poll interval, or less if a batch falls due sooner.
     fn next_wakeup(&self) -> Duration {
         match self.first_change {
-            Some(t) => crate::gucs::change_batch_timeout().saturating_sub(t.elapsed()).clamp(Duration::from_millis(1), POLL),
+            Some(t) => {
+                crate::gucs::change_batch_timeout().saturating_sub(t.elapsed()).clamp(Duration::from_millis(1), POLL)
+            }
             None => POLL,
         }
     }
@@ -496,8 +502,7 @@ impl Decoder {
             .or(if self.first_change.is_some() { Some(self.first_commit_time) } else { None })
             .unwrap_or(0);
         self.stats.oldest_unshipped_commit = oldest;
-        self.stats.buffered_bytes =
-            self.buffered as u64 + self.inflight_info.iter().map(|i| i.2 as u64).sum::<u64>();
+        self.stats.buffered_bytes = self.buffered as u64 + self.inflight_info.iter().map(|i| i.2 as u64).sum::<u64>();
         shmem::set_stream_stats(self.index, self.stats);
     }
 
@@ -511,10 +516,18 @@ impl Decoder {
         }
         self.last_catalog_write = Instant::now();
         let tables = &mut self.tables;
+        // Publishing works: an error recorded by an earlier decoder is over.
+        let clear_error = !self.error_cleared && self.stats.changes_shipped > 0;
         BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| -> Result<()> {
             // SAFETY: see load(): this transaction must neither use nor leave catalog entries built
             // under the historic snapshots of decoding.
             unsafe { pg_sys::InvalidateSystemCaches() };
+            if clear_error {
+                catalog::run(
+                    "UPDATE azure_cdc.mirrors SET last_error = NULL WHERE mirror_id = $1 AND last_error IS NOT NULL",
+                    &[mirror_id.into()],
+                )?;
+            }
             for (relid, t) in tables.iter_mut() {
                 if let (Some(e), false) = (&t.parked, t.park_recorded) {
                     let state = TableState::Replicating.on(TableEvent::Failed)?;
@@ -547,7 +560,9 @@ impl Decoder {
             // SAFETY: as above.
             unsafe { pg_sys::InvalidateSystemCaches() };
             Ok(())
-        }))
+        }))?;
+        self.error_cleared |= clear_error;
+        Ok(())
     }
 
     /// Parks a table: its changes not yet handed to the shipper and all later ones are dropped; the
@@ -727,8 +742,13 @@ unsafe fn append_change(
         let tp = (*change).data.tp;
         let action = (*change).action;
         let no_keys = || {
-            Error::new(ErrorKind::FeatureNotSupported, "updates and deletes of a table without key columns cannot be mirrored")
-                .with_hint("Give the table a primary key (or REPLICA IDENTITY USING INDEX), then stop and start the mirror.")
+            Error::new(
+                ErrorKind::FeatureNotSupported,
+                "updates and deletes of a table without key columns cannot be mirrored",
+            )
+            .with_hint(
+                "Give the table a primary key (or REPLICA IDENTITY USING INDEX), then stop and start the mirror.",
+            )
         };
         let mut rows: Vec<(Image, RowMarker)> = Vec::with_capacity(2);
         match action {
@@ -764,7 +784,9 @@ unsafe fn append_change(
                 }
                 let Some(old) = deform(tp.oldtuple, desc) else {
                     return Err(Error::new(ErrorKind::FeatureNotSupported, "a deleted row came without its key")
-                        .with_hint("Set REPLICA IDENTITY DEFAULT or FULL on the table, then stop and start the mirror."));
+                        .with_hint(
+                            "Set REPLICA IDENTITY DEFAULT or FULL on the table, then stop and start the mirror.",
+                        ));
                 };
                 rows.push((old, RowMarker::Delete));
             }
@@ -778,7 +800,10 @@ unsafe fn append_change(
         for (img, marker) in &rows {
             for (i, null) in img.nulls.iter().enumerate() {
                 // Only a DELETE's old image may lack non-key values.
-                if !*null && (*desc).attrs.as_slice((*desc).natts as usize)[i].attlen == -1 && is_unchanged_toast(img.values[i]) {
+                if !*null
+                    && (*desc).attrs.as_slice((*desc).natts as usize)[i].attlen == -1
+                    && is_unchanged_toast(img.values[i])
+                {
                     return Err(missing_toast(desc, i));
                 }
             }
@@ -823,9 +848,14 @@ unsafe fn missing_toast(desc: pg_sys::TupleDesc, i: usize) -> Error {
         let a = &(*desc).attrs.as_slice((*desc).natts as usize)[i];
         std::ffi::CStr::from_ptr(a.attname.data.as_ptr()).to_string_lossy().into_owned()
     };
-    Error::new(ErrorKind::FeatureNotSupported, format!("the change stream lacks the unchanged TOASTed value of column \"{name}\""))
-        .with_detail("The table's REPLICA IDENTITY is not FULL, so an UPDATE that leaves the value unchanged does not carry it.")
-        .with_hint("ALTER TABLE … REPLICA IDENTITY FULL, then stop and start the mirror.")
+    Error::new(
+        ErrorKind::FeatureNotSupported,
+        format!("the change stream lacks the unchanged TOASTed value of column \"{name}\""),
+    )
+    .with_detail(
+        "The table's REPLICA IDENTITY is not FULL, so an UPDATE that leaves the value unchanged does not carry it.",
+    )
+    .with_hint("ALTER TABLE … REPLICA IDENTITY FULL, then stop and start the mirror.")
 }
 
 // ---- output plugin ------------------------------------------------------------------------------
@@ -860,8 +890,11 @@ unsafe extern "C-unwind" fn startup_cb(
     }
     if !is_init && !IN_DECODER.load(Ordering::Relaxed) {
         crate::errors::raise(
-            Error::new(ErrorKind::PrerequisiteNotMet, "the replication slot of an azure_cdc mirror can only be read by the mirror's decoder")
-                .with_hint("Use azure_cdc.get_all_tables_mirror_status() to follow a mirror."),
+            Error::new(
+                ErrorKind::PrerequisiteNotMet,
+                "the replication slot of an azure_cdc mirror can only be read by the mirror's decoder",
+            )
+            .with_hint("Use azure_cdc.get_all_tables_mirror_status() to follow a mirror."),
         );
     }
 }
@@ -872,7 +905,6 @@ unsafe extern "C-unwind" fn begin_cb(_ctx: *mut pg_sys::LogicalDecodingContext, 
     let (lsn, time) = unsafe { ((*txn).final_lsn, (*txn).xact_time.commit_time) };
     DECODER.with(|d| {
         if let Some(d) = d.borrow_mut().as_mut() {
-            d.in_txn = true;
             d.commit_lsn = lsn;
             d.commit_time = time;
             d.ordinal = 0;
@@ -880,17 +912,14 @@ unsafe extern "C-unwind" fn begin_cb(_ctx: *mut pg_sys::LogicalDecodingContext, 
     });
 }
 
+/// Required by PostgreSQL. Nothing to do at commit: the transaction's changes are already in the
+/// buffer, and where a batch may confirm to is decided when it closes.
 #[pg_guard]
 unsafe extern "C-unwind" fn commit_cb(
     _ctx: *mut pg_sys::LogicalDecodingContext,
     _txn: *mut pg_sys::ReorderBufferTXN,
     _commit_lsn: pg_sys::XLogRecPtr,
 ) {
-    DECODER.with(|d| {
-        if let Some(d) = d.borrow_mut().as_mut() {
-            d.in_txn = false;
-        }
-    });
 }
 
 #[pg_guard]
@@ -919,14 +948,16 @@ unsafe extern "C-unwind" fn truncate_cb(
     _change: *mut pg_sys::ReorderBufferChange,
 ) {
     // SAFETY: relations holds nrelations open relations.
-    let relids: Vec<u32> =
-        unsafe { std::slice::from_raw_parts(relations, nrelations.max(0) as usize).iter().map(|r| (**r).rd_id.to_u32()).collect() };
+    let relids: Vec<u32> = unsafe {
+        std::slice::from_raw_parts(relations, nrelations.max(0) as usize).iter().map(|r| (**r).rd_id.to_u32()).collect()
+    };
     DECODER.with(|d| {
         if let Some(d) = d.borrow_mut().as_mut() {
             d.ordinal += 1;
             let pos = Position { commit_lsn: d.commit_lsn, ordinal: d.ordinal };
             for relid in relids {
-                let mirrored = d.tables.get(&relid).is_some_and(|t| t.parked.is_none() && !already_shipped(t.published, pos));
+                let mirrored =
+                    d.tables.get(&relid).is_some_and(|t| t.parked.is_none() && !already_shipped(t.published, pos));
                 if mirrored {
                     d.park(
                         relid,

@@ -166,7 +166,8 @@ pub unsafe fn datums_equal(a: pg_sys::Datum, b: pg_sys::Datum, attlen: i16, attb
             varlena_bytes(a) == varlena_bytes(b)
         } else if attlen > 0 {
             let n = attlen as usize;
-            std::slice::from_raw_parts(a.cast_mut_ptr::<u8>(), n) == std::slice::from_raw_parts(b.cast_mut_ptr::<u8>(), n)
+            std::slice::from_raw_parts(a.cast_mut_ptr::<u8>(), n)
+                == std::slice::from_raw_parts(b.cast_mut_ptr::<u8>(), n)
         } else {
             // cstring (attlen -2)
             std::ffi::CStr::from_ptr(a.cast_mut_ptr()) == std::ffi::CStr::from_ptr(b.cast_mut_ptr())

@@ -92,7 +92,13 @@ pub fn change_columns(columns: &[ColumnSpec]) -> Vec<ColumnSpec> {
 
 /// Whether the open batch must close: it holds at least `limit_bytes`, or its first change was
 /// buffered `timeout` ago or earlier.
-pub fn batch_due(buffered_bytes: usize, limit_bytes: usize, first_change: Option<Instant>, now: Instant, timeout: Duration) -> bool {
+pub fn batch_due(
+    buffered_bytes: usize,
+    limit_bytes: usize,
+    first_change: Option<Instant>,
+    now: Instant,
+    timeout: Duration,
+) -> bool {
     match first_change {
         None => false,
         Some(t) => buffered_bytes >= limit_bytes || now.saturating_duration_since(t) >= timeout,
@@ -145,7 +151,10 @@ impl InFlight {
             }
             _ => Err(Error::new(
                 ErrorKind::Internal,
-                format!("the shipper acknowledged batch {seq} out of order (oldest in flight: {:?})", self.queue.front()),
+                format!(
+                    "the shipper acknowledged batch {seq} out of order (oldest in flight: {:?})",
+                    self.queue.front()
+                ),
             )),
         }
     }

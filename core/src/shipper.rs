@@ -146,9 +146,7 @@ impl Shipper {
         match self.rx.recv_timeout(wait) {
             Ok(r) => r.map(Some),
             Err(RecvTimeoutError::Timeout) => Ok(None),
-            Err(RecvTimeoutError::Disconnected) => {
-                Err(Error::new(ErrorKind::Internal, "the shipper thread stopped"))
-            }
+            Err(RecvTimeoutError::Disconnected) => Err(Error::new(ErrorKind::Internal, "the shipper thread stopped")),
         }
     }
 }

@@ -311,3 +311,30 @@ def test_changes_this_build_cannot_mirror_park_only_their_table(cluster, db):
     assert "TRUNCATE" in status[("public", "truncated")]["error"]
     assert status[("public", "keyed")]["state"] == "Replicating" and status[("public", "keyed")]["status"] == "OK"
     assert_mirror_equals_source(db.conn, root, "public", "keyed")
+
+
+def test_an_unwritable_target_holds_the_changes_and_says_so(cluster, db):
+    db.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    root = db.start_mirror("m", ["t"])
+    db.wait_snapshot("m")
+    folder = table_folder(root, "public", "t")
+    os.chmod(folder, 0o555)   # the server's user can no longer create files there
+    try:
+        db.sql("INSERT INTO t SELECT g, 'held' FROM generate_series(1, 1000) g")
+        end = time.time() + 60
+        while True:
+            err, lag = db.sql("SELECT last_error, lag_bytes FROM azure_cdc.get_mirror_status()")[0]
+            if err:
+                break
+            assert time.time() < end, "the failing target was not reported"
+            time.sleep(0.1)
+        assert "Permission denied" in err or "permission denied" in err, err
+        assert lag > 0
+    finally:
+        os.chmod(folder, 0o755)
+    db.wait_caught_up("m")
+    assert_mirror_equals_source(db.conn, root, "public", "t")
+    end = time.time() + 30
+    while db.one("SELECT last_error FROM azure_cdc.get_mirror_status()") is not None:
+        assert time.time() < end, "the error stayed after the target recovered"
+        time.sleep(0.1)
