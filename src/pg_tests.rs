@@ -141,6 +141,7 @@ fn non_admins_are_refused_with_a_hint_naming_the_role() {
         "SELECT azure_cdc.stop_mirror('m')".to_string(),
         "SELECT azure_cdc.drop_mirror('m')".to_string(),
         "SELECT * FROM azure_cdc.get_all_tables_mirror_status()".to_string(),
+        "SELECT * FROM azure_cdc.get_mirror_status()".to_string(),
     ] {
         let (code, message, hint) = error_of(&call).expect(&call);
         assert_eq!(code, PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE, "{call}: {message}");
@@ -150,6 +151,15 @@ fn non_admins_are_refused_with_a_hint_naming_the_role() {
         "SELECT status FROM azure_cdc.check_prerequisites() WHERE code = 'USER_NOT_CDC_ADMIN'",
     );
     assert_eq!(status, Ok(Some("ERROR".to_string())));
+    // output_plugin_libraries is a superuser-only setting: the check works for everyone without
+    // showing its value.
+    let detail = Spi::get_one::<pgrx::JsonB>(
+        "SELECT detail FROM azure_cdc.check_prerequisites() WHERE code = 'OUTPUT_PLUGIN_NOT_ALLOWED'",
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(detail.0["azure_cdc_allowed"], serde_json::json!(true), "{:?}", detail.0);
+    assert!(detail.0.get("output_plugin_libraries").is_none());
     Spi::run("RESET ROLE").unwrap();
     nothing_created();
     // membership is enough
