@@ -118,6 +118,17 @@ pub unsafe fn open_decoding(name: &str) -> Result<*mut pg_sys::LogicalDecodingCo
     unsafe {
         pg_sys::CheckLogicalDecodingRequirements();
         pg_sys::ReplicationSlotAcquire(c.as_ptr(), true);
+        let plugin = std::ffi::CStr::from_ptr((*pg_sys::MyReplicationSlot).data.plugin.data.as_ptr());
+        if plugin != PLUGIN {
+            let found = plugin.to_string_lossy().into_owned();
+            pg_sys::ReplicationSlotRelease();
+            return Err(Error::new(
+                ErrorKind::PrerequisiteNotMet,
+                format!("replication slot \"{name}\" uses output plugin \"{found}\", not azure_cdc"),
+            )
+            .with_detail("The mirror was started by a version of azure_cdc without change capture.")
+            .with_hint("Stop the mirror and start it again into a new folder."));
+        }
         let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
         let mut routine = pg_sys::XLogReaderRoutine {
             page_read: Some(read_local_xlog_page),
