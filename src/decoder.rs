@@ -48,6 +48,7 @@ use pgrx::prelude::*;
 use crate::catalog;
 use crate::shmem::{self, StreamStats};
 use crate::tuples::{datums_equal, is_unchanged_toast, TupleConverter};
+use crate::worker;
 
 /// How long the decoder sleeps on its latch when it has read all flushed WAL.
 const POLL: Duration = Duration::from_millis(20);
@@ -141,7 +142,7 @@ struct Decoder {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn azure_cdc_decoder_main(arg: pg_sys::Datum) {
-    crate::snapshot::install_signal_handlers();
+    worker::install_signal_handlers();
     let index = arg.value();
     if index >= crate::gucs::MAX_FABRIC_MIRRORS_LIMIT as usize {
         return;
@@ -155,7 +156,7 @@ pub extern "C-unwind" fn azure_cdc_decoder_main(arg: pg_sys::Datum) {
     // SAFETY: MyProcPid is set at process start.
     shmem::set_worker_pid(index, unsafe { pg_sys::MyProcPid });
     let mirror_id = entry.mirror_id;
-    if !crate::snapshot::extension_installed() {
+    if !worker::extension_installed() {
         pgrx::warning!(
             "azure_cdc: the extension was dropped from this database; mirror {mirror_id} is not decoded and its slot is left for an administrator to drop"
         );
@@ -163,34 +164,12 @@ pub extern "C-unwind" fn azure_cdc_decoder_main(arg: pg_sys::Datum) {
         shmem::release(index);
         return;
     }
-    let result = crate::snapshot::catching(|| run(index, mirror_id));
+    let result = worker::catching(|| run(index, mirror_id));
     DECODER.with(|d| d.borrow_mut().take());
     shmem::set_stream_stats(index, StreamStats::default());
     shmem::set_worker_pid(index, 0);
     if let Err(e) = result {
-        // SAFETY: back to a clean state: abort the transaction a failure may have left open, release
-        // the slot so that the next decoder (or stop_mirror) can take it.
-        unsafe { pg_sys::AbortCurrentTransaction() };
-        crate::slot::release();
-        pgrx::log!("azure_cdc: decoder of mirror {mirror_id} failed: {}", e.full_text());
-        record_failure(mirror_id, &e);
-        // SAFETY: a non-zero exit tells the launcher to restart the decoder with back-off.
-        unsafe { pg_sys::proc_exit(1) };
-    }
-}
-
-fn record_failure(mirror_id: i64, e: &Error) {
-    let text = e.full_text();
-    let recorded = crate::snapshot::catching(|| {
-        BackgroundWorker::transaction(|| {
-            catalog::run(
-                "UPDATE azure_cdc.mirrors SET last_error = $2 WHERE mirror_id = $1",
-                &[mirror_id.into(), text.as_str().into()],
-            )
-        })
-    });
-    if let Err(r) = recorded {
-        pgrx::log!("azure_cdc: could not record the failure of mirror {mirror_id}: {}", r.full_text());
+        worker::exit_after_failure(mirror_id, "decoder", &e);
     }
 }
 

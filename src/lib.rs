@@ -26,6 +26,7 @@ mod shmem;
 mod slot;
 mod snapshot;
 mod tuples;
+mod worker;
 
 // The #[pg_test] tier (in pg_tests.rs: SQL API, privileges, catalog rules, numeric decoding).
 #[cfg(any(test, feature = "pg_test"))]

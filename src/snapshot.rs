@@ -45,6 +45,7 @@ use pgrx::prelude::*;
 use crate::catalog::{self, MirrorRow, TableRow};
 use crate::shmem::{self, Phase};
 use crate::tuples::TupleConverter;
+use crate::worker;
 
 /// Messages from the main thread to the encoder thread.
 enum ToEncoder {
@@ -181,39 +182,6 @@ fn encoder_loop(
     }
 }
 
-unsafe extern "C-unwind" {
-    // PostgreSQL's standard signal handlers (tcop/tcopprot.h, postmaster/interrupt.h), as raw symbols.
-    fn die(signal: std::ffi::c_int);
-    fn SignalHandlerForConfigReload(signal: std::ffi::c_int);
-}
-
-/// Installs PostgreSQL's standard handlers in a snapshot worker or helper, then unblocks signals:
-/// SIGTERM sets the die flags that CHECK_FOR_INTERRUPTS acts on, so the process stops at its next row
-/// batch; SIGHUP marks the configuration for reload.
-pub(crate) fn install_signal_handlers() {
-    // SAFETY: called once at worker start, on the main thread, before signals are unblocked.
-    unsafe {
-        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(die));
-        pg_sys::pqsignal(pg_sys::SIGHUP as i32, Some(SignalHandlerForConfigReload));
-        pg_sys::BackgroundWorkerUnblockSignals();
-    }
-}
-
-/// Runs one attempt, turning a PostgreSQL error (or a panic) raised inside it into an [`Error`], so
-/// that the worker can record it and exit cleanly. (A FATAL, such as termination, exits directly.)
-pub(crate) fn catching<T>(f: impl FnOnce() -> Result<T> + std::panic::UnwindSafe) -> Result<T> {
-    PgTryBuilder::new(f)
-        .catch_others(|caught| {
-            let message = match &caught {
-                pg_sys::panic::CaughtError::PostgresError(r)
-                | pg_sys::panic::CaughtError::ErrorReport(r)
-                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
-            };
-            Err(Error::new(ErrorKind::Internal, message))
-        })
-        .execute()
-}
-
 /// What happened to one table in this attempt.
 struct Outcome {
     relid: pg_sys::Oid,
@@ -227,7 +195,7 @@ struct Outcome {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn azure_cdc_snapshot_main(arg: pg_sys::Datum) {
-    install_signal_handlers();
+    worker::install_signal_handlers();
     let index = arg.value();
     if index >= crate::gucs::MAX_FABRIC_MIRRORS_LIMIT as usize {
         return;
@@ -241,7 +209,7 @@ pub extern "C-unwind" fn azure_cdc_snapshot_main(arg: pg_sys::Datum) {
     shmem::set_worker_pid(index, unsafe { pg_sys::MyProcPid });
 
     let mirror_id = entry.mirror_id;
-    if !extension_installed() {
+    if !worker::extension_installed() {
         pgrx::warning!(
             "azure_cdc: the extension was dropped from this database; mirror {mirror_id} will not be snapshotted and its slot, if any, is left for an administrator to drop"
         );
@@ -249,56 +217,17 @@ pub extern "C-unwind" fn azure_cdc_snapshot_main(arg: pg_sys::Datum) {
         shmem::release(index);
         return;
     }
-    let attempt = catching(|| run(index, mirror_id));
+    let attempt = worker::catching(|| run(index, mirror_id));
     clear_progress(index);
     shmem::set_worker_pid(index, 0);
     if let Err(e) = attempt {
-        // SAFETY: back to a clean state after a failed attempt: abort the transaction (if any) and
-        // release the slot if the error left it acquired (an ephemeral slot is dropped by the release).
-        unsafe { pg_sys::AbortCurrentTransaction() };
-        crate::slot::release();
-        pgrx::log!("azure_cdc: snapshot of mirror {mirror_id} failed: {}", e.full_text());
-        record_failure(mirror_id, &e);
-        // A non-zero exit code tells the launcher this attempt failed.
-        // SAFETY: proc_exit runs the normal exit callbacks of a background worker.
-        unsafe { pg_sys::proc_exit(1) };
+        worker::exit_after_failure(mirror_id, "snapshot", &e);
     }
 }
 
 fn clear_progress(index: usize) {
     for slot in 0..shmem::MAX_PROGRESS {
         shmem::set_progress(index, slot, 0, 0);
-    }
-}
-
-/// Whether azure_cdc is installed in this database (its own transaction).
-pub(crate) fn extension_installed() -> bool {
-    BackgroundWorker::transaction(|| {
-        Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'azure_cdc')")
-            .ok()
-            .flatten()
-            .unwrap_or(false)
-    })
-}
-
-/// Records the error of a failed attempt for the status views (its own transaction). If even that
-/// fails, the log keeps both errors.
-fn record_failure(mirror_id: i64, e: &Error) {
-    let text = e.full_text();
-    let recorded = catching(|| {
-        BackgroundWorker::transaction(|| -> Result<()> {
-            catalog::run(
-                "UPDATE azure_cdc.mirrors SET last_error = $2 WHERE mirror_id = $1",
-                &[mirror_id.into(), text.as_str().into()],
-            )?;
-            catalog::run(
-                "UPDATE azure_cdc.mirror_tables SET last_error = $2 WHERE mirror_id = $1 AND state = 'Snapshotting'",
-                &[mirror_id.into(), text.as_str().into()],
-            )
-        })
-    });
-    if let Err(r) = recorded {
-        pgrx::log!("azure_cdc: could not record the failure of mirror {mirror_id} in the catalog: {}", r.full_text());
     }
 }
 
@@ -551,7 +480,7 @@ fn run(index: usize, mirror_id: i64) -> Result<()> {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn azure_cdc_snapshot_helper_main(arg: pg_sys::Datum) {
-    install_signal_handlers();
+    worker::install_signal_handlers();
     let index = arg.value() & 0xff;
     let slot = arg.value() >> 8;
     if index >= crate::gucs::MAX_FABRIC_MIRRORS_LIMIT as usize || slot == 0 || slot >= shmem::MAX_PROGRESS {
@@ -565,7 +494,7 @@ pub extern "C-unwind" fn azure_cdc_snapshot_helper_main(arg: pg_sys::Datum) {
     shmem::REGISTRY.exclusive().entries[index].helper_pids[slot] = unsafe { pg_sys::MyProcPid };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(entry.database)), None);
     let mirror_id = entry.mirror_id;
-    let result = catching(|| helper_run(index, slot, mirror_id));
+    let result = worker::catching(|| helper_run(index, slot, mirror_id));
     shmem::set_progress(index, slot, 0, 0);
     {
         let mut r = shmem::REGISTRY.exclusive();
