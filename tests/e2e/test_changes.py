@@ -382,3 +382,26 @@ def test_killed_just_after_publishing_nothing_is_shipped_twice(cluster, db):
         w.join()
     db.wait_caught_up("m")
     assert_mirror_equals_source(db.conn, root, "public", "t")
+
+
+def test_a_column_change_parks_the_table_and_keeps_what_was_published(cluster, db):
+    db.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    db.sql("CREATE TABLE other (id int PRIMARY KEY)")
+    root = db.start_mirror("m", ["t", "other"])
+    db.wait_snapshot("m")
+    db.sql("INSERT INTO t VALUES (1, 'before')")
+    db.wait_caught_up("m")
+    rep_before = assert_mirror_equals_source(db.conn, root, "public", "t")
+    db.sql("ALTER TABLE t ADD COLUMN extra int")
+    db.sql("INSERT INTO t VALUES (2, 'after', 7)")
+    db.sql("INSERT INTO other VALUES (1)")
+    db.wait_caught_up("m")
+    end = time.time() + 60
+    while db.status("m")[("public", "t")]["state"] != "Failed":
+        assert time.time() < end, db.status("m")
+        time.sleep(0.1)
+    t = db.status("m")[("public", "t")]
+    assert "columns of the table changed" in t["error"], t
+    # What was published stays as it was; the other table goes on.
+    assert replay_table(table_folder(root, "public", "t")).rows == rep_before.rows
+    assert_mirror_equals_source(db.conn, root, "public", "other")
