@@ -142,28 +142,9 @@ struct Decoder {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn azure_cdc_decoder_main(arg: pg_sys::Datum) {
-    worker::install_signal_handlers();
-    let index = arg.value();
-    if index >= crate::gucs::MAX_FABRIC_MIRRORS_LIMIT as usize {
-        return;
-    }
-    let entry = shmem::entry(index);
-    if !entry.in_use {
-        return;
-    }
     IN_DECODER.store(true, Ordering::Relaxed);
-    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(entry.database)), None);
-    // SAFETY: MyProcPid is set at process start.
-    shmem::set_worker_pid(index, unsafe { pg_sys::MyProcPid });
+    let Some((index, entry)) = worker::start(arg, "is not decoded") else { return };
     let mirror_id = entry.mirror_id;
-    if !worker::extension_installed() {
-        pgrx::warning!(
-            "azure_cdc: the extension was dropped from this database; mirror {mirror_id} is not decoded and its slot is left for an administrator to drop"
-        );
-        shmem::set_worker_pid(index, 0);
-        shmem::release(index);
-        return;
-    }
     let result = worker::catching(|| run(index, mirror_id));
     DECODER.with(|d| d.borrow_mut().take());
     shmem::set_stream_stats(index, StreamStats::default());

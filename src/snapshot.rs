@@ -195,28 +195,8 @@ struct Outcome {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn azure_cdc_snapshot_main(arg: pg_sys::Datum) {
-    worker::install_signal_handlers();
-    let index = arg.value();
-    if index >= crate::gucs::MAX_FABRIC_MIRRORS_LIMIT as usize {
-        return;
-    }
-    let entry = shmem::entry(index);
-    if !entry.in_use {
-        return;
-    }
-    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(entry.database)), None);
-    // SAFETY: MyProcPid is set at process start.
-    shmem::set_worker_pid(index, unsafe { pg_sys::MyProcPid });
-
+    let Some((index, entry)) = worker::start(arg, "will not be snapshotted") else { return };
     let mirror_id = entry.mirror_id;
-    if !worker::extension_installed() {
-        pgrx::warning!(
-            "azure_cdc: the extension was dropped from this database; mirror {mirror_id} will not be snapshotted and its slot, if any, is left for an administrator to drop"
-        );
-        shmem::set_worker_pid(index, 0);
-        shmem::release(index);
-        return;
-    }
     let attempt = worker::catching(|| run(index, mirror_id));
     clear_progress(index);
     shmem::set_worker_pid(index, 0);

@@ -9,6 +9,7 @@ use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
 
 use crate::catalog;
+use crate::shmem::{self, MirrorEntry};
 
 unsafe extern "C-unwind" {
     // PostgreSQL's standard signal handlers (tcop/tcopprot.h, postmaster/interrupt.h), as raw symbols.
@@ -26,6 +27,36 @@ pub fn install_signal_handlers() {
         pg_sys::pqsignal(pg_sys::SIGHUP as i32, Some(SignalHandlerForConfigReload));
         pg_sys::BackgroundWorkerUnblockSignals();
     }
+}
+
+/// The common start of a mirror's worker: signal handlers, the registry entry `arg` points to, a
+/// connection to the mirror's database, the worker's pid in the registry. Returns None (the worker
+/// just exits) when the entry is not in use, or when the extension was dropped from the database:
+/// then the entry is freed and the mirror's slot left, with a warning, for an administrator to drop.
+/// `what` says what the worker would have done, for that warning.
+pub fn start(arg: pg_sys::Datum, what: &str) -> Option<(usize, MirrorEntry)> {
+    install_signal_handlers();
+    let index = arg.value();
+    if index >= crate::gucs::MAX_FABRIC_MIRRORS_LIMIT as usize {
+        return None;
+    }
+    let entry = shmem::entry(index);
+    if !entry.in_use {
+        return None;
+    }
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(entry.database)), None);
+    // SAFETY: MyProcPid is set at process start.
+    shmem::set_worker_pid(index, unsafe { pg_sys::MyProcPid });
+    if !extension_installed() {
+        pgrx::warning!(
+            "azure_cdc: the extension was dropped from this database; mirror {} {what} and its slot, if any, is left for an administrator to drop",
+            entry.mirror_id
+        );
+        shmem::set_worker_pid(index, 0);
+        shmem::release(index);
+        return None;
+    }
+    Some((index, entry))
 }
 
 /// Runs one attempt, turning a PostgreSQL error (or a panic) raised inside it into an [`Error`], so
