@@ -306,7 +306,6 @@ fn run(index: usize, mirror_id: i64) -> Result<()> {
         // SAFETY: ctx is live; EndRecPtr is where decoding has read to.
         let read_upto = unsafe { (*(*ctx).reader).EndRecPtr };
         with_decoder(|d| {
-            d.stats.read_lsn = read_upto;
             if d.first_change.is_none() {
                 if let Some(lsn) = d.inflight.idle(read_upto) {
                     d.confirm(lsn);
@@ -335,7 +334,7 @@ fn with_decoder<T>(f: impl FnOnce(&mut Decoder) -> Result<T>) -> Result<T> {
 impl Decoder {
     /// Between records (no transaction being replayed): collect acknowledgements, close a batch that
     /// is due, confirm what is published.
-    fn after_record(&mut self, _ctx: *mut pg_sys::LogicalDecodingContext) -> Result<()> {
+    fn after_record(&mut self, ctx: *mut pg_sys::LogicalDecodingContext) -> Result<()> {
         self.collect_acks(Duration::ZERO)?;
         if batch_due(
             self.buffered,
@@ -346,7 +345,7 @@ impl Decoder {
         ) {
             // SAFETY: reading where decoding has read to; between records every decoded commit up to
             // there is in the batch.
-            let upto = unsafe { (*(*_ctx).reader).EndRecPtr };
+            let upto = unsafe { (*(*ctx).reader).EndRecPtr };
             self.close_batch(upto)?;
         }
         if let Some(lsn) = self.confirm_pending.take() {
@@ -755,22 +754,20 @@ unsafe fn append_change(
         let Some((conv, _)) = t.conv.as_mut() else {
             return Err(Error::new(ErrorKind::Internal, "no conversion plan"));
         };
+        let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
         let before = t.builder.bytes();
-        let mut added = 0;
         for (img, marker) in &rows {
+            // No value may be a TOAST pointer the stream does not resolve: fill_unchanged_toast took
+            // care of an UPDATE's new image; this also guards old images (key change, DELETE).
             for (i, null) in img.nulls.iter().enumerate() {
-                // Only a DELETE's old image may lack non-key values.
-                if !*null
-                    && (*desc).attrs.as_slice((*desc).natts as usize)[i].attlen == -1
-                    && is_unchanged_toast(img.values[i])
-                {
+                if !*null && attrs[i].attlen == -1 && is_unchanged_toast(img.values[i]) {
                     return Err(missing_toast(desc, i));
                 }
             }
             conv.append_row(&img.values, &img.nulls, Some(*marker as i32), &mut t.builder)?;
             t.rows_in_batch += 1;
         }
-        added += t.builder.bytes().saturating_sub(before);
+        let added = t.builder.bytes().saturating_sub(before);
         if t.builder.is_full() {
             t.done.push(t.builder.finish()?);
         }

@@ -74,8 +74,6 @@ pub struct MirrorEntry {
 pub struct StreamStats {
     /// The slot's confirmed LSN as this decoder last set it.
     pub confirmed_lsn: u64,
-    /// Where decoding has read the WAL up to.
-    pub read_lsn: u64,
     /// Bytes of changes decoded and not yet published (open batch and batches in flight).
     pub buffered_bytes: u64,
     /// Commit time (PostgreSQL TimestampTz) of the oldest transaction with changes not yet published; 0: none.
