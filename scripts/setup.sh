@@ -34,4 +34,10 @@ fi
 if ! id "$RUN_AS" >/dev/null 2>&1; then
     useradd --create-home --shell /bin/bash "$RUN_AS"
 fi
+# Azurite, the Azure Blob Storage emulator the object-store tests run against (on 127.0.0.1 only).
+if ! command -v azurite-blob >/dev/null 2>&1; then
+    echo "setup: installing azurite"
+    npm install -g --no-fund --no-audit azurite
+fi
+
 echo "setup: ready (cargo-pgrx $PGRX_VERSION, $("$PG_CONFIG" --version), run-as user $RUN_AS)"

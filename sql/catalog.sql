@@ -18,8 +18,9 @@ CREATE TABLE azure_cdc.mirrors (
     target                 text NOT NULL,
     all_tables             boolean NOT NULL,
     options                jsonb NOT NULL DEFAULT '{}',
+    credential             text,
     state                  text NOT NULL DEFAULT 'Starting'
-                           CHECK (state IN ('Starting', 'Running', 'Stopped')),
+                           CHECK (state IN ('Starting', 'Running', 'Failed', 'Stopped')),
     slot_name              name NOT NULL,
     consistent_lsn         pg_lsn,
     created_by             name NOT NULL DEFAULT current_user,
@@ -48,3 +49,13 @@ CREATE TABLE azure_cdc.mirror_tables (
 
 REVOKE ALL ON azure_cdc.mirrors, azure_cdc.mirror_tables FROM PUBLIC;
 GRANT SELECT, INSERT, UPDATE, DELETE ON azure_cdc.mirrors, azure_cdc.mirror_tables TO azure_cdc_admin;
+
+-- Named options (keys, secrets, endpoints) for object-store targets. Readable by superusers only:
+-- azure_cdc_admin may name a credential in start_mirror but not read it (see src/credentials.rs).
+CREATE TABLE azure_cdc.credentials (
+    credential_name  text PRIMARY KEY,
+    options          jsonb NOT NULL,
+    created_by       name NOT NULL DEFAULT current_user,
+    created_at       timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+REVOKE ALL ON azure_cdc.credentials FROM PUBLIC;

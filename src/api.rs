@@ -9,7 +9,8 @@
 use azure_cdc_core::lifecycle::{MirrorState, TableState};
 use azure_cdc_core::names;
 use azure_cdc_core::prerequisites::{self, ServerFacts};
-use azure_cdc_core::target::{LocalTarget, TargetUrl};
+use azure_cdc_core::cloud::CloudSettings;
+use azure_cdc_core::target::TargetUrl;
 use azure_cdc_core::{Error, ErrorKind, Result};
 use pgrx::prelude::*;
 use pgrx::{register_xact_callback, JsonB, PgXactCallbackEvent};
@@ -182,10 +183,6 @@ fn prerequisite_error(facts: &ServerFacts) -> Option<Error> {
     )
 }
 
-fn paths_overlap(a: &std::path::Path, b: &std::path::Path) -> bool {
-    a.starts_with(b) || b.starts_with(a)
-}
-
 fn start_mirror_impl(
     mirror_name: &str,
     target: &str,
@@ -204,41 +201,50 @@ fn start_mirror_impl(
         return Err(e);
     }
     let url = TargetUrl::parse(target)?;
-    let TargetUrl::Local(path) = &url;
     for (other, other_target) in catalog::active_targets()? {
-        if let Ok(TargetUrl::Local(p)) = TargetUrl::parse(&other_target) {
-            if paths_overlap(&p, path) {
-                return Err(Error::new(
-                    ErrorKind::DuplicateObject,
-                    format!("target \"{}\" overlaps the target of mirror \"{other}\"", url.to_url()),
-                )
-                .with_hint("Give each mirror its own folder."));
+        if TargetUrl::parse(&other_target).is_ok_and(|o| o.overlaps(&url)) {
+            return Err(Error::new(
+                ErrorKind::DuplicateObject,
+                format!("target \"{}\" overlaps the target of mirror \"{other}\"", url.to_url()),
+            )
+            .with_hint("Give each mirror its own folder."));
+        }
+    }
+    let credential = match &options.0 {
+        serde_json::Value::Object(map) => {
+            if let Some(k) = map.keys().find(|k| k.as_str() != "credential") {
+                return Err(Error::new(ErrorKind::InvalidParameter, format!("unknown option \"{k}\""))
+                    .with_hint("start_mirror accepts one option: {\"credential\": \"<name>\"}."));
+            }
+            match map.get("credential") {
+                None => None,
+                Some(serde_json::Value::String(c)) => Some(c.clone()),
+                Some(_) => {
+                    return Err(Error::new(ErrorKind::InvalidParameter, "option \"credential\" must be a string"))
+                }
             }
         }
-    }
-    match &options.0 {
-        serde_json::Value::Object(map) if map.is_empty() => {}
-        serde_json::Value::Object(map) => {
-            let keys: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
-            return Err(Error::new(ErrorKind::InvalidParameter, format!("unknown option \"{}\"", keys[0]))
-                .with_hint("This version of azure_cdc accepts no options; pass '{}'."));
-        }
         _ => return Err(Error::new(ErrorKind::InvalidParameter, "options must be a JSON object")),
-    }
+    };
     let all_tables = tables.is_none();
     let rels = resolve_tables(tables)?;
     if let Some(e) = prerequisite_error(&server_facts()?) {
         return Err(e);
     }
-    let local = LocalTarget::new(path.clone());
-    if !local.is_empty()? {
+    let remote = !matches!(url, TargetUrl::Local(_));
+    let t = crate::credentials::open_target(&url, credential.as_deref(), CloudSettings::probe())?;
+    t.probe().map_err(|e| {
+        if remote || e.hint.is_some() {
+            e
+        } else {
+            Error { hint: Some("The folder must be writable by the operating-system user the server runs as.".into()), ..e }
+        }
+    })?;
+    if !t.is_empty()? {
         return Err(Error::new(ErrorKind::PrerequisiteNotMet, format!("target \"{}\" is not empty", url.to_url()))
             .with_hint("A new mirror writes its landing zone into an empty or missing folder."));
     }
-    local.probe().map_err(|e| Error {
-        hint: Some("The folder must be writable by the operating-system user the server runs as.".into()),
-        ..e
-    })?;
+    drop(t);
 
     let slot = names::slot_name(mirror_name);
     let mut with_keys = Vec::with_capacity(rels.len());
@@ -262,7 +268,7 @@ fn start_mirror_impl(
             list.join(", ")
         );
     }
-    let id = catalog::insert_mirror(mirror_name, &url.to_url(), all_tables, options, &slot, &with_keys)?;
+    let id = catalog::insert_mirror(mirror_name, &url.to_url(), all_tables, options, credential.as_deref(), &slot, &with_keys)?;
     let database = database_oid();
     let Some(index) = shmem::reserve(database, id, Desired::Reserved, Phase::Snapshot) else {
         return Err(Error::new(ErrorKind::ConfigurationLimit, "all mirror places of the server are in use")
@@ -386,6 +392,51 @@ fn drop_mirror(mirror_name: &str) -> String {
     drop_mirror_impl(mirror_name).or_raise()
 }
 
+fn resume_mirror_impl(mirror_name: &str) -> Result<String> {
+    require_admin("resume_mirror")?;
+    let m = catalog::mirror_by_name(mirror_name)?.ok_or_else(|| unknown_mirror(mirror_name))?;
+    if MirrorState::parse(&m.state)? != MirrorState::Failed {
+        return Err(Error::new(ErrorKind::ObjectInUse, format!("mirror \"{mirror_name}\" is {}, not Failed", m.state))
+            .with_hint("Only a mirror stopped by a target error is resumed."));
+    }
+    // Prove the target again before the workers try: a cause that is still there is reported here.
+    let url = TargetUrl::parse(&m.target)?;
+    crate::credentials::open_target(&url, m.credential.as_deref(), CloudSettings::probe())?.probe()?;
+    let completed = Spi::get_one_with_args::<bool>(
+        "SELECT snapshot_completed_at IS NOT NULL FROM azure_cdc.mirrors WHERE mirror_id = $1",
+        &[m.id.into()],
+    )
+    .map_err(spi)?
+    .unwrap_or(false);
+    let state = MirrorState::resumed(completed);
+    catalog::run(
+        "UPDATE azure_cdc.mirrors SET state = $2, last_error = NULL WHERE mirror_id = $1",
+        &[m.id.into(), state.as_str().into()],
+    )?;
+    let phase = if completed { Phase::Snapshotted } else { Phase::Snapshot };
+    let database = database_oid();
+    let index = match shmem::find(database, m.id) {
+        Some(i) => i,
+        None => shmem::reserve(database, m.id, Desired::Stop, phase).ok_or_else(|| {
+            Error::new(ErrorKind::ConfigurationLimit, "all mirror places of the server are in use")
+                .with_hint("Stop a mirror or raise azure_cdc.max_fabric_mirrors and restart the server.")
+        })?,
+    };
+    register_xact_callback(PgXactCallbackEvent::Commit, move || {
+        shmem::resume(index, phase);
+        shmem::wake_launcher();
+    });
+    Ok(format!("mirror \"{mirror_name}\" resumes as {} after commit", state.as_str()))
+}
+
+/// Takes a mirror that a target error stopped (state Failed) back to work, once the cause is fixed:
+/// proves the target, then its workers start again from where the slot stands. Nothing is lost
+/// while a mirror is Failed: its slot holds the WAL.
+#[pg_extern]
+fn resume_mirror(mirror_name: &str) -> String {
+    resume_mirror_impl(mirror_name).or_raise()
+}
+
 type StatusRow =
     (String, String, String, String, String, i64, i64, Option<pgrx::datum::TimestampWithTimeZone>, Option<String>);
 
@@ -397,7 +448,7 @@ fn status_rows() -> Result<Vec<StatusRow>> {
             .select(
                 "SELECT m.mirror_name, t.schema_name::text, t.table_name::text, t.state, t.rows_replicated, \
                         t.files_published, t.last_completed_at, t.last_error, \
-                        pg_catalog.cardinality(t.key_columns) > 0, m.mirror_id, t.relid \
+                        pg_catalog.cardinality(t.key_columns) > 0, m.mirror_id, t.relid, m.state, m.last_error \
                    FROM azure_cdc.mirror_tables t JOIN azure_cdc.mirrors m USING (mirror_id) \
                   ORDER BY m.mirror_name, t.schema_name, t.table_name",
                 None,
@@ -416,14 +467,23 @@ fn status_rows() -> Result<Vec<StatusRow>> {
                     rows_replicated = live;
                 }
             }
-            let last_error: Option<String> = r.get(8).map_err(spi)?;
+            let mirror_state = MirrorState::parse(&r.get::<String>(12).map_err(spi)?.unwrap_or_default())?;
+            // The table's own error; else, while the table follows its mirror, the mirror's (a target
+            // error being retried, or the one that made the mirror Failed).
+            let last_error: Option<String> = match r.get::<String>(8).map_err(spi)? {
+                Some(e) => Some(e),
+                None if matches!(state, TableState::Snapshotting | TableState::Replicating) => {
+                    r.get(13).map_err(spi)?
+                }
+                None => None,
+            };
             let has_key: bool = r.get(9).map_err(spi)?.unwrap_or(false);
             rows.push((
                 r.get(1).map_err(spi)?.unwrap_or_default(),
                 r.get(2).map_err(spi)?.unwrap_or_default(),
                 r.get(3).map_err(spi)?.unwrap_or_default(),
                 state_text,
-                state.health(has_key, last_error.is_some()).as_str().to_string(),
+                state.health(has_key, last_error.is_some(), mirror_state).as_str().to_string(),
                 rows_replicated,
                 r.get(6).map_err(spi)?.unwrap_or(0),
                 r.get(7).map_err(spi)?,

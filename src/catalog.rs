@@ -15,6 +15,8 @@ pub struct MirrorRow {
     pub target: String,
     pub state: String,
     pub slot_name: String,
+    /// Name of the credential used to reach the target, if any.
+    pub credential: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -27,7 +29,7 @@ pub struct TableRow {
     pub key_columns: Vec<String>,
 }
 
-const MIRROR_COLUMNS: &str = "mirror_id, mirror_name, target, state, slot_name::text";
+const MIRROR_COLUMNS: &str = "mirror_id, mirror_name, target, state, slot_name::text, credential";
 
 fn mirror_from(row: &pgrx::spi::SpiHeapTupleData) -> Result<MirrorRow> {
     let missing = || Error::new(ErrorKind::Internal, "azure_cdc.mirrors has a NULL in a NOT NULL column");
@@ -37,6 +39,7 @@ fn mirror_from(row: &pgrx::spi::SpiHeapTupleData) -> Result<MirrorRow> {
         target: row.get::<String>(3).map_err(spi)?.ok_or_else(missing)?,
         state: row.get::<String>(4).map_err(spi)?.ok_or_else(missing)?,
         slot_name: row.get::<String>(5).map_err(spi)?.ok_or_else(missing)?,
+        credential: row.get::<String>(6).map_err(spi)?,
     })
 }
 
@@ -194,16 +197,17 @@ pub fn insert_mirror(
     target: &str,
     all_tables: bool,
     options: pgrx::JsonB,
+    credential: Option<&str>,
     slot_name: &str,
     tables: &[(RelationInfo, Vec<String>)],
 ) -> Result<i64> {
     Spi::connect_mut(|c| {
         let id = c
             .update(
-                "INSERT INTO azure_cdc.mirrors (mirror_name, target, all_tables, options, slot_name) \
-                 VALUES ($1, $2, $3, $4, $5::name) RETURNING mirror_id",
+                "INSERT INTO azure_cdc.mirrors (mirror_name, target, all_tables, options, slot_name, credential) \
+                 VALUES ($1, $2, $3, $4, $5::name, $6) RETURNING mirror_id",
                 None,
-                &[name.into(), target.into(), all_tables.into(), options.into(), slot_name.into()],
+                &[name.into(), target.into(), all_tables.into(), options.into(), slot_name.into(), credential.into()],
             )
             .map_err(spi)?
             .first()

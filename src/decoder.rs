@@ -40,7 +40,7 @@ use azure_cdc_core::error::Disposition;
 use azure_cdc_core::lifecycle::{MirrorState, TableEvent, TableState};
 use azure_cdc_core::names;
 use azure_cdc_core::shipper::{self, ShipBatch, Shipped, Shipper, TableChanges};
-use azure_cdc_core::target::{LocalTarget, TargetUrl};
+use azure_cdc_core::target::TargetUrl;
 use azure_cdc_core::{Error, ErrorKind, Result};
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
@@ -214,8 +214,10 @@ fn run(index: usize, mirror_id: i64) -> Result<()> {
         pgrx::log!("azure_cdc: mirror {mirror_id} is not running; decoder exits");
         return Ok(());
     };
-    let TargetUrl::Local(root) = TargetUrl::parse(&mirror.target)?;
-    let target = Arc::new(LocalTarget::new(root));
+    let url = TargetUrl::parse(&mirror.target)?;
+    let target = Arc::new(BackgroundWorker::transaction(|| {
+        crate::credentials::open_target(&url, mirror.credential.as_deref(), crate::credentials::worker_settings())
+    })?);
     for t in tables.values_mut() {
         let (next, published) = shipper::folder_state(&target, &t.folder)?;
         t.next_number = next;

@@ -34,6 +34,13 @@ pub static CHANGE_BATCH_BUFFER_SIZE_MB: GucSetting<i32> = GucSetting::<i32>::new
 /// (SIGHUP).
 pub static CHANGE_BATCH_EXPORT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 
+/// `azure_cdc.onelake_buffer_size`: size, in MB, of one uploaded part of a data file on an
+/// object-store target (OneLake, ADLS, Blob, S3, GCS). A data file up to this size is uploaded in one
+/// request; a larger one in parts of this size, so a worker holds at most this much of a file in
+/// memory per file it writes. Range 5–4000, default 100. Reload (SIGHUP); read when a worker opens
+/// its target.
+pub static ONELAKE_BUFFER_SIZE_MB: GucSetting<i32> = GucSetting::<i32>::new(100);
+
 /// Values of `azure_cdc.parquet_compression`.
 #[derive(pgrx::PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum ParquetCompression {
@@ -103,6 +110,16 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
+    GucRegistry::define_int_guc(
+        c"azure_cdc.onelake_buffer_size",
+        c"Size of one uploaded part of a data file on an object-store target.",
+        c"",
+        &ONELAKE_BUFFER_SIZE_MB,
+        5,
+        4000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MB,
+    );
     GucRegistry::define_enum_guc(
         c"azure_cdc.parquet_compression",
         c"Compression codec of Parquet data files: zstd, snappy, gzip or uncompressed.",
@@ -136,4 +153,9 @@ pub fn change_buffer_bytes() -> usize {
 /// Change batch timeout.
 pub fn change_batch_timeout() -> std::time::Duration {
     std::time::Duration::from_millis(CHANGE_BATCH_EXPORT_TIMEOUT_MS.get().max(100) as u64)
+}
+
+/// Upload part size in bytes.
+pub fn onelake_buffer_bytes() -> usize {
+    ONELAKE_BUFFER_SIZE_MB.get().max(5) as usize * 1024 * 1024
 }

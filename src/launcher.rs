@@ -277,11 +277,14 @@ pub extern "C-unwind" fn azure_cdc_scout_main(arg: pg_sys::Datum) {
             }
         };
         for m in mirrors {
-            let phase = match MirrorState::parse(&m.state) {
+            let state = MirrorState::parse(&m.state);
+            let phase = match state {
                 Ok(MirrorState::Starting) => Phase::Snapshot,
                 _ => Phase::Snapshotted,
             };
-            if shmem::reserve(database, m.id, Desired::Run, phase).is_none() {
+            // A Failed mirror keeps its place (and slot) but runs no worker until resume_mirror.
+            let desired = if state.is_ok_and(|s| !s.wants_workers()) { Desired::Stop } else { Desired::Run };
+            if shmem::reserve(database, m.id, desired, phase).is_none() {
                 pgrx::warning!(
                     "azure_cdc: mirror \"{}\" cannot run: all {} mirror places are in use",
                     m.name,

@@ -147,6 +147,15 @@ pub fn release(index: usize) {
     r.entries[index] = MirrorEntry::default();
 }
 
+/// Lets the workers of entry `index` run again, in `phase`, with the failure count reset.
+pub fn resume(index: usize, phase: Phase) {
+    let mut r = REGISTRY.exclusive();
+    let e = &mut r.entries[index];
+    e.phase = phase;
+    e.failures = 0;
+    e.desired = Desired::Run;
+}
+
 pub fn set_desired(index: usize, desired: Desired) {
     REGISTRY.exclusive().entries[index].desired = desired;
 }

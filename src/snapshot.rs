@@ -37,7 +37,7 @@ use azure_cdc_core::error::Disposition;
 use azure_cdc_core::landing_zone;
 use azure_cdc_core::lifecycle::{MirrorState, TableEvent, TableState};
 use azure_cdc_core::names;
-use azure_cdc_core::target::{LocalTarget, TargetUrl};
+use azure_cdc_core::target::{Target, TargetUrl};
 use azure_cdc_core::{Error, ErrorKind, Result};
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
@@ -71,7 +71,7 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn start(target: Arc<LocalTarget>) -> Result<Encoder> {
+    fn start(target: Arc<Target>) -> Result<Encoder> {
         // Two batches in flight: the encoder works on one while the scan fills the next.
         let (tx, work) = sync_channel::<ToEncoder>(2);
         let (done, rx) = sync_channel::<Result<Vec<PublishedFile>>>(1);
@@ -109,7 +109,7 @@ impl Drop for Encoder {
 }
 
 fn encoder_loop(
-    target: Arc<LocalTarget>,
+    target: Arc<Target>,
     work: Receiver<ToEncoder>,
     done: SyncSender<Result<Vec<PublishedFile>>>,
     failed: Arc<AtomicBool>,
@@ -212,15 +212,15 @@ fn clear_progress(index: usize) {
 }
 
 /// Step 1: read the mirror, clean up after an earlier attempt. Returns None when there is nothing to do.
-fn prepare(mirror_id: i64) -> Result<Option<(MirrorRow, Vec<TableRow>, Arc<LocalTarget>)>> {
+fn prepare(mirror_id: i64) -> Result<Option<(MirrorRow, Vec<TableRow>, Arc<Target>)>> {
     BackgroundWorker::transaction(|| {
         let Some(m) = catalog::mirror_by_id(mirror_id)? else { return Ok(None) };
         if MirrorState::parse(&m.state)? != MirrorState::Starting {
             return Ok(None);
         }
         crate::slot::drop_if_exists(&m.slot_name)?;
-        let TargetUrl::Local(root) = TargetUrl::parse(&m.target)?;
-        let target = Arc::new(LocalTarget::new(root));
+        let url = TargetUrl::parse(&m.target)?;
+        let target = Arc::new(crate::credentials::open_target(&url, m.credential.as_deref(), crate::credentials::worker_settings())?);
         let tables = catalog::tables(mirror_id)?;
         for t in &tables {
             target.clear_table_folder(&names::table_folder(&t.schema, &t.table))?;
@@ -335,7 +335,7 @@ fn copy_claimed_tables(
     index: usize,
     progress_slot: usize,
     tables: &[TableRow],
-    target: &Arc<LocalTarget>,
+    target: &Arc<Target>,
 ) -> Result<Vec<Outcome>> {
     let encoder = Encoder::start(target.clone())?;
     let mut outcomes = Vec::new();
@@ -514,8 +514,9 @@ fn helper_run(index: usize, slot: usize, mirror_id: i64) -> Result<usize> {
     }
     let mirror = catalog::mirror_by_id(mirror_id)?
         .ok_or_else(|| Error::new(ErrorKind::Internal, format!("mirror {mirror_id} is gone")))?;
-    let TargetUrl::Local(root) = TargetUrl::parse(&mirror.target)?;
-    let target = Arc::new(LocalTarget::new(root));
+    let url = TargetUrl::parse(&mirror.target)?;
+    let target =
+        Arc::new(crate::credentials::open_target(&url, mirror.credential.as_deref(), crate::credentials::worker_settings())?);
     let tables = catalog::tables(mirror_id)?;
     if tables.len() != shmem::entry(index).tables_total as usize {
         return Err(Error::new(ErrorKind::Internal, "snapshot workers disagree on the table list"));
@@ -546,7 +547,7 @@ fn snapshot_table(
     index: usize,
     progress_slot: usize,
     t: &TableRow,
-    target: &Arc<LocalTarget>,
+    target: &Arc<Target>,
     encoder: &Encoder,
 ) -> Result<Outcome> {
     let folder = names::table_folder(&t.schema, &t.table);

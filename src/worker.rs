@@ -88,7 +88,11 @@ pub fn extension_installed() -> bool {
 /// slot if it holds it (an ephemeral slot is dropped by the release), logs the error, records it in
 /// the mirror's `last_error` (and, while snapshotting, in its tables still being copied), and exits
 /// with code 1, which tells the launcher to retry with back-off. `what` names the worker in the log.
+/// An error that retrying cannot fix (the target rejected the credential, denied permission, or its
+/// container is gone) marks the mirror Failed instead and tells the launcher not to restart it; the
+/// slot is kept, so nothing is lost until an operator fixes the cause and runs `resume_mirror`.
 pub fn exit_after_failure(mirror_id: i64, what: &str, e: &Error) -> ! {
+    let permanent = e.kind.disposition() == azure_cdc_core::error::Disposition::StopMirror;
     // SAFETY: back to a clean state on the main thread after an error was caught.
     unsafe { pg_sys::AbortCurrentTransaction() };
     crate::slot::release();
@@ -97,8 +101,10 @@ pub fn exit_after_failure(mirror_id: i64, what: &str, e: &Error) -> ! {
     let recorded = catching(|| {
         BackgroundWorker::transaction(|| -> Result<()> {
             catalog::run(
-                "UPDATE azure_cdc.mirrors SET last_error = $2 WHERE mirror_id = $1",
-                &[mirror_id.into(), text.as_str().into()],
+                "UPDATE azure_cdc.mirrors SET last_error = $2, \
+                        state = CASE WHEN $3 AND state IN ('Starting', 'Running') THEN 'Failed' ELSE state END \
+                  WHERE mirror_id = $1",
+                &[mirror_id.into(), text.as_str().into(), permanent.into()],
             )?;
             catalog::run(
                 "UPDATE azure_cdc.mirror_tables SET last_error = $2 WHERE mirror_id = $1 AND state = 'Snapshotting'",
@@ -108,6 +114,13 @@ pub fn exit_after_failure(mirror_id: i64, what: &str, e: &Error) -> ! {
     });
     if let Err(r) = recorded {
         pgrx::log!("azure_cdc: could not record the failure of mirror {mirror_id} in the catalog: {}", r.full_text());
+    } else if permanent {
+        // SAFETY: MyDatabaseId is set once the worker is connected.
+        let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
+        if let Some(index) = shmem::find(database, mirror_id) {
+            shmem::set_desired(index, shmem::Desired::Stop);
+        }
+        pgrx::log!("azure_cdc: mirror {mirror_id} is Failed until resume_mirror; its slot is kept");
     }
     // SAFETY: proc_exit runs the normal exit callbacks of a background worker.
     unsafe { pg_sys::proc_exit(1) }

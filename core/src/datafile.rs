@@ -15,7 +15,7 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::target::{LocalTarget, TempFile};
+use crate::target::{Target, TempFile};
 
 /// Rows per Parquet row group: large enough to compress well, small enough to bound encoder memory.
 pub const ROW_GROUP_ROWS: usize = 128 * 1024;
@@ -113,7 +113,7 @@ pub struct PublishedFile {
 /// Splits a stream of record batches of one table into data files of at most about `max_file_bytes`
 /// and publishes them with contiguous numbers starting at `first_number`. Never publishes an empty file.
 pub struct TableFileSink {
-    target: Arc<LocalTarget>,
+    target: Arc<Target>,
     folder: String,
     schema: SchemaRef,
     compression: Compression,
@@ -126,7 +126,7 @@ pub struct TableFileSink {
 
 impl TableFileSink {
     pub fn new(
-        target: Arc<LocalTarget>,
+        target: Arc<Target>,
         folder: String,
         schema: SchemaRef,
         compression: Compression,
@@ -246,7 +246,7 @@ mod tests {
     #[test]
     fn splits_into_bounded_contiguous_files_that_read_back() {
         let dir = crate::target::tests::temp_dir("sink");
-        let target = Arc::new(LocalTarget::new(dir.clone()));
+        let target = Arc::new(Target::Local(crate::target::LocalTarget::new(dir.clone())));
         for compression in [Compression::Zstd, Compression::Snappy, Compression::Gzip, Compression::Uncompressed] {
             let folder = format!("public.schema/t_{compression:?}");
             let mut sink =
@@ -293,7 +293,7 @@ mod tests {
     #[test]
     fn an_empty_table_publishes_nothing() {
         let dir = crate::target::tests::temp_dir("empty");
-        let target = Arc::new(LocalTarget::new(dir.clone()));
+        let target = Arc::new(Target::Local(crate::target::LocalTarget::new(dir.clone())));
         let sink = TableFileSink::new(target, "s.schema/t".into(), schema(), Compression::Zstd, 1 << 20, 1, vec![]);
         assert!(sink.close().unwrap().is_empty());
         assert!(

@@ -27,8 +27,14 @@ pub enum ErrorKind {
     ConfigurationLimit,
     /// The object is busy (55006).
     ObjectInUse,
-    /// Reading or writing the target failed (58030). Retried with back-off.
+    /// Reading or writing the target failed (58030), e.g. it is unreachable. Retried with back-off.
     TargetIo,
+    /// The target rejected the credential (28P01). Stops the mirror.
+    TargetAuthentication,
+    /// The credential is valid but may not write to the target (28000). Stops the mirror.
+    TargetPermission,
+    /// The container or bucket does not exist (58P01). Stops the mirror.
+    TargetMissing,
     /// A value cannot be represented in the landing zone (22000). Parks the table.
     DataConversion,
     /// A change this build cannot mirror for one table (0A000), e.g. an update of a table without key
@@ -47,6 +53,8 @@ pub enum Disposition {
     ParkTable,
     /// Give up this attempt; the launcher restarts the worker with back-off.
     Retry,
+    /// Nothing will change by retrying: mark the mirror Failed until an operator resumes it.
+    StopMirror,
 }
 
 impl ErrorKind {
@@ -64,6 +72,9 @@ impl ErrorKind {
             ErrorKind::ConfigurationLimit => "53400",
             ErrorKind::ObjectInUse => "55006",
             ErrorKind::TargetIo => "58030",
+            ErrorKind::TargetAuthentication => "28P01",
+            ErrorKind::TargetPermission => "28000",
+            ErrorKind::TargetMissing => "58P01",
             ErrorKind::DataConversion => "22000",
             ErrorKind::FeatureNotSupported => "0A000",
             ErrorKind::Internal => "XX000",
@@ -75,6 +86,9 @@ impl ErrorKind {
         match self {
             ErrorKind::DataConversion | ErrorKind::FeatureNotSupported => Disposition::ParkTable,
             ErrorKind::TargetIo | ErrorKind::Internal | ErrorKind::ObjectInUse => Disposition::Retry,
+            ErrorKind::TargetAuthentication | ErrorKind::TargetPermission | ErrorKind::TargetMissing => {
+                Disposition::StopMirror
+            }
             _ => Disposition::ReportToCaller,
         }
     }
@@ -135,7 +149,17 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {}
 
 impl From<parquet::errors::ParquetError> for Error {
+    /// A failure of the file being written (a target error carried through the `Write` interface, or
+    /// an I/O error) keeps its kind; anything else is an encoding bug.
     fn from(e: parquet::errors::ParquetError) -> Self {
+        if let parquet::errors::ParquetError::External(inner) = &e {
+            if let Some(io) = inner.downcast_ref::<std::io::Error>() {
+                if let Some(ours) = io.get_ref().and_then(|r| r.downcast_ref::<Error>()) {
+                    return ours.clone();
+                }
+                return Error::new(ErrorKind::TargetIo, format!("could not write a data file: {io}"));
+            }
+        }
         Error::new(ErrorKind::Internal, format!("could not encode a Parquet file: {e}"))
     }
 }
@@ -164,6 +188,9 @@ mod tests {
             ErrorKind::ConfigurationLimit,
             ErrorKind::ObjectInUse,
             ErrorKind::TargetIo,
+            ErrorKind::TargetAuthentication,
+            ErrorKind::TargetPermission,
+            ErrorKind::TargetMissing,
             ErrorKind::DataConversion,
             ErrorKind::FeatureNotSupported,
             ErrorKind::Internal,
@@ -180,6 +207,16 @@ mod tests {
         assert_eq!(ErrorKind::DataConversion.disposition(), Disposition::ParkTable);
         assert_eq!(ErrorKind::TargetIo.disposition(), Disposition::Retry);
         assert_eq!(ErrorKind::InvalidName.disposition(), Disposition::ReportToCaller);
+        assert_eq!(ErrorKind::TargetPermission.disposition(), Disposition::StopMirror);
+    }
+
+    #[test]
+    fn a_target_error_inside_a_parquet_error_keeps_its_kind() {
+        let ours = Error::new(ErrorKind::TargetMissing, "no container");
+        let pe = parquet::errors::ParquetError::External(Box::new(std::io::Error::other(ours.clone())));
+        assert_eq!(Error::from(pe), ours);
+        let pe = parquet::errors::ParquetError::External(Box::new(std::io::Error::other("disk full")));
+        assert_eq!(Error::from(pe).kind, ErrorKind::TargetIo);
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //!
 //! Vocabulary used across the project:
 //! - **mirror**: one `start_mirror` call; a set of tables of one database copied to one target.
-//! - **target**: where the landing zone lives (this crate implements the local folder, `file://`).
+//! - **target**: where the landing zone lives: a local folder (`file://`) or an object store (Azure
+//!   Blob / ADLS Gen2 / OneLake, S3, GCS).
+//! - **credential**: named options (keys, secrets, endpoints) a mirror uses to reach its target.
 //! - **landing zone**: the folder layout and files the lakehouse reads (`<schema>.schema/<table>/`,
 //!   `_metadata.json`, numbered Parquet data files, `_partnerEvents.json`).
 //! - **snapshot file / change file**: a data file holding a table's initial rows / later changes.
@@ -15,6 +17,7 @@
 
 pub mod batch;
 pub mod changes;
+pub mod cloud;
 pub mod datafile;
 pub mod error;
 pub mod landing_zone;

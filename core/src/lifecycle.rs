@@ -83,12 +83,13 @@ impl TableState {
         }
     }
 
-    /// The health shown next to the state: Failed is an error; an error being retried, or a table
-    /// without key columns (its rows can be inserted but later updates and deletes cannot be
-    /// expressed), is a warning.
-    pub fn health(self, has_key_columns: bool, has_error: bool) -> Health {
+    /// The health shown next to the state: Failed (the table's, or its mirror's) is an error; an
+    /// error being retried, or a table without key columns (its rows can be inserted but later
+    /// updates and deletes cannot be expressed), is a warning.
+    pub fn health(self, has_key_columns: bool, has_error: bool, mirror: MirrorState) -> Health {
         match self {
             TableState::Failed => Health::Error,
+            _ if mirror == MirrorState::Failed => Health::Error,
             TableState::Stopped => Health::Ok,
             _ if has_error || !has_key_columns => Health::Warning,
             _ => Health::Ok,
@@ -103,6 +104,10 @@ pub enum MirrorState {
     Starting,
     /// Its snapshot is published.
     Running,
+    /// Its target refused it for good (credential rejected, permission denied, container gone). No
+    /// worker runs; the slot is kept and holds WAL. `resume_mirror` takes it back to Starting or
+    /// Running once the cause is fixed.
+    Failed,
     Stopped,
 }
 
@@ -111,20 +116,35 @@ impl MirrorState {
         match self {
             MirrorState::Starting => "Starting",
             MirrorState::Running => "Running",
+            MirrorState::Failed => "Failed",
             MirrorState::Stopped => "Stopped",
         }
     }
 
     pub fn parse(s: &str) -> Result<MirrorState> {
-        [MirrorState::Starting, MirrorState::Running, MirrorState::Stopped]
+        [MirrorState::Starting, MirrorState::Running, MirrorState::Failed, MirrorState::Stopped]
             .into_iter()
             .find(|m| m.as_str() == s)
             .ok_or_else(|| Error::new(ErrorKind::Internal, format!("unknown mirror state \"{s}\"")))
     }
 
-    /// Whether the mirror needs its workers (and so a place among `max_fabric_mirrors`).
+    /// Whether the mirror holds a place among `max_fabric_mirrors` (it has a slot).
     pub fn is_active(self) -> bool {
         !matches!(self, MirrorState::Stopped)
+    }
+
+    /// Whether its workers should run.
+    pub fn wants_workers(self) -> bool {
+        matches!(self, MirrorState::Starting | MirrorState::Running)
+    }
+
+    /// The state `resume_mirror` returns a Failed mirror to.
+    pub fn resumed(snapshot_completed: bool) -> MirrorState {
+        if snapshot_completed {
+            MirrorState::Running
+        } else {
+            MirrorState::Starting
+        }
     }
 }
 
@@ -160,19 +180,25 @@ mod tests {
             assert_eq!(S::parse(s.as_str()).unwrap(), s);
         }
         assert!(S::parse("Running").is_err());
-        for m in [MirrorState::Starting, MirrorState::Running, MirrorState::Stopped] {
+        for m in [MirrorState::Starting, MirrorState::Running, MirrorState::Failed, MirrorState::Stopped] {
             assert_eq!(MirrorState::parse(m.as_str()).unwrap(), m);
         }
         assert!(!MirrorState::Stopped.is_active());
+        assert!(MirrorState::Failed.is_active(), "a failed mirror keeps its slot and its place");
+        assert!(!MirrorState::Failed.wants_workers());
+        assert_eq!(MirrorState::resumed(false), MirrorState::Starting);
+        assert_eq!(MirrorState::resumed(true), MirrorState::Running);
     }
 
     #[test]
     fn health() {
-        assert_eq!(S::Failed.health(true, true), Health::Error);
-        assert_eq!(S::Replicating.health(false, false), Health::Warning);
-        assert_eq!(S::Snapshotting.health(true, true), Health::Warning);
-        assert_eq!(S::Replicating.health(true, false), Health::Ok);
-        assert_eq!(S::Stopped.health(false, false), Health::Ok);
+        let run = MirrorState::Running;
+        assert_eq!(S::Failed.health(true, true, run), Health::Error);
+        assert_eq!(S::Replicating.health(false, false, run), Health::Warning);
+        assert_eq!(S::Snapshotting.health(true, true, run), Health::Warning);
+        assert_eq!(S::Replicating.health(true, false, run), Health::Ok);
+        assert_eq!(S::Replicating.health(true, true, MirrorState::Failed), Health::Error);
+        assert_eq!(S::Stopped.health(false, false, MirrorState::Stopped), Health::Ok);
         assert_eq!(Health::Warning.as_str(), "WARNING");
     }
 

@@ -7,7 +7,6 @@
 //! Also here: reading back, when the decoder starts, where each table folder stands (next file
 //! number, position of the last published change).
 
-use std::fs::File;
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -20,8 +19,7 @@ use parquet::file::reader::{FileReader, SerializedFileReader};
 use crate::changes::{Position, POSITION_KEY};
 use crate::datafile::{Compression, PublishedFile, TableFileSink};
 use crate::error::{Error, ErrorKind, Result};
-use crate::names;
-use crate::target::LocalTarget;
+use crate::target::Target;
 
 /// The changes of one table in one batch: they become exactly one change file.
 pub struct TableChanges {
@@ -51,7 +49,7 @@ pub struct Shipped {
 }
 
 /// Publishes the files of one batch, in table order. Returns the published files.
-pub fn ship(target: &Arc<LocalTarget>, batch: ShipBatch) -> Result<Shipped> {
+pub fn ship(target: &Arc<Target>, batch: ShipBatch) -> Result<Shipped> {
     let mut files = Vec::with_capacity(batch.tables.len());
     for t in batch.tables {
         let mut sink = TableFileSink::new(
@@ -83,13 +81,12 @@ pub fn ship(target: &Arc<LocalTarget>, batch: ShipBatch) -> Result<Shipped> {
 /// Where a table folder stands: the next file number, and the position of the last published change
 /// (None when the folder holds no change file yet). Temporary files of an interrupted write are removed
 /// first: they were never published, and their changes are in the slot's stream again.
-pub fn folder_state(target: &LocalTarget, folder: &str) -> Result<(u64, Option<Position>)> {
+pub fn folder_state(target: &Target, folder: &str) -> Result<(u64, Option<Position>)> {
     target.remove_temporary_files(folder)?;
     let numbers = target.data_file_numbers(folder)?;
     let Some(&last) = numbers.last() else { return Ok((1, None)) };
-    let path = target.root().join(folder).join(names::data_file_name(last));
-    let file = File::open(&path).map_err(|e| Error::io("open", &path, &e))?;
-    let reader = SerializedFileReader::new(file)?;
+    let bytes = target.read_data_file(folder, last)?;
+    let reader = SerializedFileReader::new(bytes)?;
     let position = reader
         .metadata()
         .file_metadata()
@@ -109,7 +106,7 @@ pub struct Shipper {
 
 impl Shipper {
     /// Starts the thread. `depth` batches may wait for it while it publishes one.
-    pub fn start(target: Arc<LocalTarget>, depth: usize) -> Result<Shipper> {
+    pub fn start(target: Arc<Target>, depth: usize) -> Result<Shipper> {
         let (tx, work) = sync_channel::<ShipBatch>(depth);
         let (done, rx) = sync_channel::<Result<Shipped>>(depth + 2);
         let handle = std::thread::Builder::new()
@@ -166,6 +163,8 @@ mod tests {
     use crate::batch::{BatchBuilder, ColumnSpec, Value};
     use crate::changes::{change_columns, RowMarker};
     use crate::typemap::ColumnKind;
+    use crate::names;
+    use std::fs::File;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
     fn batch(ids: std::ops::Range<i64>, marker: RowMarker) -> (SchemaRef, RecordBatch) {
@@ -183,7 +182,7 @@ mod tests {
     fn batches_become_numbered_files_that_remember_their_last_position() {
         let dir = std::env::temp_dir().join(format!("azure_cdc_shipper_{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let target = Arc::new(LocalTarget::new(dir.clone()));
+        let target = Arc::new(Target::Local(crate::target::LocalTarget::new(dir.clone())));
         assert_eq!(folder_state(&target, "s.schema/t").unwrap(), (1, None));
         // A temporary file of an interrupted write is not a published file, and is cleared away.
         drop(target.create_temp_data_file("s.schema/t", 1).unwrap());
@@ -234,7 +233,7 @@ mod tests {
     fn a_published_number_is_never_reused() {
         let dir = std::env::temp_dir().join(format!("azure_cdc_shipper_dup_{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let target = Arc::new(LocalTarget::new(dir.clone()));
+        let target = Arc::new(Target::Local(crate::target::LocalTarget::new(dir.clone())));
         let (schema, rb) = batch(0..3, RowMarker::Delete);
         let mk = |seq| ShipBatch {
             seq,

@@ -1,65 +1,368 @@
-//! Targets: where a mirror's landing zone is written. This module parses target URLs and implements
+//! Targets: where a mirror's landing zone is written. This module parses target URLs (one function
+//! for every supported form), dispatches between the two kinds of target ([`Target`]), and implements
 //! the local-folder target (`file:///absolute/path`) with atomic, durable publication:
 //! a data file is written under a `_`-prefixed temporary name, fsynced, then hard-linked to its final
 //! name (which fails rather than overwrite an existing file), the temporary name removed and the folder
 //! fsynced. A reader therefore never sees a partial file, and a published file is never replaced.
-//! Pure: plain file-system calls, safe on any thread.
+//! Object stores are in [`crate::cloud`]. Safe on any thread; never calls PostgreSQL.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use crate::cloud::{self, CloudSettings, CloudTarget, CloudTempFile, CredentialOptions};
 use crate::error::{Error, ErrorKind, Result};
 use crate::names;
 
 /// The URL forms `start_mirror` accepts, for error hints.
-pub const SUPPORTED_FORMS: &str = "file:///absolute/path";
+pub const SUPPORTED_FORMS: &str = "file:///absolute/path, \
+abfss://<workspace>@onelake.dfs.fabric.microsoft.com/<item>/Files/LandingZone, \
+https://onelake.dfs.fabric.microsoft.com/<workspace>/<item>/Files/LandingZone, \
+abfss://<container>@<account>.dfs.core.windows.net/<path>, \
+https://<account>.blob.core.windows.net/<container>/<path>, az://<container>/<path>, \
+s3://<bucket>/<path>, gs://<bucket>/<path>";
+
+/// The OneLake host (ADLS Gen2 compatible; its account name is `onelake`).
+const ONELAKE_HOSTS: [&str; 2] = ["onelake.dfs.fabric.microsoft.com", "onelake.blob.fabric.microsoft.com"];
 
 /// A parsed target URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TargetUrl {
     /// A folder on the server's file system.
     Local(PathBuf),
+    /// Azure Blob Storage / ADLS Gen2, or OneLake (`fabric`). `account` None: from the credential or
+    /// the environment (`az://`). `prefix`: key prefix of the landing-zone root, no leading or
+    /// trailing `/`.
+    Azure { account: Option<String>, container: String, prefix: String, fabric: bool },
+    S3 { bucket: String, prefix: String },
+    Gcs { bucket: String, prefix: String },
 }
 
 impl TargetUrl {
     pub fn parse(url: &str) -> Result<TargetUrl> {
         let unsupported = |why: String| {
-            Error::new(ErrorKind::InvalidParameter, format!("unsupported target \"{url}\""))
+            Error::new(ErrorKind::InvalidParameter, format!("unsupported target \"{}\"", display_without_query(url)))
                 .with_detail(why)
                 .with_hint(format!("Supported target forms: {SUPPORTED_FORMS}."))
         };
         let Some((scheme, rest)) = url.split_once("://") else {
             return Err(unsupported("The target is not a URL.".into()));
         };
-        if !scheme.eq_ignore_ascii_case("file") {
-            return Err(unsupported(format!("The scheme \"{scheme}\" is not supported.")));
+        if rest.contains('?') || rest.contains('#') {
+            return Err(unsupported(
+                "A target URL takes no query string or fragment. Secrets such as SAS tokens go into a credential (azure_cdc.create_credential), never into the URL.".into(),
+            ));
         }
+        if rest.chars().any(|c| c.is_control()) {
+            return Err(unsupported("The URL contains a control character.".into()));
+        }
+        let scheme = scheme.to_ascii_lowercase();
+        match scheme.as_str() {
+            "file" => Self::parse_file(rest).map_err(unsupported),
+            "abfs" | "abfss" => {
+                let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+                let Some((container, host)) = authority.split_once('@') else {
+                    return Err(unsupported("An abfss URL names <container>@<account>.dfs.core.windows.net.".into()));
+                };
+                let host = host.to_ascii_lowercase();
+                if ONELAKE_HOSTS.contains(&host.as_str()) {
+                    return Self::onelake(container, path).map_err(unsupported);
+                }
+                let account = azure_account(&host).ok_or_else(|| {
+                    unsupported(format!("\"{host}\" is not an Azure storage host (<account>.dfs.core.windows.net)."))
+                })?;
+                Self::azure(Some(account), container, path).map_err(unsupported)
+            }
+            "https" => {
+                let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+                let host = host.to_ascii_lowercase();
+                let (first, more) = path.split_once('/').unwrap_or((path, ""));
+                if ONELAKE_HOSTS.contains(&host.as_str()) {
+                    return Self::onelake(first, more).map_err(unsupported);
+                }
+                let account = azure_account(&host).ok_or_else(|| {
+                    unsupported(format!(
+                        "\"{host}\" is not an Azure storage host (<account>.blob.core.windows.net). For an emulator, use az://<container>/<path> with a credential that sets endpoint."
+                    ))
+                })?;
+                Self::azure(Some(account), first, more).map_err(unsupported)
+            }
+            "az" | "azure" => {
+                let (container, path) = rest.split_once('/').unwrap_or((rest, ""));
+                Self::azure(None, container, path).map_err(unsupported)
+            }
+            "s3" | "s3a" => {
+                let (bucket, path) = rest.split_once('/').unwrap_or((rest, ""));
+                check_bucket(bucket).map_err(unsupported)?;
+                Ok(TargetUrl::S3 { bucket: bucket.to_string(), prefix: clean_prefix(path).map_err(unsupported)? })
+            }
+            "gs" => {
+                let (bucket, path) = rest.split_once('/').unwrap_or((rest, ""));
+                check_bucket(bucket).map_err(unsupported)?;
+                Ok(TargetUrl::Gcs { bucket: bucket.to_string(), prefix: clean_prefix(path).map_err(unsupported)? })
+            }
+            other => Err(unsupported(format!("The scheme \"{other}\" is not supported."))),
+        }
+    }
+
+    fn parse_file(rest: &str) -> std::result::Result<TargetUrl, String> {
         let path = match rest.strip_prefix("localhost") {
             Some(p) => p,
             None => rest,
         };
         if !path.starts_with('/') {
-            return Err(unsupported("A file target needs an absolute path (three slashes: file:///path).".into()));
+            return Err("A file target needs an absolute path (three slashes: file:///path).".into());
         }
         if path.contains('\0') {
-            return Err(unsupported("The path contains a NUL byte.".into()));
+            return Err("The path contains a NUL byte.".into());
         }
         let p = Path::new(path);
         if path.split('/').any(|seg| seg == "." || seg == "..") {
-            return Err(unsupported("The path contains \".\" or \"..\" components.".into()));
+            return Err("The path contains \".\" or \"..\" components.".into());
         }
         if p.parent().is_none() {
-            return Err(unsupported("The target cannot be the root folder.".into()));
+            return Err("The target cannot be the root folder.".into());
         }
         let normalized: PathBuf = p.components().collect();
         Ok(TargetUrl::Local(normalized))
     }
 
+    fn onelake(workspace: &str, path: &str) -> std::result::Result<TargetUrl, String> {
+        if workspace.is_empty() || workspace.contains('@') {
+            return Err("A OneLake URL names a workspace (GUID or name).".into());
+        }
+        let prefix = clean_prefix(path)?;
+        let parts: Vec<&str> = prefix.split('/').collect();
+        if parts.len() < 3 || parts[1] != "Files" || parts[2] != "LandingZone" {
+            return Err(
+                "A OneLake target is the landing zone of a mirrored database item: <workspace>/<item>/Files/LandingZone.".into(),
+            );
+        }
+        Ok(TargetUrl::Azure { account: Some("onelake".into()), container: workspace.to_string(), prefix, fabric: true })
+    }
+
+    fn azure(account: Option<String>, container: &str, path: &str) -> std::result::Result<TargetUrl, String> {
+        let ok = (3..=63).contains(&container.len())
+            && container.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !container.starts_with('-')
+            && !container.ends_with('-')
+            && !container.contains("--");
+        if !ok {
+            return Err(format!(
+                "\"{container}\" is not a container name (3-63 lower-case letters, digits and single hyphens)."
+            ));
+        }
+        Ok(TargetUrl::Azure { account, container: container.to_string(), prefix: clean_prefix(path)?, fabric: false })
+    }
+
     /// The URL in canonical form (what the catalog stores and the status shows).
     pub fn to_url(&self) -> String {
+        let with = |base: String, prefix: &str| if prefix.is_empty() { base } else { format!("{base}/{prefix}") };
         match self {
             TargetUrl::Local(p) => format!("file://{}", p.display()),
+            TargetUrl::Azure { container, prefix, fabric: true, .. } => {
+                with(format!("abfss://{container}@{}", ONELAKE_HOSTS[0]), prefix)
+            }
+            TargetUrl::Azure { account: Some(a), container, prefix, fabric: false } => {
+                with(format!("abfss://{container}@{a}.dfs.core.windows.net"), prefix)
+            }
+            TargetUrl::Azure { account: None, container, prefix, .. } => with(format!("az://{container}"), prefix),
+            TargetUrl::S3 { bucket, prefix } => with(format!("s3://{bucket}"), prefix),
+            TargetUrl::Gcs { bucket, prefix } => with(format!("gs://{bucket}"), prefix),
+        }
+    }
+
+    /// Whether two targets could share objects (one's root inside the other's, or equal).
+    pub fn overlaps(&self, other: &TargetUrl) -> bool {
+        fn nested(a: &str, b: &str) -> bool {
+            a.is_empty() || b.is_empty() || a == b || b.starts_with(&format!("{a}/")) || a.starts_with(&format!("{b}/"))
+        }
+        match (self, other) {
+            (TargetUrl::Local(a), TargetUrl::Local(b)) => a.starts_with(b) || b.starts_with(a),
+            (
+                TargetUrl::Azure { account: aa, container: ac, prefix: ap, .. },
+                TargetUrl::Azure { account: ba, container: bc, prefix: bp, .. },
+            ) => (aa == ba || aa.is_none() || ba.is_none()) && ac == bc && nested(ap, bp),
+            (TargetUrl::S3 { bucket: a, prefix: ap }, TargetUrl::S3 { bucket: b, prefix: bp })
+            | (TargetUrl::Gcs { bucket: a, prefix: ap }, TargetUrl::Gcs { bucket: b, prefix: bp }) => {
+                a == b && nested(ap, bp)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The URL with any query string cut off, for messages.
+fn display_without_query(url: &str) -> &str {
+    url.split(['?', '#']).next().unwrap_or("")
+}
+
+/// The account of an Azure storage host `<account>.(blob|dfs).core.windows.net`.
+fn azure_account(host: &str) -> Option<String> {
+    let (account, domain) = host.split_once('.')?;
+    let ok = matches!(domain, "blob.core.windows.net" | "dfs.core.windows.net")
+        && (3..=24).contains(&account.len())
+        && account.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    ok.then(|| account.to_string())
+}
+
+fn check_bucket(bucket: &str) -> std::result::Result<(), String> {
+    let ok = (3..=63).contains(&bucket.len())
+        && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("\"{bucket}\" is not a bucket name (3-63 lower-case letters, digits, '-', '.', '_')."))
+    }
+}
+
+/// A key prefix from the path part of a URL: empty segments dropped, `.` and `..` refused.
+fn clean_prefix(path: &str) -> std::result::Result<String, String> {
+    let mut parts = Vec::new();
+    for seg in path.split('/') {
+        match seg {
+            "" => {}
+            "." | ".." => return Err("The path contains \".\" or \"..\" components.".into()),
+            s if s.starts_with('_') => {
+                return Err(format!("The path component \"{s}\" starts with '_', which readers of the landing zone ignore."))
+            }
+            s => parts.push(s),
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+/// Where a mirror writes: a local folder or an object store. Same operations on both; see
+/// [`LocalTarget`] and [`CloudTarget`].
+#[derive(Debug)]
+pub enum Target {
+    Local(LocalTarget),
+    Cloud(Arc<CloudTarget>),
+}
+
+impl Target {
+    /// Opens the target a URL names, with a credential's options (empty for none).
+    pub fn open(url: &TargetUrl, options: &CredentialOptions, settings: CloudSettings) -> Result<Target> {
+        match url {
+            TargetUrl::Local(root) => {
+                cloud::validate_options(url, options)?;
+                Ok(Target::Local(LocalTarget::new(root.clone())))
+            }
+            _ => Ok(Target::Cloud(Arc::new(CloudTarget::open(url, options, settings)?))),
+        }
+    }
+
+    pub fn probe(&self) -> Result<()> {
+        match self {
+            Target::Local(t) => t.probe(),
+            Target::Cloud(t) => t.probe(),
+        }
+    }
+
+    pub fn is_empty(&self) -> Result<bool> {
+        match self {
+            Target::Local(t) => t.is_empty(),
+            Target::Cloud(t) => t.is_empty(),
+        }
+    }
+
+    pub fn create_temp_data_file(&self, rel: &str, number: u64) -> Result<TempFile> {
+        match self {
+            Target::Local(t) => t.create_temp_data_file(rel, number).map(TempFile::Local),
+            Target::Cloud(t) => t.create_temp_data_file(rel, number).map(TempFile::Cloud),
+        }
+    }
+
+    pub fn discard_temp_data_file(&self, rel: &str, number: u64) -> Result<()> {
+        match self {
+            Target::Local(t) => t.discard_temp_data_file(rel, number),
+            Target::Cloud(t) => t.discard_temp_data_file(rel, number),
+        }
+    }
+
+    pub fn publish_temp_data_file(&self, rel: &str, number: u64) -> Result<()> {
+        match self {
+            Target::Local(t) => t.publish_temp_data_file(rel, number),
+            Target::Cloud(t) => t.publish_temp_data_file(rel, number),
+        }
+    }
+
+    pub fn publish_data_file(&self, rel: &str, number: u64, bytes: &[u8]) -> Result<()> {
+        match self {
+            Target::Local(t) => t.publish_data_file(rel, number, bytes),
+            Target::Cloud(t) => t.publish_data_file(rel, number, bytes),
+        }
+    }
+
+    pub fn put_document(&self, rel_dir: &str, name: &str, bytes: &[u8]) -> Result<()> {
+        match self {
+            Target::Local(t) => t.put_document(rel_dir, name, bytes),
+            Target::Cloud(t) => t.put_document(rel_dir, name, bytes),
+        }
+    }
+
+    pub fn clear_table_folder(&self, rel: &str) -> Result<()> {
+        match self {
+            Target::Local(t) => t.clear_table_folder(rel),
+            Target::Cloud(t) => t.clear_table_folder(rel),
+        }
+    }
+
+    pub fn remove_temporary_files(&self, rel: &str) -> Result<usize> {
+        match self {
+            Target::Local(t) => t.remove_temporary_files(rel),
+            Target::Cloud(t) => t.remove_temporary_files(rel),
+        }
+    }
+
+    pub fn data_file_numbers(&self, rel: &str) -> Result<Vec<u64>> {
+        match self {
+            Target::Local(t) => t.data_file_numbers(rel),
+            Target::Cloud(t) => t.data_file_numbers(rel),
+        }
+    }
+
+    /// The whole content of published data file `number` of folder `rel`.
+    pub fn read_data_file(&self, rel: &str, number: u64) -> Result<bytes::Bytes> {
+        match self {
+            Target::Local(t) => {
+                let path = t.root().join(rel).join(names::data_file_name(number));
+                fs::read(&path).map(bytes::Bytes::from).map_err(|e| Error::io("read", &path, &e))
+            }
+            Target::Cloud(t) => t.read(&format!("{rel}/{}", names::data_file_name(number))),
+        }
+    }
+}
+
+/// A data file being written under its temporary name, on either kind of target.
+pub enum TempFile {
+    Local(LocalTempFile),
+    Cloud(CloudTempFile),
+}
+
+impl TempFile {
+    /// Makes the file durable under its temporary name; returns its size.
+    pub fn sync(self) -> Result<u64> {
+        match self {
+            TempFile::Local(f) => f.sync(),
+            TempFile::Cloud(f) => f.sync(),
+        }
+    }
+}
+
+impl Write for TempFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            TempFile::Local(f) => f.write(buf),
+            TempFile::Cloud(f) => f.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            TempFile::Local(f) => f.flush(),
+            TempFile::Cloud(f) => f.flush(),
         }
     }
 }
@@ -105,7 +408,7 @@ impl LocalTarget {
 
     /// Opens the temporary file that data file `number` of table folder `rel` is written to before it
     /// is published. A leftover from an interrupted attempt is truncated.
-    pub fn create_temp_data_file(&self, rel: &str, number: u64) -> Result<TempFile> {
+    pub fn create_temp_data_file(&self, rel: &str, number: u64) -> Result<LocalTempFile> {
         let dir = self.folder(rel)?;
         let path = dir.join(names::temporary_file_name(number));
         let file = OpenOptions::new()
@@ -114,7 +417,7 @@ impl LocalTarget {
             .truncate(true)
             .open(&path)
             .map_err(|e| Error::io("create", &path, &e))?;
-        Ok(TempFile { out: BufWriter::with_capacity(1 << 20, file), path, written: 0 })
+        Ok(LocalTempFile { out: BufWriter::with_capacity(1 << 20, file), path, written: 0 })
     }
 
     /// Removes the temporary file of data file `number` (nothing was written to it).
@@ -243,15 +546,15 @@ impl LocalTarget {
     }
 }
 
-/// A data file being written under its temporary name.
+/// A data file being written under its temporary name in a local folder.
 #[derive(Debug)]
-pub struct TempFile {
+pub struct LocalTempFile {
     out: BufWriter<File>,
     path: PathBuf,
     written: u64,
 }
 
-impl TempFile {
+impl LocalTempFile {
     /// Flushes and fsyncs the file; returns its size.
     pub fn sync(mut self) -> Result<u64> {
         self.out.flush().map_err(|e| Error::io("write", &self.path, &e))?;
@@ -260,7 +563,7 @@ impl TempFile {
     }
 }
 
-impl Write for TempFile {
+impl Write for LocalTempFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.out.write(buf)?;
         self.written += n as u64;
@@ -313,14 +616,84 @@ pub(crate) mod tests {
             "file:///",
             "file:///a/../b",
             "file:///a/./b",
-            "s3://bucket/x",
-            "abfss://ws@onelake.dfs.fabric.microsoft.com/item/Files/LandingZone",
+            "ftp://host/x",
+            "abfss://ws@onelake.dfs.fabric.microsoft.com/item/Tables",
+            "abfss://Bad_Container@acct.dfs.core.windows.net/x",
+            "abfss://c0ntainer@evil.example.com/x",
+            "https://example.com/c/x",
+            "https://acct.blob.core.windows.net/cont/x?sv=2022&sig=SECRET",
+            "az://cont/a/../b",
+            "az://cont/_hidden",
+            "s3://B/x",
+            "gs://x",
             "",
         ] {
             let e = TargetUrl::parse(bad).unwrap_err();
             assert_eq!(e.kind, ErrorKind::InvalidParameter, "{bad}");
             assert!(e.hint.unwrap().contains(SUPPORTED_FORMS));
+            assert!(!e.message.contains("SECRET"), "no query string in the message: {}", e.message);
         }
+    }
+
+    #[test]
+    fn parses_object_store_urls() {
+        let cases = [
+            (
+                "abfss://ws@onelake.dfs.fabric.microsoft.com/item.MountedRelationalDatabase/Files/LandingZone",
+                TargetUrl::Azure {
+                    account: Some("onelake".into()),
+                    container: "ws".into(),
+                    prefix: "item.MountedRelationalDatabase/Files/LandingZone".into(),
+                    fabric: true,
+                },
+                "abfss://ws@onelake.dfs.fabric.microsoft.com/item.MountedRelationalDatabase/Files/LandingZone",
+            ),
+            (
+                "https://onelake.dfs.fabric.microsoft.com/0d2f1e5c-aaaa-bbbb-cccc-1234567890ab/7c9e6679-7425-40de-944b-e07fc1f90ae7/Files/LandingZone/",
+                TargetUrl::Azure {
+                    account: Some("onelake".into()),
+                    container: "0d2f1e5c-aaaa-bbbb-cccc-1234567890ab".into(),
+                    prefix: "7c9e6679-7425-40de-944b-e07fc1f90ae7/Files/LandingZone".into(),
+                    fabric: true,
+                },
+                "abfss://0d2f1e5c-aaaa-bbbb-cccc-1234567890ab@onelake.dfs.fabric.microsoft.com/7c9e6679-7425-40de-944b-e07fc1f90ae7/Files/LandingZone",
+            ),
+            (
+                "abfss://lake@myacct.dfs.core.windows.net/mirrors//sales",
+                TargetUrl::Azure { account: Some("myacct".into()), container: "lake".into(), prefix: "mirrors/sales".into(), fabric: false },
+                "abfss://lake@myacct.dfs.core.windows.net/mirrors/sales",
+            ),
+            (
+                "https://myacct.blob.core.windows.net/lake/mirrors/sales",
+                TargetUrl::Azure { account: Some("myacct".into()), container: "lake".into(), prefix: "mirrors/sales".into(), fabric: false },
+                "abfss://lake@myacct.dfs.core.windows.net/mirrors/sales",
+            ),
+            (
+                "az://lake",
+                TargetUrl::Azure { account: None, container: "lake".into(), prefix: "".into(), fabric: false },
+                "az://lake",
+            ),
+            ("s3://my-bucket/a/b", TargetUrl::S3 { bucket: "my-bucket".into(), prefix: "a/b".into() }, "s3://my-bucket/a/b"),
+            ("gs://my.bucket", TargetUrl::Gcs { bucket: "my.bucket".into(), prefix: "".into() }, "gs://my.bucket"),
+        ];
+        for (url, parsed, canonical) in cases {
+            let p = TargetUrl::parse(url).unwrap();
+            assert_eq!(p, parsed, "{url}");
+            assert_eq!(p.to_url(), canonical);
+            assert_eq!(TargetUrl::parse(canonical).unwrap(), p, "the canonical form parses to the same target");
+        }
+    }
+
+    #[test]
+    fn overlapping_targets() {
+        let p = |u: &str| TargetUrl::parse(u).unwrap();
+        assert!(p("az://cc1/a").overlaps(&p("az://cc1/a/b")));
+        assert!(p("az://cc1").overlaps(&p("az://cc1/a")));
+        assert!(!p("az://cc1/a").overlaps(&p("az://cc1/ab")));
+        assert!(!p("az://cc1/a").overlaps(&p("az://dd1/a")));
+        assert!(!p("abfss://cc1@one.dfs.core.windows.net/a").overlaps(&p("abfss://cc1@two.dfs.core.windows.net/a")));
+        assert!(p("file:///x/y").overlaps(&p("file:///x")));
+        assert!(!p("s3://bkt/a").overlaps(&p("gs://bkt/a")));
     }
 
     #[test]

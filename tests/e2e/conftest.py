@@ -194,6 +194,15 @@ class Db:
             time.sleep(0.1)
 
 
+@pytest.fixture(scope="session")
+def azurite():
+    from azurite import Azurite
+    a = Azurite()
+    a.start()
+    yield a
+    a.close()
+
+
 @pytest.fixture
 def db(cluster):
     name = "t%d" % next(_counter)
