@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use azure_cdc_core::lifecycle::{restart_backoff_secs, MirrorState};
+use azure_cdc_core::lifecycle::{restart_backoff, MirrorState};
 use azure_cdc_core::names::{self, WorkerKind};
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker, SignalWakeFlags,
@@ -166,10 +166,13 @@ impl Launcher {
                 }
             };
             if let Some((failures, phase)) = failed {
-                let wait = restart_backoff_secs(failures);
+                let wait = restart_backoff(failures, jitter());
                 let which = if phase == Some(Phase::Snapshot) { "snapshot worker" } else { "decoder" };
-                pgrx::log!("azure_cdc launcher: {which} of mirror slot {index} exited ({failures} failures in a row); restarting in {wait} s");
-                self.retry_at.insert(index, Instant::now() + Duration::from_secs(wait));
+                pgrx::log!(
+                    "azure_cdc launcher: {which} of mirror slot {index} exited ({failures} failures in a row); restarting in {:.1} s",
+                    wait.as_secs_f64()
+                );
+                self.retry_at.insert(index, Instant::now() + wait);
             }
         }
     }
@@ -294,4 +297,12 @@ pub extern "C-unwind" fn azure_cdc_scout_main(arg: pg_sys::Datum) {
         }
     });
     shmem::wake_launcher();
+}
+
+/// A number in [0, 1) that differs between calls and processes (for back-off jitter, not security).
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }

@@ -154,6 +154,13 @@ pub fn restart_backoff_secs(failures: u32) -> u64 {
     (1u64 << exp).min(300)
 }
 
+/// The back-off with jitter: `restart_backoff_secs` stretched by up to a quarter, by `random` in
+/// [0, 1), so that workers failing on the same outage do not all retry at the same moment.
+pub fn restart_backoff(failures: u32, random: f64) -> std::time::Duration {
+    let base = restart_backoff_secs(failures) as f64;
+    std::time::Duration::from_secs_f64(base * (1.0 + 0.25 * random.clamp(0.0, 1.0)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,5 +216,8 @@ mod tests {
         assert_eq!(restart_backoff_secs(5), 16);
         assert_eq!(restart_backoff_secs(50), 300);
         assert_eq!(restart_backoff_secs(0), 1);
+        assert_eq!(restart_backoff(3, 0.0).as_secs_f64(), 4.0);
+        assert_eq!(restart_backoff(3, 0.5).as_secs_f64(), 4.5);
+        assert!(restart_backoff(50, 0.999).as_secs_f64() < 375.0);
     }
 }

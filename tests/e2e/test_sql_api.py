@@ -18,7 +18,8 @@ def state(db):
     "args, sqlstate, words",
     [
         (("Bad-Name", "file:///tmp/x"), "42602", "invalid mirror name"),
-        (("m", "s3://bucket/x"), "22023", "file:///absolute/path"),
+        (("m", "ftp://bucket/x"), "22023", "s3://<bucket>/<path>"),
+        (("m", "az://Upper/x"), "22023", "not a container name"),
         (("m", "file://relative/x"), "22023", "absolute path"),
         (("m", "file:///a/../b"), "22023", ".."),
         (("m", "{root}", ["nosuch"]), "42P01", "does not exist"),
@@ -30,6 +31,8 @@ def state(db):
         (("m", "{root}", []), "22023", "no tables"),
         (("m", "{root}", None, '{"unknown": 1}'), "22023", "unknown option"),
         (("m", "{root}", None, "[]"), "22023", "JSON object"),
+        (("m", "{root}", None, '{"credential": 1}'), "22023", "must be a string"),
+        (("m", "{root}", None, '{"credential": "nosuch"}'), "42704", "does not exist"),
     ],
 )
 def test_bad_arguments(db, cluster, args, sqlstate, words):
