@@ -20,14 +20,15 @@ CREATE TABLE azure_cdc.mirrors (
     options                jsonb NOT NULL DEFAULT '{}',
     credential             text,
     state                  text NOT NULL DEFAULT 'Starting'
-                           CHECK (state IN ('Starting', 'Running', 'Failed', 'Stopped')),
+                           CHECK (state IN ('Starting', 'Running', 'Failed', 'Paused', 'Stopped')),
     slot_name              name NOT NULL,
     consistent_lsn         pg_lsn,
     created_by             name NOT NULL DEFAULT current_user,
     created_at             timestamptz NOT NULL DEFAULT pg_catalog.now(),
     snapshot_completed_at  timestamptz,
     stopped_at             timestamptz,
-    last_error             text
+    last_error             text,
+    last_error_code        text
 );
 
 CREATE TABLE azure_cdc.mirror_tables (
@@ -47,8 +48,21 @@ CREATE TABLE azure_cdc.mirror_tables (
     PRIMARY KEY (mirror_id, relid)
 );
 
-REVOKE ALL ON azure_cdc.mirrors, azure_cdc.mirror_tables FROM PUBLIC;
+-- What happened to mirrors and tables, newest last: state changes, errors, recoveries. Kept to the
+-- newest 10000 events (older ones are deleted as new ones are recorded).
+CREATE TABLE azure_cdc.events (
+    event_id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    occurred_at  timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    mirror_name  text NOT NULL,
+    schema_name  name,
+    table_name   name,
+    event        text NOT NULL,
+    detail       text
+);
+
+REVOKE ALL ON azure_cdc.mirrors, azure_cdc.mirror_tables, azure_cdc.events FROM PUBLIC;
 GRANT SELECT, INSERT, UPDATE, DELETE ON azure_cdc.mirrors, azure_cdc.mirror_tables TO azure_cdc_admin;
+GRANT SELECT, INSERT, DELETE ON azure_cdc.events TO azure_cdc_admin;
 
 -- Named options (keys, secrets, endpoints) for object-store targets. Readable by superusers only:
 -- azure_cdc_admin may name a credential in start_mirror but not read it (see src/credentials.rs).

@@ -34,7 +34,7 @@ pub fn caller_is_admin() -> bool {
     }
 }
 
-fn require_admin(function: &str) -> Result<()> {
+pub(crate) fn require_admin(function: &str) -> Result<()> {
     if caller_is_admin() {
         return Ok(());
     }
@@ -71,7 +71,7 @@ fn output_plugin_libraries() -> Option<String> {
 }
 
 /// Gathers what the prerequisite rules look at.
-fn server_facts() -> Result<ServerFacts> {
+pub(crate) fn server_facts() -> Result<ServerFacts> {
     Ok(ServerFacts {
         wal_level: Spi::get_one::<String>("SELECT pg_catalog.current_setting('wal_level')")
             .map_err(spi)?
@@ -233,6 +233,10 @@ fn start_mirror_impl(
     }
     let remote = !matches!(url, TargetUrl::Local(_));
     let t = crate::credentials::open_target(&url, credential.as_deref(), CloudSettings::probe())?;
+    if !t.is_empty()? {
+        return Err(Error::new(ErrorKind::PrerequisiteNotMet, format!("target \"{}\" is not empty", url.to_url()))
+            .with_hint("A new mirror writes its landing zone into an empty or missing folder."));
+    }
     t.probe().map_err(|e| {
         if remote || e.hint.is_some() {
             e
@@ -240,10 +244,6 @@ fn start_mirror_impl(
             Error { hint: Some("The folder must be writable by the operating-system user the server runs as.".into()), ..e }
         }
     })?;
-    if !t.is_empty()? {
-        return Err(Error::new(ErrorKind::PrerequisiteNotMet, format!("target \"{}\" is not empty", url.to_url()))
-            .with_hint("A new mirror writes its landing zone into an empty or missing folder."));
-    }
     drop(t);
 
     let slot = names::slot_name(mirror_name);
@@ -269,6 +269,7 @@ fn start_mirror_impl(
         );
     }
     let id = catalog::insert_mirror(mirror_name, &url.to_url(), all_tables, options, credential.as_deref(), &slot, &with_keys)?;
+    catalog::record_event(id, None, "Started", Some(&format!("{} table(s) to {}", with_keys.len(), url.to_url())))?;
     let database = database_oid();
     let Some(index) = shmem::reserve(database, id, Desired::Reserved, Phase::Snapshot) else {
         return Err(Error::new(ErrorKind::ConfigurationLimit, "all mirror places of the server are in use")
@@ -353,6 +354,7 @@ fn stop_mirror_impl(mirror_name: &str) -> Result<String> {
         &[m.id.into(), TableState::Stopped.as_str().into()],
     )?;
     let dropped = crate::slot::drop_if_exists(&m.slot_name)?;
+    catalog::record_event(m.id, None, "Stopped", Some(&format!("was {}; files kept in {}", m.state, m.target)))?;
     if let Some(index) = entry {
         register_xact_callback(PgXactCallbackEvent::Commit, move || shmem::release(index));
     }
@@ -363,7 +365,7 @@ fn stop_mirror_impl(mirror_name: &str) -> Result<String> {
     ))
 }
 
-fn unknown_mirror(name: &str) -> Error {
+pub(crate) fn unknown_mirror(name: &str) -> Error {
     Error::new(ErrorKind::UndefinedObject, format!("mirror \"{name}\" does not exist"))
         .with_hint("SELECT DISTINCT mirror_name FROM azure_cdc.get_all_tables_mirror_status(); lists the mirrors.")
 }
@@ -392,12 +394,47 @@ fn drop_mirror(mirror_name: &str) -> String {
     drop_mirror_impl(mirror_name).or_raise()
 }
 
+fn pause_mirror_impl(mirror_name: &str) -> Result<String> {
+    require_admin("pause_mirror")?;
+    let m = catalog::mirror_by_name(mirror_name)?.ok_or_else(|| unknown_mirror(mirror_name))?;
+    let state = MirrorState::parse(&m.state)?;
+    if !state.wants_workers() {
+        return Err(Error::new(ErrorKind::ObjectInUse, format!("mirror \"{mirror_name}\" is {}", m.state))
+            .with_hint("Only a Starting or Running mirror can be paused."));
+    }
+    if let Some(index) = shmem::find(database_oid(), m.id) {
+        let before = shmem::entry(index).desired;
+        shmem::set_desired(index, Desired::Stop);
+        register_xact_callback(PgXactCallbackEvent::Abort, move || {
+            shmem::set_desired(index, before);
+            shmem::wake_launcher();
+        });
+        shmem::wake_launcher();
+        wait_for_workers_gone(index, mirror_name)?;
+    }
+    catalog::run("UPDATE azure_cdc.mirrors SET state = 'Paused' WHERE mirror_id = $1", &[m.id.into()])?;
+    catalog::record_event(m.id, None, "Paused", Some(&format!("was {}", state.as_str())))?;
+    Ok(format!(
+        "mirror \"{mirror_name}\" paused; its slot {} keeps the WAL until resume_mirror('{mirror_name}')",
+        m.slot_name
+    ))
+}
+
+/// Pauses a mirror: its workers stop, its slot is kept and holds WAL (watch `wal_retained_bytes` and
+/// `safe_wal_bytes` in `list_mirrors()`), its files stay. `resume_mirror` goes on from where it
+/// stopped (a snapshot that was not finished starts over).
+#[pg_extern]
+fn pause_mirror(mirror_name: &str) -> String {
+    pause_mirror_impl(mirror_name).or_raise()
+}
+
 fn resume_mirror_impl(mirror_name: &str) -> Result<String> {
     require_admin("resume_mirror")?;
     let m = catalog::mirror_by_name(mirror_name)?.ok_or_else(|| unknown_mirror(mirror_name))?;
-    if MirrorState::parse(&m.state)? != MirrorState::Failed {
-        return Err(Error::new(ErrorKind::ObjectInUse, format!("mirror \"{mirror_name}\" is {}, not Failed", m.state))
-            .with_hint("Only a mirror stopped by a target error is resumed."));
+    let before = MirrorState::parse(&m.state)?;
+    if !matches!(before, MirrorState::Failed | MirrorState::Paused) {
+        return Err(Error::new(ErrorKind::ObjectInUse, format!("mirror \"{mirror_name}\" is {}, not Paused or Failed", m.state))
+            .with_hint("resume_mirror resumes a paused mirror, or one its target stopped."));
     }
     // Prove the target again before the workers try: a cause that is still there is reported here.
     let url = TargetUrl::parse(&m.target)?;
@@ -410,9 +447,10 @@ fn resume_mirror_impl(mirror_name: &str) -> Result<String> {
     .unwrap_or(false);
     let state = MirrorState::resumed(completed);
     catalog::run(
-        "UPDATE azure_cdc.mirrors SET state = $2, last_error = NULL WHERE mirror_id = $1",
+        "UPDATE azure_cdc.mirrors SET state = $2, last_error = NULL, last_error_code = NULL WHERE mirror_id = $1",
         &[m.id.into(), state.as_str().into()],
     )?;
+    catalog::record_event(m.id, None, "Resumed", Some(&format!("from {}, as {}", before.as_str(), state.as_str())))?;
     let phase = if completed { Phase::Snapshotted } else { Phase::Snapshot };
     let database = database_oid();
     let index = match shmem::find(database, m.id) {
@@ -429,16 +467,28 @@ fn resume_mirror_impl(mirror_name: &str) -> Result<String> {
     Ok(format!("mirror \"{mirror_name}\" resumes as {} after commit", state.as_str()))
 }
 
-/// Takes a mirror that a target error stopped (state Failed) back to work, once the cause is fixed:
-/// proves the target, then its workers start again from where the slot stands. Nothing is lost
-/// while a mirror is Failed: its slot holds the WAL.
+/// Takes a paused mirror, or one that a target error stopped (state Failed, once the cause is fixed),
+/// back to work: proves the target, then its workers start again from where the slot stands. Nothing
+/// is lost while a mirror is Paused or Failed: its slot holds the WAL.
 #[pg_extern]
 fn resume_mirror(mirror_name: &str) -> String {
     resume_mirror_impl(mirror_name).or_raise()
 }
 
-type StatusRow =
-    (String, String, String, String, String, i64, i64, Option<pgrx::datum::TimestampWithTimeZone>, Option<String>);
+type StatusRow = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    Option<pgrx::datum::TimestampWithTimeZone>,
+    Option<String>,
+    i64,
+    Option<i64>,
+    Option<f64>,
+);
 
 fn status_rows() -> Result<Vec<StatusRow>> {
     require_admin("get_all_tables_mirror_status")?;
@@ -448,7 +498,10 @@ fn status_rows() -> Result<Vec<StatusRow>> {
             .select(
                 "SELECT m.mirror_name, t.schema_name::text, t.table_name::text, t.state, t.rows_replicated, \
                         t.files_published, t.last_completed_at, t.last_error, \
-                        pg_catalog.cardinality(t.key_columns) > 0, m.mirror_id, t.relid, m.state, m.last_error \
+                        pg_catalog.cardinality(t.key_columns) > 0, m.mirror_id, t.relid, m.state, m.last_error, \
+                        t.bytes_published, \
+                        (SELECT CASE WHEN c.reltuples < 0 THEN NULL ELSE c.reltuples::bigint END \
+                           FROM pg_catalog.pg_class c WHERE c.oid = t.relid) \
                    FROM azure_cdc.mirror_tables t JOIN azure_cdc.mirrors m USING (mirror_id) \
                   ORDER BY m.mirror_name, t.schema_name, t.table_name",
                 None,
@@ -478,6 +531,15 @@ fn status_rows() -> Result<Vec<StatusRow>> {
                 None => None,
             };
             let has_key: bool = r.get(9).map_err(spi)?.unwrap_or(false);
+            // While snapshotting: the planner's row estimate and how far the copy is (capped at 100:
+            // the estimate may be low).
+            let (estimated, percent) = if state == TableState::Snapshotting {
+                let est: Option<i64> = r.get(15).map_err(spi)?;
+                let pct = est.filter(|e| *e > 0).map(|e| (rows_replicated as f64 * 100.0 / e as f64).min(100.0));
+                (est, pct)
+            } else {
+                (None, None)
+            };
             rows.push((
                 r.get(1).map_err(spi)?.unwrap_or_default(),
                 r.get(2).map_err(spi)?.unwrap_or_default(),
@@ -488,6 +550,9 @@ fn status_rows() -> Result<Vec<StatusRow>> {
                 r.get(6).map_err(spi)?.unwrap_or(0),
                 r.get(7).map_err(spi)?,
                 last_error,
+                r.get(14).map_err(spi)?.unwrap_or(0),
+                estimated,
+                percent,
             ));
         }
         Ok(rows)
@@ -496,7 +561,8 @@ fn status_rows() -> Result<Vec<StatusRow>> {
 
 /// One row per mirrored table: mirror, schema, table, state (Snapshotting, Replicating, Stopped,
 /// Failed), status (OK / WARNING / ERROR), rows replicated (live while snapshotting), files published,
-/// when the last file was completed, and the last error.
+/// when the last file was completed, the last error (with its hint), bytes published, and while
+/// snapshotting the estimated row count and the percentage done.
 #[pg_extern]
 fn get_all_tables_mirror_status() -> TableIterator<
     'static,
@@ -510,102 +576,11 @@ fn get_all_tables_mirror_status() -> TableIterator<
         name!(files_published, i64),
         name!(last_completed_at, Option<pgrx::datum::TimestampWithTimeZone>),
         name!(last_error, Option<String>),
+        name!(bytes_published, i64),
+        name!(snapshot_rows_estimated, Option<i64>),
+        name!(snapshot_percent, Option<f64>),
     ),
 > {
     TableIterator::new(status_rows().or_raise())
 }
 
-type MirrorStatusRow = (
-    String,
-    String,
-    Option<String>,
-    Option<i64>,
-    Option<f64>,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    Option<pgrx::datum::TimestampWithTimeZone>,
-    Option<i32>,
-    Option<String>,
-);
-
-fn mirror_status_rows() -> Result<Vec<MirrorStatusRow>> {
-    require_admin("get_mirror_status")?;
-    let database = database_oid();
-    // SAFETY: reads the clock.
-    let now = unsafe { pg_sys::GetCurrentTimestamp() };
-    Spi::connect(|c| {
-        let t = c
-            .select(
-                "SELECT m.mirror_id, m.mirror_name, m.state, s.confirmed_flush_lsn::text, \
-                        CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
-                             ELSE pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint END, \
-                        m.last_error, st.spill_bytes \
-                   FROM azure_cdc.mirrors m \
-                   LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name = m.slot_name \
-                   LEFT JOIN pg_catalog.pg_stat_replication_slots st ON st.slot_name = m.slot_name \
-                  ORDER BY m.mirror_name",
-                None,
-                &[],
-            )
-            .map_err(spi)?;
-        let mut rows = Vec::new();
-        for r in t {
-            let mirror_id: i64 = r.get(1).map_err(spi)?.unwrap_or_default();
-            let decoder = shmem::find(database, mirror_id)
-                .map(shmem::entry)
-                .filter(|e| e.phase == Phase::Snapshotted && shmem::pid_alive(e.worker_pid));
-            let s = decoder.map(|e| e.stream);
-            let lag_seconds = s.map(|s| {
-                if s.oldest_unshipped_commit == 0 {
-                    0.0
-                } else {
-                    (now - s.oldest_unshipped_commit).max(0) as f64 / 1e6
-                }
-            });
-            let last_shipped = s
-                .filter(|s| s.last_shipped_at != 0)
-                .and_then(|s| pgrx::datum::TimestampWithTimeZone::try_from(s.last_shipped_at).ok());
-            rows.push((
-                r.get(2).map_err(spi)?.unwrap_or_default(),
-                r.get(3).map_err(spi)?.unwrap_or_default(),
-                r.get(4).map_err(spi)?,
-                r.get(5).map_err(spi)?,
-                lag_seconds,
-                s.map(|s| s.buffered_bytes as i64),
-                r.get::<i64>(7).map_err(spi)?,
-                s.map(|s| s.changes_shipped as i64),
-                last_shipped,
-                decoder.map(|e| e.worker_pid),
-                r.get(6).map_err(spi)?,
-            ));
-        }
-        Ok(rows)
-    })
-}
-
-/// One row per mirror of this database: its state; the slot's confirmed LSN; lag in bytes (WAL
-/// written since the confirmed LSN) and in seconds (age of the oldest committed change not yet
-/// published, 0 when everything is published); bytes buffered and not yet published; bytes the
-/// server's reorder buffer spilled to disk for the slot (pg_stat_replication_slots); changes published, and when the last batch
-/// was, since the decoder started; the decoder's process id; the last error. The decoder's figures
-/// are NULL while no decoder runs.
-#[pg_extern]
-fn get_mirror_status() -> TableIterator<
-    'static,
-    (
-        name!(mirror_name, String),
-        name!(state, String),
-        name!(confirmed_lsn, Option<String>),
-        name!(lag_bytes, Option<i64>),
-        name!(lag_seconds, Option<f64>),
-        name!(buffered_bytes, Option<i64>),
-        name!(spilled_bytes, Option<i64>),
-        name!(changes_published, Option<i64>),
-        name!(last_published_at, Option<pgrx::datum::TimestampWithTimeZone>),
-        name!(decoder_pid, Option<i32>),
-        name!(last_error, Option<String>),
-    ),
-> {
-    TableIterator::new(mirror_status_rows().or_raise())
-}

@@ -276,3 +276,22 @@ pub fn set_replica_identity_full(schema: &str, table: &str) -> Result<()> {
     .ok_or_else(|| Error::new(ErrorKind::Internal, "format() returned NULL"))?;
     Spi::run(&stmt).map_err(spi)
 }
+
+/// The number of events `azure_cdc.events` keeps.
+pub const EVENTS_KEPT: i64 = 10_000;
+
+/// Records an event of mirror `mirror_id` (and of one of its tables), and trims the oldest events
+/// beyond [`EVENTS_KEPT`]. In the caller's transaction.
+pub fn record_event(mirror_id: i64, table: Option<(&str, &str)>, event: &str, detail: Option<&str>) -> Result<()> {
+    let (schema, name) = match table {
+        Some((s, t)) => (Some(s), Some(t)),
+        None => (None, None),
+    };
+    run(
+        "WITH e AS (INSERT INTO azure_cdc.events (mirror_name, schema_name, table_name, event, detail) \
+                    SELECT mirror_name, $2::name, $3::name, $4, $5 FROM azure_cdc.mirrors WHERE mirror_id = $1 \
+                    RETURNING event_id) \
+         DELETE FROM azure_cdc.events WHERE event_id <= (SELECT max(event_id) FROM e) - $6",
+        &[mirror_id.into(), schema.into(), name.into(), event.into(), detail.into(), EVENTS_KEPT.into()],
+    )
+}

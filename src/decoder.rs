@@ -161,6 +161,20 @@ fn load(mirror_id: i64) -> Result<Option<(catalog::MirrorRow, HashMap<u32, Table
         if MirrorState::parse(&m.state)? != MirrorState::Running {
             return Ok(None);
         }
+        let wal_status = Spi::get_one_with_args::<String>(
+            "SELECT wal_status FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+            &[m.slot_name.as_str().into()],
+        );
+        if let Ok(Some(status)) = wal_status {
+            if status == "lost" {
+                return Err(Error::new(
+                    ErrorKind::SlotInvalidated,
+                    format!("replication slot \"{}\" was invalidated: WAL the mirror had not read was removed", m.slot_name),
+                )
+                .with_detail("The slot exceeded max_slot_wal_keep_size while the mirror was held back.")
+                .with_hint("Stop the mirror and start it again into a new folder; consider a larger max_slot_wal_keep_size."));
+            }
+        }
         let mut tables = HashMap::new();
         for t in catalog::tables(mirror_id)? {
             if TableState::parse(&t.state)? != TableState::Replicating {
@@ -397,6 +411,7 @@ impl Decoder {
         // SAFETY: reads the clock.
         self.stats.last_shipped_at = unsafe { pg_sys::GetCurrentTimestamp() };
         for (relid, f) in ack.files {
+            self.stats.bytes_shipped += f.bytes;
             if let Some(t) = self.tables.get_mut(&relid) {
                 count_file(t, &f);
             }
@@ -464,6 +479,9 @@ impl Decoder {
             .unwrap_or(0);
         self.stats.oldest_unshipped_commit = oldest;
         self.stats.buffered_bytes = self.buffered as u64 + self.inflight_info.iter().map(|i| i.2 as u64).sum::<u64>();
+        // SAFETY: reads the clock.
+        let now_ms = unsafe { pg_sys::GetCurrentTimestamp() } / 1000;
+        self.stats.rates.record(now_ms, self.stats.changes_shipped, self.stats.bytes_shipped);
         shmem::set_stream_stats(self.index, self.stats);
     }
 
@@ -485,7 +503,10 @@ impl Decoder {
             unsafe { pg_sys::InvalidateSystemCaches() };
             if clear_error {
                 catalog::run(
-                    "UPDATE azure_cdc.mirrors SET last_error = NULL WHERE mirror_id = $1 AND last_error IS NOT NULL",
+                    "WITH c AS (UPDATE azure_cdc.mirrors SET last_error = NULL, last_error_code = NULL \
+                                 WHERE mirror_id = $1 AND last_error IS NOT NULL RETURNING mirror_name) \
+                     INSERT INTO azure_cdc.events (mirror_name, event, detail) \
+                     SELECT mirror_name, 'Recovered', 'changes are published again' FROM c",
                     &[mirror_id.into()],
                 )?;
             }
@@ -496,6 +517,7 @@ impl Decoder {
                         "UPDATE azure_cdc.mirror_tables SET state = $3, last_error = $4 WHERE mirror_id = $1 AND relid = $2",
                         &[mirror_id.into(), pg_sys::Oid::from(*relid).into(), state.as_str().into(), e.full_text().into()],
                     )?;
+                    catalog::record_event(mirror_id, Some((&t.schema, &t.name)), "TableFailed", Some(&e.full_text()))?;
                     t.park_recorded = true;
                 }
                 if t.unrecorded.touched {

@@ -22,6 +22,7 @@ fn sqlstate(kind: ErrorKind) -> PgSqlErrorCode {
         ErrorKind::TargetAuthentication => ERRCODE_INVALID_PASSWORD,
         ErrorKind::TargetPermission => ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
         ErrorKind::TargetMissing => ERRCODE_UNDEFINED_FILE,
+        ErrorKind::SlotInvalidated => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
         ErrorKind::DataConversion => ERRCODE_DATA_EXCEPTION,
         ErrorKind::FeatureNotSupported => ERRCODE_FEATURE_NOT_SUPPORTED,
         ErrorKind::Internal => ERRCODE_INTERNAL_ERROR,

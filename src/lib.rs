@@ -26,6 +26,7 @@ mod launcher;
 mod shmem;
 mod slot;
 mod snapshot;
+mod status;
 mod tuples;
 mod worker;
 

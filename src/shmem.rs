@@ -82,6 +82,10 @@ pub struct StreamStats {
     pub changes_shipped: u64,
     /// When the decoder last published a batch (TimestampTz); 0: not yet.
     pub last_shipped_at: i64,
+    /// Bytes of change files published since the decoder started.
+    pub bytes_shipped: u64,
+    /// Samples of the two counters above over the last minute (time: TimestampTz / 1000).
+    pub rates: azure_cdc_core::health::RateWindow,
 }
 
 #[derive(Copy, Clone, Debug, Default)]

@@ -325,9 +325,21 @@ fn record_outcome(mirror_id: i64, o: &Outcome) -> Result<()> {
             o.rows.into(),
             files.into(),
             bytes.into(),
-            error.into(),
+            error.clone().into(),
         ],
-    )
+    )?;
+    match error {
+        Some(e) => {
+            let (schema, table) = Spi::get_two_with_args::<String, String>(
+                "SELECT schema_name::text, table_name::text FROM azure_cdc.mirror_tables WHERE mirror_id = $1 AND relid = $2",
+                &[mirror_id.into(), o.relid.into()],
+            )
+            .map_err(crate::errors::spi)?;
+            let t = schema.as_deref().zip(table.as_deref());
+            catalog::record_event(mirror_id, t, "TableFailed", Some(&e))
+        }
+        None => Ok(()),
+    }
 }
 
 /// Copies tables claimed from the shared counter until none is left; returns their outcomes.
@@ -435,8 +447,15 @@ fn run(index: usize, mirror_id: i64) -> Result<()> {
     }
     catalog::run(
         "UPDATE azure_cdc.mirrors SET state = 'Running', consistent_lsn = $2::pg_lsn, \
-                snapshot_completed_at = pg_catalog.clock_timestamp(), last_error = NULL WHERE mirror_id = $1",
+                snapshot_completed_at = pg_catalog.clock_timestamp(), last_error = NULL, last_error_code = NULL \
+          WHERE mirror_id = $1",
         &[mirror_id.into(), crate::slot::lsn_text(lsn).into()],
+    )?;
+    catalog::record_event(
+        mirror_id,
+        None,
+        "SnapshotPublished",
+        Some(&format!("consistent point {}; the mirror is Running", crate::slot::lsn_text(lsn))),
     )?;
     // SAFETY: pops the snapshot pushed above and commits on the main thread.
     unsafe {

@@ -101,10 +101,16 @@ pub fn exit_after_failure(mirror_id: i64, what: &str, e: &Error) -> ! {
     let recorded = catching(|| {
         BackgroundWorker::transaction(|| -> Result<()> {
             catalog::run(
-                "UPDATE azure_cdc.mirrors SET last_error = $2, \
+                "UPDATE azure_cdc.mirrors SET last_error = $2, last_error_code = $4, \
                         state = CASE WHEN $3 AND state IN ('Starting', 'Running') THEN 'Failed' ELSE state END \
                   WHERE mirror_id = $1",
-                &[mirror_id.into(), text.as_str().into(), permanent.into()],
+                &[mirror_id.into(), text.as_str().into(), permanent.into(), azure_cdc_core::health::error_code(e.kind).into()],
+            )?;
+            catalog::record_event(
+                mirror_id,
+                None,
+                if permanent { "Failed" } else { "Error" },
+                Some(&format!("{what}: {text}")),
             )?;
             catalog::run(
                 "UPDATE azure_cdc.mirror_tables SET last_error = $2 WHERE mirror_id = $1 AND state = 'Snapshotting'",

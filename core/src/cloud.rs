@@ -380,6 +380,22 @@ impl CloudTarget {
     fn error(&self, action: &str, key: &ObjectPath, e: object_store::Error) -> Error {
         let text = compact_store_reply(&self.redactor.redact(&e.to_string()));
         let what = format!("could not {action} \"{key}\" in {}", self.url);
+        // Some requests (listing) report HTTP failures as generic errors: classify those by status.
+        let e = match e {
+            object_store::Error::Generic { store, source } => {
+                let path = key.to_string();
+                if text.contains("401 Unauthorized") {
+                    object_store::Error::Unauthenticated { path, source }
+                } else if text.contains("403 Forbidden") {
+                    object_store::Error::PermissionDenied { path, source }
+                } else if text.contains("404 Not Found") {
+                    object_store::Error::NotFound { path, source }
+                } else {
+                    object_store::Error::Generic { store, source }
+                }
+            }
+            other => other,
+        };
         match e {
             object_store::Error::Unauthenticated { .. } => Error::new(ErrorKind::TargetAuthentication, what)
                 .with_detail(text)

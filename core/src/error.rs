@@ -35,6 +35,9 @@ pub enum ErrorKind {
     TargetPermission,
     /// The container or bucket does not exist (58P01). Stops the mirror.
     TargetMissing,
+    /// The mirror's slot was invalidated (`max_slot_wal_keep_size`): WAL it had not read is gone
+    /// (55000, as PostgreSQL reports it). Stops the mirror.
+    SlotInvalidated,
     /// A value cannot be represented in the landing zone (22000). Parks the table.
     DataConversion,
     /// A change this build cannot mirror for one table (0A000), e.g. an update of a table without key
@@ -75,6 +78,7 @@ impl ErrorKind {
             ErrorKind::TargetAuthentication => "28P01",
             ErrorKind::TargetPermission => "28000",
             ErrorKind::TargetMissing => "58P01",
+            ErrorKind::SlotInvalidated => "55000",
             ErrorKind::DataConversion => "22000",
             ErrorKind::FeatureNotSupported => "0A000",
             ErrorKind::Internal => "XX000",
@@ -86,7 +90,10 @@ impl ErrorKind {
         match self {
             ErrorKind::DataConversion | ErrorKind::FeatureNotSupported => Disposition::ParkTable,
             ErrorKind::TargetIo | ErrorKind::Internal | ErrorKind::ObjectInUse => Disposition::Retry,
-            ErrorKind::TargetAuthentication | ErrorKind::TargetPermission | ErrorKind::TargetMissing => {
+            ErrorKind::TargetAuthentication
+            | ErrorKind::TargetPermission
+            | ErrorKind::TargetMissing
+            | ErrorKind::SlotInvalidated => {
                 Disposition::StopMirror
             }
             _ => Disposition::ReportToCaller,
@@ -196,6 +203,9 @@ mod tests {
             ErrorKind::Internal,
         ];
         let mut seen = std::collections::HashSet::new();
+        // SlotInvalidated shares 55000 with PrerequisiteNotMet on purpose: it is PostgreSQL's own
+        // SQLSTATE for reading an invalidated slot.
+        assert_eq!(ErrorKind::SlotInvalidated.sqlstate(), ErrorKind::PrerequisiteNotMet.sqlstate());
         for k in kinds {
             assert_eq!(k.sqlstate().len(), 5);
             assert!(seen.insert(k.sqlstate()), "{k:?} reuses a SQLSTATE");

@@ -20,6 +20,7 @@ pub mod changes;
 pub mod cloud;
 pub mod datafile;
 pub mod error;
+pub mod health;
 pub mod landing_zone;
 pub mod lifecycle;
 pub mod names;

@@ -108,21 +108,28 @@ pub enum MirrorState {
     /// worker runs; the slot is kept and holds WAL. `resume_mirror` takes it back to Starting or
     /// Running once the cause is fixed.
     Failed,
+    /// Paused by `pause_mirror`: no worker runs; the slot is kept and holds WAL. `resume_mirror`
+    /// takes it back to Starting or Running.
+    Paused,
     Stopped,
 }
 
 impl MirrorState {
+    pub const ALL: [MirrorState; 5] =
+        [MirrorState::Starting, MirrorState::Running, MirrorState::Failed, MirrorState::Paused, MirrorState::Stopped];
+
     pub fn as_str(self) -> &'static str {
         match self {
             MirrorState::Starting => "Starting",
             MirrorState::Running => "Running",
             MirrorState::Failed => "Failed",
+            MirrorState::Paused => "Paused",
             MirrorState::Stopped => "Stopped",
         }
     }
 
     pub fn parse(s: &str) -> Result<MirrorState> {
-        [MirrorState::Starting, MirrorState::Running, MirrorState::Failed, MirrorState::Stopped]
+        MirrorState::ALL
             .into_iter()
             .find(|m| m.as_str() == s)
             .ok_or_else(|| Error::new(ErrorKind::Internal, format!("unknown mirror state \"{s}\"")))
@@ -138,7 +145,7 @@ impl MirrorState {
         matches!(self, MirrorState::Starting | MirrorState::Running)
     }
 
-    /// The state `resume_mirror` returns a Failed mirror to.
+    /// The state `resume_mirror` returns a Failed or Paused mirror to.
     pub fn resumed(snapshot_completed: bool) -> MirrorState {
         if snapshot_completed {
             MirrorState::Running
@@ -187,12 +194,13 @@ mod tests {
             assert_eq!(S::parse(s.as_str()).unwrap(), s);
         }
         assert!(S::parse("Running").is_err());
-        for m in [MirrorState::Starting, MirrorState::Running, MirrorState::Failed, MirrorState::Stopped] {
+        for m in MirrorState::ALL {
             assert_eq!(MirrorState::parse(m.as_str()).unwrap(), m);
         }
         assert!(!MirrorState::Stopped.is_active());
         assert!(MirrorState::Failed.is_active(), "a failed mirror keeps its slot and its place");
         assert!(!MirrorState::Failed.wants_workers());
+        assert!(MirrorState::Paused.is_active() && !MirrorState::Paused.wants_workers());
         assert_eq!(MirrorState::resumed(false), MirrorState::Starting);
         assert_eq!(MirrorState::resumed(true), MirrorState::Running);
     }

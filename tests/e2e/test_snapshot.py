@@ -200,10 +200,15 @@ def wait_rows_copied(db, mirror, at_least, deadline_s=120):
 def test_a_killed_snapshot_worker_is_restarted_and_the_result_is_exact(db, cluster):
     db.sql("CREATE TABLE t (id bigint PRIMARY KEY, v text)")
     db.sql("INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 600000) g")
+    db.sql("ANALYZE t")
     postmaster = cluster.postmaster_pid()
     root = db.start_mirror("m")
     pid = snapshot_worker_pid(db)
     wait_rows_copied(db, "m", 50000)  # progress is visible while the snapshot runs
+    est, pct, state = db.sql("SELECT snapshot_rows_estimated, snapshot_percent, state "
+                             "FROM azure_cdc.get_all_tables_mirror_status() WHERE table_name = 't'")[0]
+    if state == "Snapshotting":
+        assert 500000 < est < 700000 and 0 < pct <= 100, (est, pct)
     assert db.one("SELECT pg_terminate_backend(%s)", (pid,))
     db.sql("INSERT INTO t VALUES (0, 'after the first attempt')")
     status = db.wait_snapshot("m")

@@ -129,6 +129,10 @@ def test_outage_of_the_target_is_survived(db, azurite):
         assert st["state"] == "Replicating"
         lag = db.one("SELECT lag_bytes FROM azure_cdc.get_mirror_status() WHERE mirror_name = 'm'")
         assert lag > 0
+        m = db.sql("SELECT state, last_error_code FROM azure_cdc.list_mirrors() WHERE mirror_name = 'm'")[0]
+        assert m == ("Running with warning", "CDC_ERR_TARGET_UNREACHABLE"), m
+        assert ("mirror", "WARNING", "CDC_ERR_TARGET_UNREACHABLE") in db.sql(
+            "SELECT scope, status, code FROM azure_cdc.get_health_status('m')")
         time.sleep(max(0, 60 - (time.time() - down_at)))
     finally:
         azurite.start()
@@ -200,6 +204,9 @@ def test_permission_error_stops_the_mirror_until_resumed(db, azurite):
         time.sleep(0.5)
     st = db.status("m")[("public", "a")]
     assert st["status"] == "ERROR" and "Grant" in st["error"], st
+    assert db.sql("SELECT scope, status, code FROM azure_cdc.get_health_status('m')") == [
+        ("mirror", "ERROR", "CDC_ERR_TARGET_PERMISSION_DENIED")]
+    assert db.one("SELECT state FROM azure_cdc.list_mirrors() WHERE mirror_name = 'm'") == "Failed"
     assert sas.split("sig=")[1][:10] not in st["error"]
     # No decoder runs while Failed, and the slot holds the WAL of the new rows.
     time.sleep(2)
@@ -212,6 +219,9 @@ def test_permission_error_stops_the_mirror_until_resumed(db, azurite):
     db.wait_caught_up("m")
     assert_all_equal(db, azurite, container, "LandingZone", ["a"])
     assert db.status("m")[("public", "a")]["status"] == "OK"
+    ev = [r[0] for r in db.sql("SELECT event FROM azure_cdc.events WHERE mirror_name = 'm' ORDER BY event_id")]
+    assert ev[-2:] == ["Resumed", "Recovered"] or ev[-1] == "Resumed", ev
+    assert "Failed" in ev
 
 
 def test_credentials_stay_secret(db, azurite, cluster):

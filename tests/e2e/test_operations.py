@@ -1,0 +1,150 @@
+"""Operations, end to end: pause and resume, list_mirrors() with live figures, metrics(), the
+events table, get_health_status() codes, and a slot invalidated by max_slot_wal_keep_size. Each
+status field is checked on a mirror where something provoked it; mirrors that go on end with the
+replay comparison against the source."""
+
+import time
+
+import pytest
+
+from replay import assert_mirror_equals_source
+
+
+def mirrors(db):
+    cur = db.conn.execute("SELECT * FROM azure_cdc.list_mirrors()")
+    cols = [d.name for d in cur.description]
+    return {r[0]: dict(zip(cols, r)) for r in cur.fetchall()}
+
+
+def health(db, mirror=None):
+    rows = db.sql("SELECT scope, object, status, code, message, hint FROM azure_cdc.get_health_status(%s)", (mirror,))
+    return [dict(zip(("scope", "object", "status", "code", "message", "hint"), r)) for r in rows]
+
+
+def events(db, mirror):
+    return [r[0] for r in db.sql("SELECT event FROM azure_cdc.events WHERE mirror_name = %s ORDER BY event_id", (mirror,))]
+
+
+def wait_for(what, check, deadline_s=120):
+    end = time.time() + deadline_s
+    while True:
+        v = check()
+        if v:
+            return v
+        assert time.time() < end, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_pause_and_resume_hold_and_then_deliver_everything(db):
+    db.sql("CREATE TABLE a (id int PRIMARY KEY, v text)")
+    db.sql("INSERT INTO a SELECT g, 'v' || g FROM generate_series(1, 1000) g")
+    root = db.start_mirror("m")
+    db.wait_snapshot("m")
+    db.wait_caught_up("m")
+    assert db.one("SELECT azure_cdc.pause_mirror('m')").startswith('mirror "m" paused')
+    m = mirrors(db)["m"]
+    assert m["state"] == "Paused" and m["worker_pid"] is None
+    assert [h["code"] for h in health(db, "m")] == ["CDC_WARN_MIRROR_PAUSED"]
+    # Changes while paused are held by the slot.
+    db.sql("UPDATE a SET v = v || '!' WHERE id % 2 = 0")
+    db.sql("DELETE FROM a WHERE id > 900")
+    db.sql("INSERT INTO a SELECT g, 'late' FROM generate_series(2001, 2500) g")
+    time.sleep(1)
+    m = mirrors(db)["m"]
+    assert m["lag_bytes"] > 0 and m["wal_retained_bytes"] >= m["lag_bytes"]
+    with pytest.raises(Exception) as ei:
+        db.sql("SELECT azure_cdc.pause_mirror('m')")
+    assert ei.value.sqlstate == "55006"
+    assert "Running" in db.one("SELECT azure_cdc.resume_mirror('m')")
+    db.wait_caught_up("m")
+    assert_mirror_equals_source(db.conn, root, "public", "a")
+    assert mirrors(db)["m"]["state"] == "Running"
+    assert health(db, "m") == []
+    ev = events(db, "m")
+    assert ev[:2] == ["Started", "SnapshotPublished"] and ev[-2:] == ["Paused", "Resumed"], ev
+
+
+def test_list_mirrors_and_metrics_show_live_figures(db):
+    db.sql("CREATE TABLE a (id int PRIMARY KEY, v text)")
+    db.sql("CREATE TABLE nokey (v text)")
+    db.sql("INSERT INTO nokey VALUES ('x')")
+    root = db.start_mirror("m")
+    db.wait_snapshot("m")
+    # A steady stream of changes: rates over the last minute become positive.
+    seen = {}
+
+    def flowing():
+        db.sql("INSERT INTO a SELECT g, 'v' FROM generate_series(coalesce((SELECT max(id) FROM a), 0) + 1, "
+               "coalesce((SELECT max(id) FROM a), 0) + 200) g")
+        m = mirrors(db)["m"]
+        seen.update(m)
+        return m["changes_per_second"] and m["changes_per_second"] > 0 and m["bytes_published"] > 0
+
+    wait_for("positive change rate", flowing, deadline_s=180)
+    db.wait_caught_up("m")
+    m = mirrors(db)["m"]
+    assert m["state"] == "Running with warning", "a table without keys is a warning"
+    assert m["tables"] == 2 and m["tables_warning"] == 1 and m["tables_failed"] == 0
+    assert m["target"] == "file://" + root and m["credential"] is None
+    assert m["lag_bytes"] is not None and m["confirmed_lsn"] and m["wal_status"] == "reserved"
+    assert m["safe_wal_bytes"] is None, "max_slot_wal_keep_size is unlimited"
+    assert m["changes_published"] >= 200 and m["bytes_per_second"] > 0 and m["last_published_at"] is not None
+    codes = {(h["scope"], h["code"]) for h in health(db, "m")}
+    assert codes == {("table", "CDC_WARN_TABLE_WITHOUT_KEY")}
+    rows = db.sql("SELECT metric, mirror_name, schema_name, table_name, value FROM azure_cdc.metrics()")
+    by = {(r[0], r[2], r[3]): r[4] for r in rows if r[1] == "m"}
+    assert by[("azure_cdc_mirror_up", None, None)] == 1
+    assert by[("azure_cdc_tables", None, None)] == 2
+    # Table counters reach the catalog at most a second after publication.
+    wait_for("the table counters", lambda: [r[4] for r in db.sql(
+        "SELECT * FROM azure_cdc.metrics() WHERE metric = 'azure_cdc_table_rows_replicated' AND table_name = 'a'")]
+        == [db.one("SELECT count(*) FROM a")])
+    assert ("azure_cdc_lag_bytes", None, None) in by and ("azure_cdc_changes_per_second", None, None) in by
+    # The older, shorter status reads the same figures.
+    assert db.one("SELECT decoder_pid FROM azure_cdc.get_mirror_status() WHERE mirror_name = 'm'") == m["worker_pid"]
+    assert_mirror_equals_source(db.conn, root, "public", "a")
+
+
+def test_invalidated_slot_fails_the_mirror_with_its_code(db):
+    db.sql("CREATE TABLE a (id int PRIMARY KEY, v text)")
+    db.sql("CREATE TABLE filler (v text)")
+    db.sql("INSERT INTO a SELECT g, 'v' FROM generate_series(1, 100) g")
+    db.start_mirror("m", ["a"])
+    db.wait_snapshot("m")
+    db.wait_caught_up("m")
+    with db.server_setting("max_slot_wal_keep_size", "32MB"):
+        db.sql("SELECT azure_cdc.pause_mirror('m')")
+        db.sql("INSERT INTO a VALUES (1000, 'lost with the WAL')")
+        # The near-limit warning shows before the limit is reached.
+        wait_for("the near-limit warning", lambda: (
+            db.sql("INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 2000)") is None
+            and "CDC_WARN_WAL_RETENTION_NEAR_LIMIT" in [h["code"] for h in health(db, "m")]))
+        for _ in range(6):
+            db.sql("INSERT INTO filler VALUES ('x')")
+            db.sql("SELECT pg_switch_wal()")
+        db.sql("CHECKPOINT")
+        wait_for("the slot to be lost", lambda: mirrors(db)["m"]["wal_status"] == "lost")
+        assert "CDC_ERR_SLOT_INVALIDATED" in [h["code"] for h in health(db, "m")]
+        db.sql("SELECT azure_cdc.resume_mirror('m')")
+        wait_for("the mirror to fail", lambda: mirrors(db)["m"]["state"] == "Failed")
+    m = mirrors(db)["m"]
+    assert m["last_error_code"] == "CDC_ERR_SLOT_INVALIDATED" and "invalidated" in m["last_error"]
+    h = [x for x in health(db, "m") if x["scope"] == "mirror"]
+    assert h[0]["code"] == "CDC_ERR_SLOT_INVALIDATED" and h[0]["status"] == "ERROR" and "new folder" in h[0]["hint"]
+    assert events(db, "m")[-1] == "Failed"
+    st = db.status("m")[("public", "a")]
+    assert st["status"] == "ERROR" and "invalidated" in st["error"]
+
+
+def test_events_are_kept_bounded(db):
+    db.sql("CREATE TABLE a (id int PRIMARY KEY)")
+    db.start_mirror("m")
+    db.wait_snapshot("m")
+    db.sql("INSERT INTO azure_cdc.events (mirror_name, event) SELECT 'm', 'Filler' FROM generate_series(1, 10050)")
+    db.sql("SELECT azure_cdc.pause_mirror('m')")
+    assert db.one("SELECT count(*) FROM azure_cdc.events") == 10000
+    assert db.one("SELECT event FROM azure_cdc.events ORDER BY event_id DESC LIMIT 1") == "Paused"
+
+
+def test_health_of_the_server(db):
+    assert [h for h in health(db) if h["scope"] == "system"] == []
