@@ -112,11 +112,14 @@ PY
 say "replaying the landing zone again and comparing it with the source"
 compare
 
-say "the mirror at a glance: list_mirrors(), get_health_status(), the events table"
+say "the mirror at a glance: list_mirrors(), get_health_status(), the events table, metrics()"
 psql_demo -x -c "SELECT mirror_name, state, target, tables, tables_warning, confirmed_lsn, lag_bytes, wal_retained_bytes, wal_status, changes_per_second, bytes_per_second, changes_published, bytes_published FROM azure_cdc.list_mirrors()"
 psql_demo -c "SELECT scope, object, status, code, message FROM azure_cdc.get_health_status()"
 psql_demo -c "SELECT occurred_at, event, detail FROM azure_cdc.events ORDER BY event_id"
 psql_demo -c "SELECT metric, value FROM azure_cdc.metrics() WHERE schema_name IS NULL"
+
+say "verify_mirror(): the landing zone read back, replayed and compared with the source in one snapshot"
+psql_demo -c "SELECT table_name, verdict, source_rows, mirror_rows, missing, extra, differing, files, detail FROM azure_cdc.verify_mirror('demo')"
 
 say "how to read the files"
 cat <<TXT

@@ -6,10 +6,10 @@
 //! "am I an admin?" is one of its checks. The functions run with the caller's rights (no SECURITY
 //! DEFINER): admins are granted the catalog tables, nobody else is.
 
+use azure_cdc_core::cloud::CloudSettings;
 use azure_cdc_core::lifecycle::{MirrorState, TableState};
 use azure_cdc_core::names;
 use azure_cdc_core::prerequisites::{self, ServerFacts};
-use azure_cdc_core::cloud::CloudSettings;
 use azure_cdc_core::target::TargetUrl;
 use azure_cdc_core::{Error, ErrorKind, Result};
 use pgrx::prelude::*;
@@ -241,7 +241,10 @@ fn start_mirror_impl(
         if remote || e.hint.is_some() {
             e
         } else {
-            Error { hint: Some("The folder must be writable by the operating-system user the server runs as.".into()), ..e }
+            Error {
+                hint: Some("The folder must be writable by the operating-system user the server runs as.".into()),
+                ..e
+            }
         }
     })?;
     drop(t);
@@ -268,7 +271,15 @@ fn start_mirror_impl(
             list.join(", ")
         );
     }
-    let id = catalog::insert_mirror(mirror_name, &url.to_url(), all_tables, options, credential.as_deref(), &slot, &with_keys)?;
+    let id = catalog::insert_mirror(
+        mirror_name,
+        &url.to_url(),
+        all_tables,
+        options,
+        credential.as_deref(),
+        &slot,
+        &with_keys,
+    )?;
     catalog::record_event(id, None, "Started", Some(&format!("{} table(s) to {}", with_keys.len(), url.to_url())))?;
     let database = database_oid();
     let Some(index) = shmem::reserve(database, id, Desired::Reserved, Phase::Snapshot) else {
@@ -433,8 +444,11 @@ fn resume_mirror_impl(mirror_name: &str) -> Result<String> {
     let m = catalog::mirror_by_name(mirror_name)?.ok_or_else(|| unknown_mirror(mirror_name))?;
     let before = MirrorState::parse(&m.state)?;
     if !matches!(before, MirrorState::Failed | MirrorState::Paused) {
-        return Err(Error::new(ErrorKind::ObjectInUse, format!("mirror \"{mirror_name}\" is {}, not Paused or Failed", m.state))
-            .with_hint("resume_mirror resumes a paused mirror, or one its target stopped."));
+        return Err(Error::new(
+            ErrorKind::ObjectInUse,
+            format!("mirror \"{mirror_name}\" is {}, not Paused or Failed", m.state),
+        )
+        .with_hint("resume_mirror resumes a paused mirror, or one its target stopped."));
     }
     // Prove the target again before the workers try: a cause that is still there is reported here.
     let url = TargetUrl::parse(&m.target)?;
@@ -583,4 +597,3 @@ fn get_all_tables_mirror_status() -> TableIterator<
 > {
     TableIterator::new(status_rows().or_raise())
 }
-

@@ -142,10 +142,14 @@ fn create_credential_impl(name: &str, options: JsonB) -> Result<String> {
     hide_statement_on_error();
     require_superuser("create_credential")?;
     if name.is_empty() || name.len() > 63 || name.chars().any(|c| c.is_control()) {
-        return Err(Error::new(ErrorKind::InvalidName, "a credential name is 1 to 63 bytes without control characters"));
+        return Err(Error::new(
+            ErrorKind::InvalidName,
+            "a credential name is 1 to 63 bytes without control characters",
+        ));
     }
     let parsed = options_from_json(&options.0)?;
-    let known: Vec<&str> = cloud::AZURE_OPTIONS.iter().chain(cloud::S3_OPTIONS).chain(cloud::GCS_OPTIONS).copied().collect();
+    let known: Vec<&str> =
+        cloud::AZURE_OPTIONS.iter().chain(cloud::S3_OPTIONS).chain(cloud::GCS_OPTIONS).copied().collect();
     for k in parsed.keys() {
         if !known.contains(&k.as_str()) {
             return Err(Error::new(ErrorKind::InvalidParameter, format!("unknown credential option \"{k}\""))
@@ -194,8 +198,11 @@ fn drop_credential_impl(name: &str) -> Result<String> {
         Ok::<_, Error>(v)
     })?;
     if !users.is_empty() {
-        return Err(Error::new(ErrorKind::ObjectInUse, format!("credential \"{name}\" is used by mirror \"{}\"", users.join("\", \"")))
-            .with_hint("Stop those mirrors first."));
+        return Err(Error::new(
+            ErrorKind::ObjectInUse,
+            format!("credential \"{name}\" is used by mirror \"{}\"", users.join("\", \"")),
+        )
+        .with_hint("Stop those mirrors first."));
     }
     let deleted = Spi::get_one_with_args::<i64>(
         "WITH d AS (DELETE FROM azure_cdc.credentials WHERE credential_name = $1 RETURNING 1) SELECT count(*) FROM d",

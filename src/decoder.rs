@@ -34,13 +34,16 @@ use std::time::{Duration, Instant};
 
 use azure_cdc_core::arrow_array::RecordBatch;
 use azure_cdc_core::batch::{BatchBuilder, ColumnSpec};
-use azure_cdc_core::changes::{already_shipped, batch_due, change_columns, InFlight, Position, RowMarker};
+use azure_cdc_core::changes::{
+    already_shipped, batch_due, change_columns, extend_runs, InFlight, Position, RowMarker, TxnRun,
+};
 use azure_cdc_core::datafile::PublishedFile;
 use azure_cdc_core::error::Disposition;
 use azure_cdc_core::lifecycle::{MirrorState, TableEvent, TableState};
 use azure_cdc_core::names;
 use azure_cdc_core::shipper::{self, ShipBatch, Shipped, Shipper, TableChanges};
 use azure_cdc_core::target::TargetUrl;
+use azure_cdc_core::verify::full_xid;
 use azure_cdc_core::{Error, ErrorKind, Result};
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
@@ -94,6 +97,8 @@ struct Table {
     /// Position of the last change in the open batch.
     last_in_batch: Option<Position>,
     rows_in_batch: u64,
+    /// Which rows of the open batch belong to which transaction.
+    txn_runs: Vec<TxnRun>,
     /// Position of the last change already in the landing zone when the decoder started.
     published: Option<Position>,
     next_number: u64,
@@ -128,6 +133,8 @@ struct Decoder {
     commit_lsn: u64,
     commit_time: i64,
     ordinal: u64,
+    /// Its full (epoch-extended) transaction id, for the files' transaction index.
+    xid: u64,
     /// Memory for one change's deformed and detoasted values, reset after each change.
     change_cxt: pg_sys::MemoryContext,
     /// An LSN to confirm, from acknowledgements received inside a callback.
@@ -169,10 +176,15 @@ fn load(mirror_id: i64) -> Result<Option<(catalog::MirrorRow, HashMap<u32, Table
             if status == "lost" {
                 return Err(Error::new(
                     ErrorKind::SlotInvalidated,
-                    format!("replication slot \"{}\" was invalidated: WAL the mirror had not read was removed", m.slot_name),
+                    format!(
+                        "replication slot \"{}\" was invalidated: WAL the mirror had not read was removed",
+                        m.slot_name
+                    ),
                 )
                 .with_detail("The slot exceeded max_slot_wal_keep_size while the mirror was held back.")
-                .with_hint("Stop the mirror and start it again into a new folder; consider a larger max_slot_wal_keep_size."));
+                .with_hint(
+                    "Stop the mirror and start it again into a new folder; consider a larger max_slot_wal_keep_size.",
+                ));
             }
         }
         let mut tables = HashMap::new();
@@ -208,6 +220,7 @@ fn load(mirror_id: i64) -> Result<Option<(catalog::MirrorRow, HashMap<u32, Table
                     done: Vec::new(),
                     last_in_batch: None,
                     rows_in_batch: 0,
+                    txn_runs: Vec::new(),
                     published: None,
                     next_number: 1,
                     parked,
@@ -275,6 +288,7 @@ fn run(index: usize, mirror_id: i64) -> Result<()> {
             first_commit_time: 0,
             buffered: 0,
             commit_lsn: 0,
+            xid: 0,
             commit_time: 0,
             ordinal: 0,
             change_cxt,
@@ -437,6 +451,7 @@ impl Decoder {
             };
             rows += t.rows_in_batch;
             t.rows_in_batch = 0;
+            let txns = std::mem::take(&mut t.txn_runs);
             tables.push(TableChanges {
                 relid: *relid,
                 folder: t.folder.clone(),
@@ -444,6 +459,7 @@ impl Decoder {
                 batches: std::mem::take(&mut t.done),
                 last,
                 number: t.next_number,
+                txns,
             });
             t.next_number += 1;
         }
@@ -559,6 +575,7 @@ impl Decoder {
                 t.done.clear();
                 t.last_in_batch = None;
                 t.rows_in_batch = 0;
+                t.txn_runs.clear();
             }
         }
     }
@@ -591,6 +608,7 @@ impl Decoder {
         match r {
             Ok(0) => Ok(()),
             Ok(bytes) => {
+                extend_runs(&mut t.txn_runs, self.xid, t.rows_in_batch);
                 if self.first_change.is_none() {
                     self.first_change = Some(Instant::now());
                     self.first_commit_time = self.commit_time;
@@ -883,11 +901,15 @@ unsafe extern "C-unwind" fn startup_cb(
 #[pg_guard]
 unsafe extern "C-unwind" fn begin_cb(_ctx: *mut pg_sys::LogicalDecodingContext, txn: *mut pg_sys::ReorderBufferTXN) {
     // SAFETY: txn is the transaction being replayed; its commit LSN and time are set before replay.
-    let (lsn, time) = unsafe { ((*txn).final_lsn, (*txn).xact_time.commit_time) };
+    // ReadNextFullTransactionId takes a shared lock briefly.
+    let (lsn, time, xid, next) = unsafe {
+        ((*txn).final_lsn, (*txn).xact_time.commit_time, (*txn).xid, pg_sys::ReadNextFullTransactionId().value)
+    };
     DECODER.with(|d| {
         if let Some(d) = d.borrow_mut().as_mut() {
             d.commit_lsn = lsn;
             d.commit_time = time;
+            d.xid = full_xid(next, u32::from(xid));
             d.ordinal = 0;
         }
     });

@@ -28,6 +28,7 @@ mod slot;
 mod snapshot;
 mod status;
 mod tuples;
+mod verify;
 mod worker;
 
 // The #[pg_test] tier (in pg_tests.rs: SQL API, privileges, catalog rules, numeric decoding).

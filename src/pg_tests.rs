@@ -70,7 +70,7 @@ fn catalog_tables_grant_nothing_to_public() {
           WHERE c.relnamespace = 'azure_cdc'::regnamespace AND c.relkind = 'r' \
             AND a.grantee = 'azure_cdc_admin'::regrole AND a.privilege_type = 'SELECT'",
     );
-    assert_eq!(admin_grants, 2);
+    assert_eq!(admin_grants, 3, "mirrors, mirror_tables, events");
 }
 
 #[pg_test]

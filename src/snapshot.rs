@@ -220,7 +220,11 @@ fn prepare(mirror_id: i64) -> Result<Option<(MirrorRow, Vec<TableRow>, Arc<Targe
         }
         crate::slot::drop_if_exists(&m.slot_name)?;
         let url = TargetUrl::parse(&m.target)?;
-        let target = Arc::new(crate::credentials::open_target(&url, m.credential.as_deref(), crate::credentials::worker_settings())?);
+        let target = Arc::new(crate::credentials::open_target(
+            &url,
+            m.credential.as_deref(),
+            crate::credentials::worker_settings(),
+        )?);
         let tables = catalog::tables(mirror_id)?;
         for t in &tables {
             target.clear_table_folder(&names::table_folder(&t.schema, &t.table))?;
@@ -534,8 +538,11 @@ fn helper_run(index: usize, slot: usize, mirror_id: i64) -> Result<usize> {
     let mirror = catalog::mirror_by_id(mirror_id)?
         .ok_or_else(|| Error::new(ErrorKind::Internal, format!("mirror {mirror_id} is gone")))?;
     let url = TargetUrl::parse(&mirror.target)?;
-    let target =
-        Arc::new(crate::credentials::open_target(&url, mirror.credential.as_deref(), crate::credentials::worker_settings())?);
+    let target = Arc::new(crate::credentials::open_target(
+        &url,
+        mirror.credential.as_deref(),
+        crate::credentials::worker_settings(),
+    )?);
     let tables = catalog::tables(mirror_id)?;
     if tables.len() != shmem::entry(index).tables_total as usize {
         return Err(Error::new(ErrorKind::Internal, "snapshot workers disagree on the table list"));
@@ -639,62 +646,15 @@ unsafe fn scan(
     progress_slot: usize,
     relid: pg_sys::Oid,
 ) -> Result<i64> {
-    // SAFETY (whole function): standard heap scan protocol. Each tuple returned by heap_getnext stays
-    // valid (its buffer pinned) until the next call, which is after it has been converted; detoasted
-    // copies and output strings live in `batch_cxt`, reset only after the batch holding them was
-    // copied into Arrow buffers.
+    // SAFETY: the caller's guarantees; the active snapshot is the snapshot transaction's.
     unsafe {
-        let natts = conv.natts();
-        let mut values = vec![pg_sys::Datum::from(0usize); natts];
-        let mut nulls = vec![false; natts];
-        let batch_cxt = pg_sys::AllocSetContextCreateInternal(
-            pg_sys::CurrentMemoryContext,
-            c"azure_cdc snapshot batch".as_ptr(),
-            0,
-            8 * 1024,
-            8 * 1024 * 1024,
-        );
-        let flags = pg_sys::ScanOptions::SO_TYPE_SEQSCAN
-            | pg_sys::ScanOptions::SO_ALLOW_STRAT
-            | pg_sys::ScanOptions::SO_ALLOW_SYNC
-            | pg_sys::ScanOptions::SO_ALLOW_PAGEMODE;
         let snapshot = pg_sys::GetActiveSnapshot();
-        let sd = pg_sys::heap_beginscan(rel, snapshot, 0, std::ptr::null_mut(), std::ptr::null_mut(), flags);
-        let desc = (*rel).rd_att;
-        let mut rows: i64 = 0;
-        let result = (|| -> Result<i64> {
-            loop {
-                let tuple = pg_sys::heap_getnext(sd, pg_sys::ScanDirection::ForwardScanDirection);
-                if tuple.is_null() {
-                    break;
-                }
-                let old = pg_sys::MemoryContextSwitchTo(batch_cxt);
-                pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-                let appended = conv.append_row(&values, &nulls, None, builder);
-                pg_sys::MemoryContextSwitchTo(old);
-                appended?;
-                rows += 1;
-                if builder.is_full() {
-                    encoder.send(ToEncoder::Batch(builder.finish()?))?;
-                    pg_sys::MemoryContextReset(batch_cxt);
-                    shmem::set_progress(index, progress_slot, relid.to_u32(), rows);
-                    pg_sys::check_for_interrupts!();
-                    if encoder.has_failed() {
-                        break;
-                    }
-                }
-            }
-            if builder.rows() > 0 {
-                encoder.send(ToEncoder::Batch(builder.finish()?))?;
-            }
+        let rows = crate::tuples::scan_heap(rel, snapshot, conv, builder, &mut |batch, rows| {
+            encoder.send(ToEncoder::Batch(batch))?;
             shmem::set_progress(index, progress_slot, relid.to_u32(), rows);
-            Ok(rows)
-        })();
-        pg_sys::heap_endscan(sd);
-        pg_sys::MemoryContextDelete(batch_cxt);
-        if result.is_err() {
-            builder.abandon();
-        }
-        result
+            Ok(!encoder.has_failed())
+        })?;
+        shmem::set_progress(index, progress_slot, relid.to_u32(), rows);
+        Ok(rows)
     }
 }

@@ -113,7 +113,9 @@ fn mirror_views(function: &str) -> Result<Vec<MirrorView>> {
             let keyless_tables: Vec<String> = r.get(16).map_err(spi)?.unwrap_or_default();
             let last_error: Option<String> = r.get(12).map_err(spi)?;
             let display_state = match state {
-                MirrorState::Running if last_error.is_some() || !failed_tables.is_empty() || !keyless_tables.is_empty() => {
+                MirrorState::Running
+                    if last_error.is_some() || !failed_tables.is_empty() || !keyless_tables.is_empty() =>
+                {
                     "Running with warning".to_string()
                 }
                 s => s.as_str().to_string(),
@@ -253,7 +255,10 @@ fn problems(mirror: Option<&str>) -> Result<Vec<Problem>> {
         for check in prerequisites::evaluate(&facts) {
             let about_caller = matches!(
                 check.code,
-                "USER_NOT_CDC_ADMIN" | "NO_CREATE_PRIVILEGE_ON_DATABASE" | "MAX_FABRIC_MIRRORS_REACHED" | "NO_FREE_REPLICATION_SLOTS"
+                "USER_NOT_CDC_ADMIN"
+                    | "NO_CREATE_PRIVILEGE_ON_DATABASE"
+                    | "MAX_FABRIC_MIRRORS_REACHED"
+                    | "NO_FREE_REPLICATION_SLOTS"
             );
             if check.is_error() && !about_caller {
                 let code = match check.code {
@@ -291,10 +296,11 @@ fn problems(mirror: Option<&str>) -> Result<Vec<Problem>> {
             });
         }
     }
-    let max_keep_mb = Spi::get_one::<String>("SELECT setting FROM pg_catalog.pg_settings WHERE name = 'max_slot_wal_keep_size'")
-        .map_err(spi)?
-        .and_then(|s| s.parse::<i64>().ok())
-        .filter(|mb| *mb >= 0);
+    let max_keep_mb =
+        Spi::get_one::<String>("SELECT setting FROM pg_catalog.pg_settings WHERE name = 'max_slot_wal_keep_size'")
+            .map_err(spi)?
+            .and_then(|s| s.parse::<i64>().ok())
+            .filter(|mb| *mb >= 0);
     let views = mirror_views("get_health_status")?;
     if let Some(name) = mirror {
         if !views.iter().any(|m| m.name == name) {
@@ -305,7 +311,10 @@ fn problems(mirror: Option<&str>) -> Result<Vec<Problem>> {
         let facts = MirrorFacts {
             name: m.name.clone(),
             state: Some(m.state),
-            last_error_code: m.last_error_code.clone().or(m.last_error.as_ref().map(|_| "CDC_ERR_WORKER_FAILED".to_string())),
+            last_error_code: m
+                .last_error_code
+                .clone()
+                .or(m.last_error.as_ref().map(|_| "CDC_ERR_WORKER_FAILED".to_string())),
             last_error: m.last_error.clone(),
             worker_running: m.worker_pid.is_some(),
             wal_status: m.wal_status.clone(),
@@ -342,9 +351,11 @@ fn get_health_status(
     ),
 > {
     let rows = problems(mirror_name).or_raise();
-    TableIterator::new(rows.into_iter().map(|p| {
-        (p.scope.to_string(), p.object, p.level.as_str().to_string(), p.code.to_string(), p.message, p.hint)
-    }))
+    TableIterator::new(
+        rows.into_iter().map(|p| {
+            (p.scope.to_string(), p.object, p.level.as_str().to_string(), p.code.to_string(), p.message, p.hint)
+        }),
+    )
 }
 
 /// Metrics as rows (metric, mirror, schema, table, value), for a Prometheus exporter's custom query:
@@ -357,7 +368,13 @@ fn get_health_status(
 #[pg_extern]
 fn metrics() -> TableIterator<
     'static,
-    (name!(metric, String), name!(mirror_name, String), name!(schema_name, Option<String>), name!(table_name, Option<String>), name!(value, f64)),
+    (
+        name!(metric, String),
+        name!(mirror_name, String),
+        name!(schema_name, Option<String>),
+        name!(table_name, Option<String>),
+        name!(value, f64),
+    ),
 > {
     let rows = metric_rows().or_raise();
     TableIterator::new(rows)
@@ -403,9 +420,11 @@ fn metric_rows() -> Result<Vec<MetricRow>> {
             let schema: Option<String> = r.get(2).map_err(spi)?;
             let table: Option<String> = r.get(3).map_err(spi)?;
             let state = TableState::parse(&r.get::<String>(7).map_err(spi)?.unwrap_or_default())?;
-            for (i, name) in
-                [(4, "azure_cdc_table_rows_replicated"), (5, "azure_cdc_table_files_published"), (6, "azure_cdc_table_bytes_published")]
-            {
+            for (i, name) in [
+                (4, "azure_cdc_table_rows_replicated"),
+                (5, "azure_cdc_table_files_published"),
+                (6, "azure_cdc_table_bytes_published"),
+            ] {
                 let v: i64 = r.get(i).map_err(spi)?.unwrap_or(0);
                 out.push((name.to_string(), mirror.clone(), schema.clone(), table.clone(), v as f64));
             }

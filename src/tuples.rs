@@ -1,11 +1,13 @@
 //! Turning tuples of a relation into landing-zone column values: a per-relation plan that knows, for
 //! every live column, how to read its datum (by value, varlena bytes, fixed-size bytes, or the type's
-//! output function) and hands a borrowed [`Value`] to the pure batch builder. Runs on the main thread
-//! of a worker; the values it reads must stay valid (buffer pinned, memory context alive) until
-//! `append_row` returns.
+//! output function) and hands a borrowed [`Value`] to the pure batch builder; and [`scan_heap`], the
+//! one heap scan that feeds it (snapshot workers, and `verify_table` in a backend). Runs on the main
+//! thread of a worker or backend; the values it reads must stay valid (buffer pinned, memory context
+//! alive) until `append_row` returns.
 
 use std::borrow::Cow;
 
+use azure_cdc_core::arrow_array::RecordBatch;
 use azure_cdc_core::batch::{BatchBuilder, ColumnSpec, Value};
 use azure_cdc_core::typemap::{self, ColumnKind};
 use azure_cdc_core::{Error, ErrorKind, Result};
@@ -211,5 +213,76 @@ fn to_utf8<'a>(bytes: &'a [u8], database_is_utf8: bool, column: &str) -> Result<
                 format!("column \"{column}\" is not valid UTF-8 after conversion: {e}"),
             )
         })
+    }
+}
+
+/// Scans heap relation `rel` in `snapshot`, converting every visible row into `builder`, and hands
+/// each full batch (and the last, partial one) to `on_batch` with the rows scanned so far; it returns
+/// false to stop early. Returns the number of rows scanned.
+///
+/// # Safety
+/// `rel` must be an open heap relation and `snapshot` a registered or active snapshot; main thread,
+/// inside a transaction.
+pub unsafe fn scan_heap(
+    rel: pg_sys::Relation,
+    snapshot: pg_sys::Snapshot,
+    conv: &mut TupleConverter,
+    builder: &mut BatchBuilder,
+    on_batch: &mut dyn FnMut(RecordBatch, i64) -> Result<bool>,
+) -> Result<i64> {
+    // SAFETY (whole function): standard heap scan protocol. Each tuple returned by heap_getnext stays
+    // valid (its buffer pinned) until the next call, which is after it has been converted; detoasted
+    // copies and output strings live in `batch_cxt`, reset only after the batch holding them was
+    // copied into Arrow buffers.
+    unsafe {
+        let natts = conv.natts();
+        let mut values = vec![pg_sys::Datum::from(0usize); natts];
+        let mut nulls = vec![false; natts];
+        let batch_cxt = pg_sys::AllocSetContextCreateInternal(
+            pg_sys::CurrentMemoryContext,
+            c"azure_cdc scan batch".as_ptr(),
+            0,
+            8 * 1024,
+            8 * 1024 * 1024,
+        );
+        let flags = pg_sys::ScanOptions::SO_TYPE_SEQSCAN
+            | pg_sys::ScanOptions::SO_ALLOW_STRAT
+            | pg_sys::ScanOptions::SO_ALLOW_SYNC
+            | pg_sys::ScanOptions::SO_ALLOW_PAGEMODE;
+        let sd = pg_sys::heap_beginscan(rel, snapshot, 0, std::ptr::null_mut(), std::ptr::null_mut(), flags);
+        let desc = (*rel).rd_att;
+        let mut rows: i64 = 0;
+        let result = (|| -> Result<i64> {
+            loop {
+                let tuple = pg_sys::heap_getnext(sd, pg_sys::ScanDirection::ForwardScanDirection);
+                if tuple.is_null() {
+                    break;
+                }
+                let old = pg_sys::MemoryContextSwitchTo(batch_cxt);
+                pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+                let appended = conv.append_row(&values, &nulls, None, builder);
+                pg_sys::MemoryContextSwitchTo(old);
+                appended?;
+                rows += 1;
+                if builder.is_full() {
+                    let go_on = on_batch(builder.finish()?, rows)?;
+                    pg_sys::MemoryContextReset(batch_cxt);
+                    pg_sys::check_for_interrupts!();
+                    if !go_on {
+                        break;
+                    }
+                }
+            }
+            if builder.rows() > 0 {
+                on_batch(builder.finish()?, rows)?;
+            }
+            Ok(rows)
+        })();
+        pg_sys::heap_endscan(sd);
+        pg_sys::MemoryContextDelete(batch_cxt);
+        if result.is_err() {
+            builder.abandon();
+        }
+        result
     }
 }

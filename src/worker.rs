@@ -104,7 +104,12 @@ pub fn exit_after_failure(mirror_id: i64, what: &str, e: &Error) -> ! {
                 "UPDATE azure_cdc.mirrors SET last_error = $2, last_error_code = $4, \
                         state = CASE WHEN $3 AND state IN ('Starting', 'Running') THEN 'Failed' ELSE state END \
                   WHERE mirror_id = $1",
-                &[mirror_id.into(), text.as_str().into(), permanent.into(), azure_cdc_core::health::error_code(e.kind).into()],
+                &[
+                    mirror_id.into(),
+                    text.as_str().into(),
+                    permanent.into(),
+                    azure_cdc_core::health::error_code(e.kind).into(),
+                ],
             )?;
             catalog::record_event(
                 mirror_id,

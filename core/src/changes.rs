@@ -41,6 +41,60 @@ use crate::typemap::ColumnKind;
 /// Key of the Parquet key-value metadata entry holding the position of a change file's last change.
 pub const POSITION_KEY: &str = "azure_cdc.last_change";
 
+/// Key of the Parquet key-value metadata entry holding a change file's transaction index: which rows
+/// belong to which transaction ([`TxnRun`]). `verify_table` uses it to cut the replay exactly at the
+/// transactions a snapshot of the source sees.
+pub const TRANSACTIONS_KEY: &str = "azure_cdc.transactions";
+
+/// The rows of one transaction in a change file: rows up to (not including) `end_row`, after the
+/// previous run, belong to the transaction with full (epoch-extended) transaction id `xid`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxnRun {
+    pub xid: u64,
+    pub end_row: u64,
+}
+
+/// Adds `rows_now` (the table's row count in the batch after a change of transaction `xid`) to the
+/// index: extends the last run when it is the same transaction, else starts a new one.
+pub fn extend_runs(runs: &mut Vec<TxnRun>, xid: u64, rows_now: u64) {
+    match runs.last_mut() {
+        Some(last) if last.xid == xid => last.end_row = rows_now,
+        _ => runs.push(TxnRun { xid, end_row: rows_now }),
+    }
+}
+
+/// Text form of a transaction index: `<xid hex>:<end row hex>` joined by `,`.
+pub fn runs_to_text(runs: &[TxnRun]) -> String {
+    let mut s = String::with_capacity(runs.len() * 12);
+    for (i, r) in runs.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&format!("{:x}:{:x}", r.xid, r.end_row));
+    }
+    s
+}
+
+pub fn runs_from_text(text: &str) -> Result<Vec<TxnRun>> {
+    let bad = || Error::new(ErrorKind::Internal, "malformed transaction index in a change file");
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut out: Vec<TxnRun> = Vec::new();
+    for part in text.split(',') {
+        let (x, e) = part.split_once(':').ok_or_else(bad)?;
+        let run = TxnRun {
+            xid: u64::from_str_radix(x, 16).map_err(|_| bad())?,
+            end_row: u64::from_str_radix(e, 16).map_err(|_| bad())?,
+        };
+        if out.last().is_some_and(|l| l.end_row >= run.end_row) {
+            return Err(bad());
+        }
+        out.push(run);
+    }
+    Ok(out)
+}
+
 /// Where a change is in the stream: its transaction's commit LSN, then its ordinal in the transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Position {
@@ -182,6 +236,30 @@ impl InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transaction_index_round_trips() {
+        let mut runs = Vec::new();
+        extend_runs(&mut runs, 700, 1);
+        extend_runs(&mut runs, 700, 3);
+        extend_runs(&mut runs, 0x1_0000_0002, 4);
+        extend_runs(&mut runs, 701, 9);
+        assert_eq!(
+            runs,
+            vec![
+                TxnRun { xid: 700, end_row: 3 },
+                TxnRun { xid: 0x1_0000_0002, end_row: 4 },
+                TxnRun { xid: 701, end_row: 9 }
+            ]
+        );
+        let text = runs_to_text(&runs);
+        assert_eq!(text, "2bc:3,100000002:4,2bd:9");
+        assert_eq!(runs_from_text(&text).unwrap(), runs);
+        assert_eq!(runs_from_text("").unwrap(), vec![]);
+        for bad in ["x", "1:2,3", "1:5,2:5", "g:1"] {
+            assert!(runs_from_text(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn positions_round_trip_and_order() {

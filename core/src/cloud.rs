@@ -107,14 +107,8 @@ pub const AZURE_OPTIONS: &[&str] = &[
     "use_emulator",
     "allow_http",
 ];
-pub const S3_OPTIONS: &[&str] = &[
-    "access_key_id",
-    "secret_access_key",
-    "session_token",
-    "region",
-    "endpoint",
-    "allow_http",
-];
+pub const S3_OPTIONS: &[&str] =
+    &["access_key_id", "secret_access_key", "session_token", "region", "endpoint", "allow_http"];
 pub const GCS_OPTIONS: &[&str] = &["service_account_key", "service_account_path", "application_credentials"];
 
 /// Options whose values are not secret and may be shown (e.g. by `list_credentials`).
@@ -172,11 +166,8 @@ pub struct Redactor {
 
 impl Redactor {
     pub fn new(options: &CredentialOptions) -> Self {
-        let mut secrets: Vec<String> = options
-            .iter()
-            .filter(|(k, v)| !option_is_public(k) && v.len() >= 4)
-            .map(|(_, v)| v.clone())
-            .collect();
+        let mut secrets: Vec<String> =
+            options.iter().filter(|(k, v)| !option_is_public(k) && v.len() >= 4).map(|(_, v)| v.clone()).collect();
         // SAS tokens are also sent split into their parameters; hide each signature value too.
         for v in options.values() {
             for pair in v.trim_start_matches('?').split('&') {
@@ -275,9 +266,8 @@ impl CloudTarget {
     pub fn open(url: &TargetUrl, options: &CredentialOptions, settings: CloudSettings) -> Result<CloudTarget> {
         validate_options(url, options)?;
         let redactor = Redactor::new(options);
-        let client = ClientOptions::new()
-            .with_connect_timeout(settings.connect_timeout)
-            .with_timeout(settings.request_timeout);
+        let client =
+            ClientOptions::new().with_connect_timeout(settings.connect_timeout).with_timeout(settings.request_timeout);
         let retry = RetryConfig {
             backoff: BackoffConfig {
                 init_backoff: Duration::from_millis(200),
@@ -288,7 +278,10 @@ impl CloudTarget {
             retry_timeout: settings.retry_timeout,
         };
         let config_error = |e: object_store::Error| {
-            Error::new(ErrorKind::InvalidParameter, format!("invalid target configuration: {}", redactor.redact(&e.to_string())))
+            Error::new(
+                ErrorKind::InvalidParameter,
+                format!("invalid target configuration: {}", redactor.redact(&e.to_string())),
+            )
         };
         let (store, prefix): (Arc<dyn ObjectStore>, String) = match url {
             TargetUrl::Local(_) => {
@@ -349,12 +342,9 @@ impl CloudTarget {
 
     /// Runs `fut` as a task on the runtime and waits for it.
     fn run<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> Result<T> {
-        let rt = self
-            .runtime
-            .as_ref()
-            .ok_or_else(|| Error::new(ErrorKind::Internal, "the I/O runtime is shut down"))?;
-        rt.block_on(rt.spawn(fut))
-            .map_err(|e| Error::new(ErrorKind::Internal, format!("an I/O task failed: {e}")))
+        let rt =
+            self.runtime.as_ref().ok_or_else(|| Error::new(ErrorKind::Internal, "the I/O runtime is shut down"))?;
+        rt.block_on(rt.spawn(fut)).map_err(|e| Error::new(ErrorKind::Internal, format!("an I/O task failed: {e}")))
     }
 
     /// The key of `rel` (a path relative to the landing-zone root).
@@ -401,7 +391,8 @@ impl CloudTarget {
                 .with_detail(text)
                 .with_hint("Check the credential's key, secret or token and that it has not expired."),
             object_store::Error::PermissionDenied { .. } => {
-                let rejected = ["AuthenticationFailed", "failed to authenticate", "InvalidAccessKeyId", "SignatureDoesNotMatch"];
+                let rejected =
+                    ["AuthenticationFailed", "failed to authenticate", "InvalidAccessKeyId", "SignatureDoesNotMatch"];
                 if rejected.iter().any(|r| text.contains(r)) {
                     Error::new(ErrorKind::TargetAuthentication, what)
                         .with_detail(text)
@@ -537,7 +528,9 @@ impl CloudTarget {
                 // size under the final name. Anything else is a published file we must not replace.
                 if !self.same_size(&tmp, &fin)? {
                     return Err(Error::new(ErrorKind::Internal, format!("data file \"{fin}\" is already published"))
-                        .with_detail("A published file is never replaced: the landing zone and the mirror's bookkeeping disagree."));
+                        .with_detail(
+                        "A published file is never replaced: the landing zone and the mirror's bookkeeping disagree.",
+                    ));
                 }
             }
             Err(e) => return Err(self.error("publish", &fin, e)),

@@ -93,9 +93,7 @@ impl ErrorKind {
             ErrorKind::TargetAuthentication
             | ErrorKind::TargetPermission
             | ErrorKind::TargetMissing
-            | ErrorKind::SlotInvalidated => {
-                Disposition::StopMirror
-            }
+            | ErrorKind::SlotInvalidated => Disposition::StopMirror,
             _ => Disposition::ReportToCaller,
         }
     }

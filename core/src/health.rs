@@ -174,7 +174,8 @@ pub fn mirror_problems(f: &MirrorFacts) -> Vec<Problem> {
         Some("unreserved") => out.push(mirror(
             Health::Error,
             "CDC_ERR_WAL_RETENTION_LIMIT_REACHED",
-            "WAL the mirror has not read is beyond max_slot_wal_keep_size and will be removed at the next checkpoint".into(),
+            "WAL the mirror has not read is beyond max_slot_wal_keep_size and will be removed at the next checkpoint"
+                .into(),
             "Resolve what holds the mirror back (target, paused mirror) at once, or raise max_slot_wal_keep_size.",
         )),
         _ => {

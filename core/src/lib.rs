@@ -29,6 +29,7 @@ pub mod prerequisites;
 pub mod shipper;
 pub mod target;
 pub mod typemap;
+pub mod verify;
 
 pub use arrow_array;
 pub use arrow_schema;

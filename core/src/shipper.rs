@@ -16,7 +16,7 @@ use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
-use crate::changes::{Position, POSITION_KEY};
+use crate::changes::{runs_to_text, Position, TxnRun, POSITION_KEY, TRANSACTIONS_KEY};
 use crate::datafile::{Compression, PublishedFile, TableFileSink};
 use crate::error::{Error, ErrorKind, Result};
 use crate::target::Target;
@@ -31,6 +31,8 @@ pub struct TableChanges {
     pub last: Position,
     /// The file number to publish under.
     pub number: u64,
+    /// Which rows belong to which transaction, recorded in the file.
+    pub txns: Vec<TxnRun>,
 }
 
 /// A closed batch.
@@ -59,7 +61,7 @@ pub fn ship(target: &Arc<Target>, batch: ShipBatch) -> Result<Shipped> {
             batch.compression,
             usize::MAX,
             t.number,
-            vec![(POSITION_KEY.to_string(), t.last.to_text())],
+            vec![(POSITION_KEY.to_string(), t.last.to_text()), (TRANSACTIONS_KEY.to_string(), runs_to_text(&t.txns))],
         );
         for b in &t.batches {
             sink.push(b)?;
@@ -162,10 +164,10 @@ mod tests {
     use super::*;
     use crate::batch::{BatchBuilder, ColumnSpec, Value};
     use crate::changes::{change_columns, RowMarker};
-    use crate::typemap::ColumnKind;
     use crate::names;
-    use std::fs::File;
+    use crate::typemap::ColumnKind;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use std::fs::File;
 
     fn batch(ids: std::ops::Range<i64>, marker: RowMarker) -> (SchemaRef, RecordBatch) {
         let cols = change_columns(&[ColumnSpec { name: "id".into(), kind: ColumnKind::Int64 }]);
@@ -202,6 +204,7 @@ mod tests {
                 batches: vec![rb.clone(), rb],
                 last,
                 number: expected,
+                txns: vec![TxnRun { xid: 7, end_row: 15 }, TxnRun { xid: 9, end_row: 20 }],
             };
             let mut b = Some(ShipBatch { seq, compression: Compression::Zstd, tables: vec![table] });
             while let Some(again) = shipper.try_send(b.take().unwrap()).unwrap() {
@@ -222,7 +225,11 @@ mod tests {
             assert_eq!(folder_state(&target, "s.schema/t").unwrap(), (expected, Some(last)));
         }
         let path = dir.join("s.schema/t").join(names::data_file_name(3));
-        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap()).unwrap().build().unwrap();
+        let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap()).unwrap();
+        let kv = builder.metadata().file_metadata().key_value_metadata().unwrap().clone();
+        let index = kv.iter().find(|k| k.key == TRANSACTIONS_KEY).and_then(|k| k.value.clone()).unwrap();
+        assert_eq!(crate::changes::runs_from_text(&index).unwrap()[1], TxnRun { xid: 9, end_row: 20 });
+        let reader = builder.build().unwrap();
         let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
         assert_eq!(rows, 20);
         drop(shipper);
@@ -245,6 +252,7 @@ mod tests {
                 batches: vec![rb.clone()],
                 last: Position { commit_lsn: 1, ordinal: seq },
                 number: 1,
+                txns: vec![TxnRun { xid: 1, end_row: 3 }],
             }],
         };
         ship(&target, mk(1)).unwrap();

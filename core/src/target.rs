@@ -35,9 +35,20 @@ pub enum TargetUrl {
     /// Azure Blob Storage / ADLS Gen2, or OneLake (`fabric`). `account` None: from the credential or
     /// the environment (`az://`). `prefix`: key prefix of the landing-zone root, no leading or
     /// trailing `/`.
-    Azure { account: Option<String>, container: String, prefix: String, fabric: bool },
-    S3 { bucket: String, prefix: String },
-    Gcs { bucket: String, prefix: String },
+    Azure {
+        account: Option<String>,
+        container: String,
+        prefix: String,
+        fabric: bool,
+    },
+    S3 {
+        bucket: String,
+        prefix: String,
+    },
+    Gcs {
+        bucket: String,
+        prefix: String,
+    },
 }
 
 impl TargetUrl {
@@ -226,7 +237,9 @@ fn clean_prefix(path: &str) -> std::result::Result<String, String> {
             "" => {}
             "." | ".." => return Err("The path contains \".\" or \"..\" components.".into()),
             s if s.starts_with('_') => {
-                return Err(format!("The path component \"{s}\" starts with '_', which readers of the landing zone ignore."))
+                return Err(format!(
+                    "The path component \"{s}\" starts with '_', which readers of the landing zone ignore."
+                ))
             }
             s => parts.push(s),
         }
