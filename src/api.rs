@@ -310,6 +310,35 @@ fn start_mirror(
     start_mirror_impl(mirror_name, target, tables, options).or_raise()
 }
 
+/// Sleeps on the backend's latch for up to 100 ms, then acts on interrupts (cancel, terminate).
+pub(crate) fn nap() {
+    // SAFETY: waiting on our own latch from the main thread; WL_EXIT_ON_PM_DEATH ends the backend if
+    // the postmaster dies.
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            100,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    pg_sys::check_for_interrupts!();
+}
+
+/// Asks the launcher to stop the workers of entry `index` (undone should the transaction abort) and
+/// waits until they are gone.
+fn stop_workers(index: usize, mirror_name: &str) -> Result<()> {
+    let before = shmem::entry(index).desired;
+    shmem::set_desired(index, Desired::Stop);
+    register_xact_callback(PgXactCallbackEvent::Abort, move || {
+        shmem::set_desired(index, before);
+        shmem::wake_launcher();
+    });
+    shmem::wake_launcher();
+    wait_for_workers_gone(index, mirror_name)
+}
+
 /// Waits until the launcher reports that no worker of entry `index` runs.
 fn wait_for_workers_gone(index: usize, mirror_name: &str) -> Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -324,18 +353,7 @@ fn wait_for_workers_gone(index: usize, mirror_name: &str) -> Result<()> {
             )
             .with_hint("Check that the azure_cdc launcher is running (pg_stat_activity) and retry."));
         }
-        // SAFETY: waiting on our own latch from the main thread; WL_EXIT_ON_PM_DEATH ends the backend if
-        // the postmaster dies.
-        unsafe {
-            pg_sys::WaitLatch(
-                pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                100,
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-        }
-        pg_sys::check_for_interrupts!();
+        nap();
     }
 }
 
@@ -347,14 +365,7 @@ fn stop_mirror_impl(mirror_name: &str) -> Result<String> {
     }
     let entry = shmem::find(database_oid(), m.id);
     if let Some(index) = entry {
-        let before = shmem::entry(index).desired;
-        shmem::set_desired(index, Desired::Stop);
-        register_xact_callback(PgXactCallbackEvent::Abort, move || {
-            shmem::set_desired(index, before);
-            shmem::wake_launcher();
-        });
-        shmem::wake_launcher();
-        wait_for_workers_gone(index, mirror_name)?;
+        stop_workers(index, mirror_name)?;
     }
     catalog::run(
         "UPDATE azure_cdc.mirrors SET state = 'Stopped', stopped_at = pg_catalog.now() WHERE mirror_id = $1",
@@ -414,14 +425,7 @@ fn pause_mirror_impl(mirror_name: &str) -> Result<String> {
             .with_hint("Only a Starting or Running mirror can be paused."));
     }
     if let Some(index) = shmem::find(database_oid(), m.id) {
-        let before = shmem::entry(index).desired;
-        shmem::set_desired(index, Desired::Stop);
-        register_xact_callback(PgXactCallbackEvent::Abort, move || {
-            shmem::set_desired(index, before);
-            shmem::wake_launcher();
-        });
-        shmem::wake_launcher();
-        wait_for_workers_gone(index, mirror_name)?;
+        stop_workers(index, mirror_name)?;
     }
     catalog::run("UPDATE azure_cdc.mirrors SET state = 'Paused' WHERE mirror_id = $1", &[m.id.into()])?;
     catalog::record_event(m.id, None, "Paused", Some(&format!("was {}", state.as_str())))?;

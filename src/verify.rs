@@ -116,18 +116,7 @@ fn wait_until_published(mirror_name: &str, slot: &str, upto: u64, wait_seconds: 
             .with_detail(format!("Its slot {slot} is confirmed below the WAL position the verification needs."))
             .with_hint("Check list_mirrors() and get_health_status(); retry with a larger wait_seconds."));
         }
-        // SAFETY: waiting on our own latch from the main thread; WL_EXIT_ON_PM_DEATH ends the backend if
-        // the postmaster dies.
-        unsafe {
-            pg_sys::WaitLatch(
-                pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                100,
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-        }
-        pg_sys::check_for_interrupts!();
+        crate::api::nap();
     }
 }
 
