@@ -8,7 +8,7 @@ PGRX_TEST_DATA ?= /tmp/azure_cdc_pgrx_test_data
 PYTHON         ?= python3
 CARGO_PGRX      = cargo pgrx
 
-.PHONY: setup install test test-unit test-pg test-e2e demo demo-stop bench-snapshot bench-changes
+.PHONY: setup install test test-unit test-pg test-e2e demo demo-stop bench-snapshot bench-changes bench-targets
 
 setup:
 	bash scripts/setup.sh
@@ -47,3 +47,7 @@ bench-snapshot: setup
 bench-changes: setup
 	$(CARGO_PGRX) install --release --pg-config $(PG_CONFIG)
 	$(PYTHON) scripts/bench_changes.py
+
+bench-targets: setup
+	$(CARGO_PGRX) install --release --pg-config $(PG_CONFIG)
+	$(PYTHON) scripts/bench_targets.py

@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Target benchmarks: print figures, assert nothing. One throwaway cluster (pgbench -i -s 10: 1 M
+accounts, 128 MB) and Azurite on 127.0.0.1, one run each:
+
+1. snapshot: start_mirror of the pgbench tables into a local folder, then into Azurite (small parts
+   and the default part size); the time from start_mirror to the mirror Running, and MB/s of Parquet.
+2. changes: 200,000 account updates in 200 transactions held in the slot (mirror paused), then the
+   time from resume_mirror until all are published, local folder vs Azurite.
+3. verify: verify_mirror() on the mirror in Azurite (1 M + rows read back and compared).
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+TOP = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(TOP, "tests", "e2e"))
+from azurite import Azurite  # noqa: E402
+
+CLUSTER = os.path.join(TOP, "scripts", "cluster.sh")
+PGBIN = "/usr/lib/postgresql/15/bin"
+PORT = int(os.environ.get("BENCH_PORT", "55443"))
+BASE = os.environ.get("BENCH_DIR", "/tmp/azure_cdc_bench_targets")
+RUN_AS = os.environ.get("AZURE_CDC_RUN_AS", "pgrxtest")
+DATA = os.path.join(BASE, "data")
+TABLES = ["pgbench_accounts", "pgbench_branches", "pgbench_tellers"]
+
+
+def sh(*args, **kw):
+    return subprocess.run(list(args), check=True, **kw)
+
+
+def one(conn, q, p=None):
+    return conn.execute(q, p).fetchone()[0]
+
+
+def wait_caught_up(conn, slot):
+    upto = one(conn, "SELECT pg_current_wal_lsn()::text")
+    while not one(conn, "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = %s",
+                  (upto, slot)):
+        time.sleep(0.01)
+
+
+def snapshot(conn, name, url, options):
+    t0 = time.time()
+    conn.execute("SELECT azure_cdc.start_mirror(%s, %s, %s, %s)", (name, url, TABLES, Jsonb(options)))
+    while one(conn, "SELECT state FROM azure_cdc.mirrors WHERE mirror_name = %s", (name,)) != "Running":
+        time.sleep(0.02)
+    took = time.time() - t0
+    mb = one(conn, "SELECT sum(bytes_published) FROM azure_cdc.get_all_tables_mirror_status() WHERE mirror_name = %s",
+             (name,)) / 2**20
+    print(f"snapshot     {name:<14} {took:6.2f} s  {mb:6.1f} MB of Parquet  {mb / took:6.1f} MB/s   ({url})")
+
+
+def changes(conn, name):
+    while not one(conn, "SELECT decoder_pid FROM azure_cdc.get_mirror_status() WHERE mirror_name = %s", (name,)):
+        time.sleep(0.02)
+    conn.execute("SELECT azure_cdc.pause_mirror(%s)", (name,))
+    conn.execute("""DO $$ BEGIN FOR i IN 0..199 LOOP
+                      UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid > i * 1000 AND aid <= (i + 1) * 1000;
+                      COMMIT; END LOOP; END $$""")
+    t0 = time.time()
+    conn.execute("SELECT azure_cdc.resume_mirror(%s)", (name,))
+    wait_caught_up(conn, "azure_cdc_" + name)
+    took = time.time() - t0
+    print(f"changes      {name:<14} 200,000 updates held, published in {took:6.2f} s = {200_000 / took:,.0f} changes/s "
+          "(includes the decoder's start)")
+
+
+def main():
+    sh(CLUSTER, "stop", DATA, "immediate")
+    sh("rm", "-rf", BASE)
+    os.makedirs(os.path.join(BASE, "mirrors"))
+    sh("chown", RUN_AS, BASE, os.path.join(BASE, "mirrors"))
+    az = Azurite()
+    az.start()
+    sh(CLUSTER, "start", DATA, str(PORT), "shared_buffers = 512MB", "max_wal_size = 4GB",
+       "azure_cdc.change_batch_export_timeout = '100ms'")
+    try:
+        with psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="postgres", autocommit=True) as c:
+            c.execute("CREATE DATABASE bench")
+        sh(f"{PGBIN}/pgbench", "-h", "127.0.0.1", "-p", str(PORT), "-U", "postgres", "-i", "-s", "10", "-q", "bench",
+           capture_output=True)
+        conn = psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="bench", autocommit=True)
+        conn.execute("CREATE EXTENSION azure_cdc")
+        conn.execute("VACUUM ANALYZE")
+        conn.execute("SELECT azure_cdc.create_credential('azurite', %s)", (Jsonb(az.credential_options()),))
+        az.create_container("bench")
+        snapshot(conn, "local", "file://" + os.path.join(BASE, "mirrors", "local"), {})
+        changes(conn, "local")
+        conn.execute("SELECT azure_cdc.stop_mirror('local')")
+        snapshot(conn, "azurite", "az://bench/default", {"credential": "azurite"})
+        changes(conn, "azurite")
+        t0 = time.time()
+        rows = conn.execute("SELECT table_name, verdict, source_rows FROM azure_cdc.verify_mirror('azurite')").fetchall()
+        took = time.time() - t0
+        total = sum(r[2] for r in rows)
+        print(f"verify       azurite        {took:6.2f} s for {total:,} rows: {', '.join(f'{r[0]} {r[1]}' for r in rows)}")
+        conn.execute("SELECT azure_cdc.stop_mirror('azurite')")
+        conn.execute("ALTER SYSTEM SET azure_cdc.onelake_buffer_size = '5MB'")
+        conn.execute("SELECT pg_reload_conf()")
+        time.sleep(0.5)
+        snapshot(conn, "azurite_5mb", "az://bench/parts", {"credential": "azurite"})
+        conn.execute("SELECT azure_cdc.stop_mirror('azurite_5mb')")
+    finally:
+        sh(CLUSTER, "stop", DATA, "fast")
+        az.close()
+
+
+if __name__ == "__main__":
+    main()
