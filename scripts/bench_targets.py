@@ -2,8 +2,9 @@
 """Target benchmarks: print figures, assert nothing. One throwaway cluster (pgbench -i -s 10: 1 M
 accounts, 128 MB) and Azurite on 127.0.0.1, one run each:
 
-1. snapshot: start_mirror of the pgbench tables into a local folder, then into Azurite (small parts
-   and the default part size); the time from start_mirror to the mirror Running, and MB/s of Parquet.
+1. snapshot: start_mirror of the pgbench tables and a table of 2 M random 32-byte values (Parquet
+   that does not compress) into a local folder, then into Azurite (the default part size, then 5 MB
+   parts); the time from start_mirror to the mirror Running, and MB/s of Parquet.
 2. changes: 200,000 account updates in 200 transactions held in the slot (mirror paused), then the
    time from resume_mirror until all are published, local folder vs Azurite.
 3. verify: verify_mirror() on the mirror in Azurite (1 M + rows read back and compared).
@@ -27,7 +28,7 @@ PORT = int(os.environ.get("BENCH_PORT", "55443"))
 BASE = os.environ.get("BENCH_DIR", "/tmp/azure_cdc_bench_targets")
 RUN_AS = os.environ.get("AZURE_CDC_RUN_AS", "pgrxtest")
 DATA = os.path.join(BASE, "data")
-TABLES = ["pgbench_accounts", "pgbench_branches", "pgbench_tellers"]
+TABLES = ["pgbench_accounts", "pgbench_branches", "pgbench_tellers", "blobs"]
 
 
 def sh(*args, **kw):
@@ -51,8 +52,8 @@ def snapshot(conn, name, url, options):
     while one(conn, "SELECT state FROM azure_cdc.mirrors WHERE mirror_name = %s", (name,)) != "Running":
         time.sleep(0.02)
     took = time.time() - t0
-    mb = one(conn, "SELECT sum(bytes_published) FROM azure_cdc.get_all_tables_mirror_status() WHERE mirror_name = %s",
-             (name,)) / 2**20
+    mb = float(one(conn, "SELECT sum(bytes_published) FROM azure_cdc.get_all_tables_mirror_status() WHERE mirror_name = %s",
+             (name,))) / 2**20
     print(f"snapshot     {name:<14} {took:6.2f} s  {mb:6.1f} MB of Parquet  {mb / took:6.1f} MB/s   ({url})")
 
 
@@ -86,6 +87,11 @@ def main():
         sh(f"{PGBIN}/pgbench", "-h", "127.0.0.1", "-p", str(PORT), "-U", "postgres", "-i", "-s", "10", "-q", "bench",
            capture_output=True)
         conn = psycopg.connect(host="127.0.0.1", port=PORT, user="postgres", dbname="bench", autocommit=True)
+        # 2 M rows of 32 random bytes: Parquet that does not compress (about 70 MB), so that files
+        # outgrow an upload part.
+        conn.execute("CREATE TABLE blobs (id int PRIMARY KEY, b bytea)")
+        conn.execute("INSERT INTO blobs SELECT g, decode(md5(random()::text) || md5(random()::text), 'hex') "
+                     "FROM generate_series(1, 2000000) g")
         conn.execute("CREATE EXTENSION azure_cdc")
         conn.execute("VACUUM ANALYZE")
         conn.execute("SELECT azure_cdc.create_credential('azurite', %s)", (Jsonb(az.credential_options()),))

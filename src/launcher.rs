@@ -285,7 +285,7 @@ pub extern "C-unwind" fn azure_cdc_scout_main(arg: pg_sys::Datum) {
                 Ok(MirrorState::Starting) => Phase::Snapshot,
                 _ => Phase::Snapshotted,
             };
-            // A Failed mirror keeps its place (and slot) but runs no worker until resume_mirror.
+            // A Failed or Paused mirror keeps its place (and slot) but runs no worker until resume_mirror.
             let desired = if state.is_ok_and(|s| !s.wants_workers()) { Desired::Stop } else { Desired::Run };
             if shmem::reserve(database, m.id, desired, phase).is_none() {
                 pgrx::warning!(
@@ -303,6 +303,7 @@ pub extern "C-unwind" fn azure_cdc_scout_main(arg: pg_sys::Datum) {
 fn jitter() -> f64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    h.write_u128(now.as_nanos());
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
