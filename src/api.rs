@@ -43,7 +43,7 @@ pub(crate) fn require_admin(function: &str) -> Result<()> {
         .with_hint(format!("A superuser can run: GRANT {ADMIN_ROLE} TO <user>;")))
 }
 
-fn database_oid() -> u32 {
+pub(crate) fn database_oid() -> u32 {
     // SAFETY: MyDatabaseId is set once at connection start and only read here.
     unsafe { pg_sys::MyDatabaseId }.to_u32()
 }

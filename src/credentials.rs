@@ -225,10 +225,7 @@ fn drop_credential(credential_name: &str) -> String {
 type CredentialRow = (String, Vec<String>, JsonB, Vec<String>, Option<pgrx::datum::TimestampWithTimeZone>);
 
 fn list_credentials_impl() -> Result<Vec<CredentialRow>> {
-    if !crate::api::caller_is_admin() {
-        return Err(Error::new(ErrorKind::InsufficientPrivilege, "permission denied for function list_credentials")
-            .with_hint(format!("A superuser can run: GRANT {} TO <user>;", crate::api::ADMIN_ROLE)));
-    }
+    crate::api::require_admin("list_credentials")?;
     let rows = as_superuser(|| {
         Spi::connect(|c| {
             let t = c

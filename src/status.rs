@@ -43,14 +43,9 @@ struct MirrorView {
     keyless_tables: Vec<String>,
 }
 
-fn database_oid() -> u32 {
-    // SAFETY: MyDatabaseId is set once at connection start and only read here.
-    unsafe { pg_sys::MyDatabaseId }.to_u32()
-}
-
 /// The live figures of a mirror's decoder, if one runs.
 fn live_stream(mirror_id: i64) -> (Option<StreamStats>, Option<i32>) {
-    match shmem::find(database_oid(), mirror_id).map(shmem::entry) {
+    match shmem::find(crate::api::database_oid(), mirror_id).map(shmem::entry) {
         Some(e) if shmem::pid_alive(e.worker_pid) => {
             ((e.phase == Phase::Snapshotted).then_some(e.stream), Some(e.worker_pid))
         }
