@@ -37,7 +37,7 @@ CREATE TABLE azure_cdc.mirror_tables (
     schema_name        name NOT NULL,
     table_name         name NOT NULL,
     state              text NOT NULL DEFAULT 'Snapshotting'
-                       CHECK (state IN ('Snapshotting', 'Replicating', 'Stopped', 'Failed')),
+                       CHECK (state IN ('Snapshotting', 'Replicating', 'Reseeding', 'Stopped', 'Failed')),
     key_columns        text[] NOT NULL DEFAULT '{}',
     rows_replicated    bigint NOT NULL DEFAULT 0,
     files_published    bigint NOT NULL DEFAULT 0,
@@ -45,6 +45,9 @@ CREATE TABLE azure_cdc.mirror_tables (
     next_file_number   bigint NOT NULL DEFAULT 1,
     last_completed_at  timestamptz,
     last_error         text,
+    -- After a reseed: the snapshot its copy was taken in (pg_snapshot text form). The decoder drops
+    -- the table's changes of transactions that snapshot sees (see core/src/reseed.rs).
+    seed_snapshot      text,
     PRIMARY KEY (mirror_id, relid)
 );
 

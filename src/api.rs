@@ -7,7 +7,7 @@
 //! DEFINER): admins are granted the catalog tables, nobody else is.
 
 use azure_cdc_core::cloud::CloudSettings;
-use azure_cdc_core::lifecycle::{MirrorState, TableState};
+use azure_cdc_core::lifecycle::{MirrorState, TableEvent, TableState};
 use azure_cdc_core::names;
 use azure_cdc_core::prerequisites::{self, ServerFacts};
 use azure_cdc_core::target::TargetUrl;
@@ -493,6 +493,64 @@ fn resume_mirror(mirror_name: &str) -> String {
     resume_mirror_impl(mirror_name).or_raise()
 }
 
+fn resync_table_impl(mirror_name: &str, table_name: &str) -> Result<String> {
+    require_admin("resync_table")?;
+    let m = catalog::mirror_by_name(mirror_name)?.ok_or_else(|| unknown_mirror(mirror_name))?;
+    let mirror_state = MirrorState::parse(&m.state)?;
+    if matches!(mirror_state, MirrorState::Starting | MirrorState::Stopped) {
+        return Err(Error::new(ErrorKind::PrerequisiteNotMet, format!("mirror \"{mirror_name}\" is {}", m.state))
+            .with_hint(if mirror_state == MirrorState::Starting {
+                "Its initial snapshot copies every table; wait until the mirror is Running."
+            } else {
+                "A stopped mirror copies nothing; start a new mirror."
+            }));
+    }
+    let rel = catalog::resolve_relation(table_name)?
+        .ok_or_else(|| Error::new(ErrorKind::UndefinedTable, format!("relation \"{table_name}\" does not exist")))?;
+    let state = Spi::get_one_with_args::<String>(
+        "SELECT state FROM azure_cdc.mirror_tables WHERE mirror_id = $1 AND relid = $2",
+        &[m.id.into(), rel.relid.into()],
+    )
+    .map_err(spi)?
+    .ok_or_else(|| {
+        Error::new(
+            ErrorKind::UndefinedTable,
+            format!("table \"{}.{}\" is not mirrored by \"{mirror_name}\"", rel.schema, rel.table),
+        )
+        .with_hint("See azure_cdc.get_all_tables_mirror_status() for the mirror's tables.")
+    })?;
+    let next = TableState::parse(&state)?.on(TableEvent::ReseedRequested).map_err(|_| {
+        Error::new(ErrorKind::PrerequisiteNotMet, format!("table \"{}.{}\" is {state}", rel.schema, rel.table))
+            .with_hint("Only a Replicating, Reseeding or Failed table can be copied again.")
+    })?;
+    catalog::run(
+        "UPDATE azure_cdc.mirror_tables SET state = $3, last_error = NULL WHERE mirror_id = $1 AND relid = $2",
+        &[m.id.into(), rel.relid.into(), next.as_str().into()],
+    )?;
+    catalog::record_event(
+        m.id,
+        Some((&rel.schema, &rel.table)),
+        "ReseedRequested",
+        Some(azure_cdc_core::reseed::Reason::Requested.as_str()),
+    )?;
+    if let Some(index) = shmem::find(database_oid(), m.id) {
+        register_xact_callback(PgXactCallbackEvent::Commit, move || shmem::tables_changed(index));
+    }
+    let when = if mirror_state == MirrorState::Running { "after commit" } else { "when the mirror is resumed" };
+    Ok(format!(
+        "table \"{}.{}\" of mirror \"{mirror_name}\" is copied again {when}; its folder is rebuilt, the other tables go on",
+        rel.schema, rel.table
+    ))
+}
+
+/// Copies one table of a mirror again (state Reseeding): its folder is emptied and rebuilt from a new
+/// snapshot (files numbered from 1), then its changes follow, while the mirror's other tables go on.
+/// Also takes a Failed table back into the mirror once its cause is fixed.
+#[pg_extern]
+fn resync_table(mirror_name: &str, table_name: &str) -> String {
+    resync_table_impl(mirror_name, table_name).or_raise()
+}
+
 type StatusRow = (
     String,
     String,
@@ -533,7 +591,8 @@ fn status_rows() -> Result<Vec<StatusRow>> {
             let mirror_id: i64 = r.get(10).map_err(spi)?.unwrap_or_default();
             let relid: pg_sys::Oid = r.get(11).map_err(spi)?.unwrap_or(pg_sys::InvalidOid);
             let mut rows_replicated: i64 = r.get(5).map_err(spi)?.unwrap_or(0);
-            if state == TableState::Snapshotting {
+            let copying = matches!(state, TableState::Snapshotting | TableState::Reseeding);
+            if copying {
                 if let Some(live) = shmem::progress_of(database, mirror_id, relid.to_u32()) {
                     rows_replicated = live;
                 }
@@ -543,15 +602,15 @@ fn status_rows() -> Result<Vec<StatusRow>> {
             // error being retried, or the one that made the mirror Failed).
             let last_error: Option<String> = match r.get::<String>(8).map_err(spi)? {
                 Some(e) => Some(e),
-                None if matches!(state, TableState::Snapshotting | TableState::Replicating) => {
+                None if matches!(state, TableState::Snapshotting | TableState::Replicating | TableState::Reseeding) => {
                     r.get(13).map_err(spi)?
                 }
                 None => None,
             };
             let has_key: bool = r.get(9).map_err(spi)?.unwrap_or(false);
-            // While snapshotting: the planner's row estimate and how far the copy is (capped at 100:
-            // the estimate may be low).
-            let (estimated, percent) = if state == TableState::Snapshotting {
+            // While snapshotting or reseeding: the planner's row estimate and how far the copy is
+            // (capped at 100: the estimate may be low).
+            let (estimated, percent) = if copying {
                 let est: Option<i64> = r.get(15).map_err(spi)?;
                 let pct = est.filter(|e| *e > 0).map(|e| (rows_replicated as f64 * 100.0 / e as f64).min(100.0));
                 (est, pct)
@@ -577,8 +636,8 @@ fn status_rows() -> Result<Vec<StatusRow>> {
     })
 }
 
-/// One row per mirrored table: mirror, schema, table, state (Snapshotting, Replicating, Stopped,
-/// Failed), status (OK / WARNING / ERROR), rows replicated (live while snapshotting), files published,
+/// One row per mirrored table: mirror, schema, table, state (Snapshotting, Replicating, Reseeding,
+/// Stopped, Failed), status (OK / WARNING / ERROR), rows replicated (live while snapshotting), files published,
 /// when the last file was completed, the last error (with its hint), bytes published, and while
 /// snapshotting the estimated row count and the percentage done.
 #[pg_extern]

@@ -27,6 +27,8 @@ pub struct TableRow {
     pub state: String,
     /// Key columns recorded when the table was snapshotted.
     pub key_columns: Vec<String>,
+    /// The snapshot of its last reseed's copy (pg_snapshot text), if it was reseeded.
+    pub seed_snapshot: Option<String>,
 }
 
 const MIRROR_COLUMNS: &str = "mirror_id, mirror_name, target, state, slot_name::text, credential";
@@ -94,7 +96,8 @@ pub fn tables(mirror_id: i64) -> Result<Vec<TableRow>> {
     Spi::connect(|c| {
         let t = c
             .select(
-                "SELECT relid, schema_name::text, table_name::text, state, key_columns::text[] FROM azure_cdc.mirror_tables \
+                "SELECT relid, schema_name::text, table_name::text, state, key_columns::text[], seed_snapshot \
+                   FROM azure_cdc.mirror_tables \
                  WHERE mirror_id = $1 ORDER BY schema_name, table_name",
                 None,
                 &[mirror_id.into()],
@@ -109,6 +112,7 @@ pub fn tables(mirror_id: i64) -> Result<Vec<TableRow>> {
                     table: r.get::<String>(3).map_err(spi)?.ok_or_else(missing)?,
                     state: r.get::<String>(4).map_err(spi)?.ok_or_else(missing)?,
                     key_columns: r.get::<Vec<String>>(5).map_err(spi)?.ok_or_else(missing)?,
+                    seed_snapshot: r.get::<String>(6).map_err(spi)?,
                 })
             })
             .collect()

@@ -41,9 +41,10 @@ use azure_cdc_core::datafile::PublishedFile;
 use azure_cdc_core::error::Disposition;
 use azure_cdc_core::lifecycle::{MirrorState, TableEvent, TableState};
 use azure_cdc_core::names;
+use azure_cdc_core::reseed::{self, Hold, Reason};
 use azure_cdc_core::shipper::{self, ShipBatch, Shipped, Shipper, TableChanges};
-use azure_cdc_core::target::TargetUrl;
-use azure_cdc_core::verify::full_xid;
+use azure_cdc_core::target::{Target, TargetUrl};
+use azure_cdc_core::verify::{full_xid, Visibility};
 use azure_cdc_core::{Error, ErrorKind, Result};
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
@@ -104,6 +105,10 @@ struct Table {
     next_number: u64,
     parked: Option<Error>,
     park_recorded: bool,
+    /// Being reseeded: its changes are dropped until its copy is published (then the decoder rewinds).
+    reseeding: bool,
+    /// The snapshot of its last reseed's copy: its changes of transactions this sees are in the copy.
+    seed: Option<Visibility>,
     /// Counters not yet written to the catalog.
     unrecorded: Counters,
 }
@@ -120,8 +125,17 @@ struct Counters {
 /// State of the decoder, shared by the main loop and the output plugin callbacks.
 struct Decoder {
     index: usize,
+    mirror_id: i64,
     tables: HashMap<u32, Table>,
+    /// A reseed in progress: the slot is not confirmed past its hold point.
+    hold: Option<Hold>,
+    /// Reseeds asked for by the change stream (TRUNCATE, a change of columns), not yet recorded.
+    requests: Vec<(u32, Reason)>,
+    /// The registry's tables generation last acted on.
+    generation: u32,
     shipper: Shipper,
+    /// The mirror's target (a reseed's copy writes to it from the main thread).
+    target: Arc<Target>,
     inflight: InFlight,
     /// Per batch in flight: (rows, first commit time, buffered bytes).
     inflight_info: VecDeque<(u64, i64, usize)>,
@@ -162,84 +176,204 @@ pub extern "C-unwind" fn azure_cdc_decoder_main(arg: pg_sys::Datum) {
 }
 
 /// Reads the mirror and its replicating tables (own transaction). None: the mirror is not running.
-fn load(mirror_id: i64) -> Result<Option<(catalog::MirrorRow, HashMap<u32, Table>)>> {
+fn load(mirror_id: i64) -> Result<Option<Loaded>> {
     BackgroundWorker::transaction(|| {
         let Some(m) = catalog::mirror_by_id(mirror_id)? else { return Ok(None) };
         if MirrorState::parse(&m.state)? != MirrorState::Running {
             return Ok(None);
         }
         let wal_status = Spi::get_one_with_args::<String>(
-            "SELECT wal_status FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+            "SELECT (SELECT COALESCE(wal_status, 'unknown') FROM pg_catalog.pg_replication_slots WHERE slot_name = $1)",
             &[m.slot_name.as_str().into()],
-        );
-        if let Ok(Some(status)) = wal_status {
-            if status == "lost" {
-                return Err(Error::new(
-                    ErrorKind::SlotInvalidated,
-                    format!(
-                        "replication slot \"{}\" was invalidated: WAL the mirror had not read was removed",
-                        m.slot_name
-                    ),
-                )
-                .with_detail("The slot exceeded max_slot_wal_keep_size while the mirror was held back.")
-                .with_hint(
-                    "Stop the mirror and start it again into a new folder; consider a larger max_slot_wal_keep_size.",
-                ));
-            }
+        )
+        .map_err(crate::errors::spi)?;
+        if let Some(lost) = match wal_status.as_deref() {
+            Some("lost") => Some("was invalidated: WAL it had not read was removed (max_slot_wal_keep_size)"),
+            None => Some("is missing"),
+            Some(_) => None,
+        } {
+            return Ok(Some(Loaded::SlotLost(m, lost)));
         }
         let mut tables = HashMap::new();
         for t in catalog::tables(mirror_id)? {
-            if TableState::parse(&t.state)? != TableState::Replicating {
-                continue;
+            let state = TableState::parse(&t.state)?;
+            if matches!(state, TableState::Replicating | TableState::Reseeding) {
+                tables.insert(t.relid.to_u32(), open_table(&t, state == TableState::Reseeding)?);
             }
-            let folder = names::table_folder(&t.schema, &t.table);
-            // SAFETY: try_relation_open returns NULL when the table is gone; the converter only reads
-            // the descriptor of the open relation, which is closed right after.
-            let (specs, parked) = unsafe {
-                let rel = pg_sys::try_relation_open(t.relid, pg_sys::AccessShareLock as i32);
-                if rel.is_null() {
-                    (Vec::new(), Some(Error::new(ErrorKind::FeatureNotSupported, "the table no longer exists")))
-                } else {
-                    let specs = TupleConverter::new(rel).map(|c| c.specs().to_vec());
-                    pg_sys::relation_close(rel, pg_sys::AccessShareLock as i32);
-                    (specs?, None)
-                }
-            };
-            let builder = BatchBuilder::new(&change_columns(&specs))?;
-            tables.insert(
-                t.relid.to_u32(),
-                Table {
-                    schema: t.schema.clone(),
-                    name: t.table.clone(),
-                    folder,
-                    keys: t.key_columns.clone(),
-                    specs,
-                    conv: None,
-                    key_atts: Vec::new(),
-                    builder,
-                    done: Vec::new(),
-                    last_in_batch: None,
-                    rows_in_batch: 0,
-                    txn_runs: Vec::new(),
-                    published: None,
-                    next_number: 1,
-                    parked,
-                    park_recorded: false,
-                    unrecorded: Counters::default(),
-                },
-            );
         }
         // SAFETY: drop catalog entries this transaction built from the current catalog, so that
         // decoding builds its own from the historic snapshots.
         unsafe { pg_sys::InvalidateSystemCaches() };
-        Ok(Some((m, tables)))
+        Ok(Some(Loaded::Ready(m, tables)))
     })
 }
 
+/// What [`load`] found.
+enum Loaded {
+    Ready(catalog::MirrorRow, HashMap<u32, Table>),
+    /// The slot is gone or invalidated (why): the changes it held are lost.
+    SlotLost(catalog::MirrorRow, &'static str),
+}
+
+/// After the slot was lost: creates it again and reseeds every table that was replicating (own
+/// transactions). The changes the old slot held are gone, so no table's files can be trusted to be
+/// complete; each is copied again while the new slot streams (see azure_cdc_core::reseed).
+fn recover_lost_slot(m: &catalog::MirrorRow, why: &str) -> Result<()> {
+    pgrx::warning!(
+        "azure_cdc: mirror \"{}\": replication slot \"{}\" {why}; creating it again and reseeding",
+        m.name,
+        m.slot_name
+    );
+    BackgroundWorker::transaction(|| crate::slot::drop_if_exists(&m.slot_name))?;
+    // SAFETY: a fresh transaction that has read nothing, as create_with_snapshot requires; the
+    // snapshot it adopts is not used (the reseed takes its own); the commit persists nothing else.
+    let lsn = unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        let lsn = crate::slot::create_with_snapshot(&m.slot_name)?;
+        pg_sys::CommitTransactionCommand();
+        lsn
+    };
+    crate::slot::release();
+    BackgroundWorker::transaction(|| {
+        let n = Spi::get_one_with_args::<i64>(
+            "WITH t AS (UPDATE azure_cdc.mirror_tables SET state = 'Reseeding', last_error = NULL \
+                         WHERE mirror_id = $1 AND state IN ('Replicating', 'Reseeding') \
+                         RETURNING schema_name, table_name), \
+                  e AS (INSERT INTO azure_cdc.events (mirror_name, schema_name, table_name, event, detail) \
+                        SELECT m.mirror_name, t.schema_name, t.table_name, 'ReseedRequested', $2 \
+                          FROM t, azure_cdc.mirrors m WHERE m.mirror_id = $1 RETURNING 1) \
+             SELECT pg_catalog.count(*) FROM e",
+            &[m.id.into(), Reason::SlotLost.as_str().into()],
+        )
+        .map_err(crate::errors::spi)?
+        .unwrap_or(0);
+        catalog::run(
+            "UPDATE azure_cdc.mirrors SET consistent_lsn = $2::pg_lsn WHERE mirror_id = $1",
+            &[m.id.into(), crate::slot::lsn_text(lsn).into()],
+        )?;
+        catalog::record_event(
+            m.id,
+            None,
+            "SlotLost",
+            Some(&format!(
+                "replication slot \"{}\" {why}; created again at {}; {n} table(s) reseeded",
+                m.slot_name,
+                crate::slot::lsn_text(lsn)
+            )),
+        )
+    })
+}
+
+/// The decoder's view of one table, from its catalog row (in a transaction).
+fn open_table(t: &catalog::TableRow, reseeding: bool) -> Result<Table> {
+    // SAFETY: try_relation_open returns NULL when the table is gone; the converter only reads the
+    // descriptor of the open relation, which is closed right after.
+    let (specs, parked) = unsafe {
+        let rel = pg_sys::try_relation_open(t.relid, pg_sys::AccessShareLock as i32);
+        if rel.is_null() {
+            (Vec::new(), Some(Error::new(ErrorKind::FeatureNotSupported, "the table no longer exists")))
+        } else {
+            let specs = TupleConverter::new(rel).map(|c| c.specs().to_vec());
+            pg_sys::relation_close(rel, pg_sys::AccessShareLock as i32);
+            (specs?, None)
+        }
+    };
+    let builder = BatchBuilder::new(&change_columns(&specs))?;
+    Ok(Table {
+        schema: t.schema.clone(),
+        name: t.table.clone(),
+        folder: names::table_folder(&t.schema, &t.table),
+        keys: t.key_columns.clone(),
+        specs,
+        conv: None,
+        key_atts: Vec::new(),
+        builder,
+        done: Vec::new(),
+        last_in_batch: None,
+        rows_in_batch: 0,
+        txn_runs: Vec::new(),
+        published: None,
+        next_number: 1,
+        parked: if reseeding { None } else { parked },
+        park_recorded: false,
+        reseeding,
+        seed: t.seed_snapshot.as_deref().map(reseed::parse_snapshot).transpose()?,
+        unrecorded: Counters::default(),
+    })
+}
+
+/// The copy step of a reseed, made between two passes.
+struct Copy {
+    tables: Vec<crate::reseed::ToCopy>,
+    /// Transactions running when the hold began: the copy's snapshot must see them all.
+    must_see: Vec<u64>,
+    target: Arc<Target>,
+}
+
+/// What the decoder does after one pass over the slot.
+enum Next {
+    /// Stop: the mirror should not run (or the worker was told to stop).
+    Exit,
+    /// Reopen the slot at its confirmed position and decode again (after a reseed's copy).
+    Rewind,
+}
+
 fn run(index: usize, mirror_id: i64) -> Result<()> {
-    let Some((mirror, mut tables)) = load(mirror_id)? else {
-        pgrx::log!("azure_cdc: mirror {mirror_id} is not running; decoder exits");
-        return Ok(());
+    // SAFETY: once per process, on the main thread, before decoding starts.
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(relcache_changed), pg_sys::Datum::from(0usize)) };
+    // SAFETY: a memory context under TopMemoryContext, alive as long as the process.
+    let change_cxt = unsafe {
+        pg_sys::AllocSetContextCreateInternal(
+            pg_sys::TopMemoryContext,
+            c"azure_cdc change".as_ptr(),
+            0,
+            8 * 1024,
+            8 * 1024 * 1024,
+        )
+    };
+    loop {
+        match decode(index, mirror_id, change_cxt)? {
+            Next::Exit => return Ok(()),
+            Next::Rewind => {
+                pgrx::log!("azure_cdc: mirror {mirror_id}: decoding again from the slot's confirmed position")
+            }
+        }
+    }
+}
+
+/// Ends one pass: the decoder state (and its shipper thread) goes, the slot is released.
+///
+/// # Safety
+/// `ctx` is the live decoding context of this process, not used afterwards; main thread, outside
+/// any transaction.
+unsafe fn close_pass(ctx: *mut pg_sys::LogicalDecodingContext) {
+    let dec = DECODER.with(|d| d.borrow_mut().take());
+    if let Some(mut dec) = dec {
+        for t in dec.tables.values_mut() {
+            if let Some((_, cxt)) = t.conv.take() {
+                // SAFETY: the plan's own context, referenced by nothing else.
+                unsafe { pg_sys::MemoryContextDelete(cxt) };
+            }
+        }
+    }
+    // SAFETY: as required above: the context goes first, then the slot it decodes.
+    unsafe { pg_sys::FreeDecodingContext(ctx) };
+    crate::slot::release();
+}
+
+/// One pass over the slot, from its confirmed position.
+fn decode(index: usize, mirror_id: i64, change_cxt: pg_sys::MemoryContext) -> Result<Next> {
+    let (mirror, mut tables) = match load(mirror_id)? {
+        None => {
+            pgrx::log!("azure_cdc: mirror {mirror_id} is not running; decoder exits");
+            return Ok(Next::Exit);
+        }
+        Some(Loaded::SlotLost(m, why)) => {
+            recover_lost_slot(&m, why)?;
+            return Ok(Next::Rewind);
+        }
+        Some(Loaded::Ready(m, t)) => (m, t),
     };
     let url = TargetUrl::parse(&mirror.target)?;
     let target = Arc::new(BackgroundWorker::transaction(|| {
@@ -254,22 +388,10 @@ fn run(index: usize, mirror_id: i64) -> Result<()> {
     // inherits it. Raising one's own nice value needs no privilege; a failure changes nothing.
     unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, NICE) };
     let shipper = Shipper::start(target.clone(), SHIP_QUEUE)?;
-    // SAFETY: once per process, on the main thread, before decoding starts.
-    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(relcache_changed), pg_sys::Datum::from(0usize)) };
     // SAFETY: main thread, no transaction open (load committed), no slot acquired yet.
     let ctx = unsafe { crate::slot::open_decoding(&mirror.slot_name)? };
     // SAFETY: the slot is acquired by this process (open_decoding).
     let confirmed = unsafe { (*pg_sys::MyReplicationSlot).data.confirmed_flush };
-    // SAFETY: a memory context under TopMemoryContext, alive as long as the process.
-    let change_cxt = unsafe {
-        pg_sys::AllocSetContextCreateInternal(
-            pg_sys::TopMemoryContext,
-            c"azure_cdc change".as_ptr(),
-            0,
-            8 * 1024,
-            8 * 1024 * 1024,
-        )
-    };
     pgrx::log!(
         "azure_cdc: mirror \"{}\": decoding slot {} from {} ({} tables)",
         mirror.name,
@@ -280,8 +402,13 @@ fn run(index: usize, mirror_id: i64) -> Result<()> {
     DECODER.with(|d| {
         *d.borrow_mut() = Some(Decoder {
             index,
+            mirror_id,
             tables,
+            hold: None,
+            requests: Vec::new(),
+            generation: shmem::entry(index).tables_generation,
             shipper,
+            target: target.clone(),
             inflight: InFlight::new(confirmed),
             inflight_info: VecDeque::new(),
             first_change: None,
@@ -298,7 +425,14 @@ fn run(index: usize, mirror_id: i64) -> Result<()> {
             error_cleared: false,
         })
     });
-    with_decoder(|d| d.record_catalog(mirror_id, true))?;
+    with_decoder(|d| {
+        d.record_catalog(mirror_id, true)?;
+        if d.tables.values().any(|t| t.reseeding) {
+            // Reseeds left from an earlier pass or process: hold from here.
+            d.begin_holds(ctx)?;
+        }
+        Ok(())
+    })?;
     loop {
         pg_sys::check_for_interrupts!();
         // SAFETY: reading a signal flag set by PostgreSQL's SIGHUP handler, on the main thread.
@@ -311,7 +445,7 @@ fn run(index: usize, mirror_id: i64) -> Result<()> {
         }
         let e = shmem::entry(index);
         if !e.in_use || e.mirror_id != mirror_id || e.desired != shmem::Desired::Run {
-            return Ok(());
+            return Ok(Next::Exit);
         }
         // SAFETY: GetFlushRecPtr reads shared WAL state; a null timeline pointer is allowed.
         let flushed = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
@@ -344,10 +478,20 @@ fn run(index: usize, mirror_id: i64) -> Result<()> {
             d.publish_stats();
             d.record_catalog(mirror_id, false)
         })?;
+        if let Some(copy) = with_decoder(|d| d.step_reseed(ctx, e.tables_generation))? {
+            // The slot is released before the copy: a process that decodes a slot is left out of the
+            // horizon other backends prune dead rows by, so its snapshot would not keep the row
+            // versions the copy must read.
+            // SAFETY: ctx is this pass's context, not used after this.
+            unsafe { close_pass(ctx) };
+            pgrx::log!("azure_cdc: mirror {mirror_id}: copying {} reseeded table(s)", copy.tables.len());
+            crate::reseed::copy_tables(mirror_id, index, &copy.target, &copy.tables, &copy.must_see)?;
+            return Ok(Next::Rewind);
+        }
         if !read_any {
             let wait = with_decoder(|d| Ok(d.next_wakeup()))?;
             if !BackgroundWorker::wait_latch(Some(wait)) {
-                return Ok(());
+                return Ok(Next::Exit);
             }
         }
     }
@@ -365,6 +509,10 @@ impl Decoder {
     /// Between records (no transaction being replayed): collect acknowledgements, close a batch that
     /// is due, confirm what is published.
     fn after_record(&mut self, ctx: *mut pg_sys::LogicalDecodingContext) -> Result<()> {
+        if !self.requests.is_empty() {
+            // Before anything is confirmed past the transaction that asked for a reseed.
+            self.begin_holds(ctx)?;
+        }
         self.collect_acks(Duration::ZERO)?;
         if batch_due(
             self.buffered,
@@ -385,6 +533,11 @@ impl Decoder {
     }
 
     fn confirm(&mut self, lsn: u64) {
+        // While a reseed holds, never past its hold point (see azure_cdc_core::reseed).
+        let lsn = match &self.hold {
+            Some(h) => h.cap(lsn),
+            None => lsn,
+        };
         // SAFETY: main thread, outside callbacks, the slot is acquired by this process.
         unsafe { crate::slot::confirm(lsn) };
         self.stats.confirmed_lsn = lsn;
@@ -566,6 +719,131 @@ impl Decoder {
 
     /// Parks a table: its changes not yet handed to the shipper and all later ones are dropped; the
     /// catalog shows it Failed with the error. (Its folder keeps what was published.)
+    /// Records the reseeds the stream asked for, marks every table the catalog says is Reseeding,
+    /// and, if one is and no reseed holds yet, starts holding at the current position (between
+    /// records) and notes the transactions running now (own transaction).
+    fn begin_holds(&mut self, ctx: *mut pg_sys::LogicalDecodingContext) -> Result<()> {
+        let requests = std::mem::take(&mut self.requests);
+        let mirror_id = self.mirror_id;
+        let (reseeding, running) = BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
+            // SAFETY: see load(): catalog entries built under decoding's historic snapshots must not
+            // be used here, nor the ones built here by decoding.
+            unsafe { pg_sys::InvalidateSystemCaches() };
+            let r = (|| -> Result<(Vec<catalog::TableRow>, String)> {
+                for (relid, reason) in &requests {
+                    catalog::run(
+                        "WITH t AS (UPDATE azure_cdc.mirror_tables SET state = 'Reseeding', last_error = NULL                                      WHERE mirror_id = $1 AND relid = $2 AND state IN ('Replicating', 'Reseeding')                                      RETURNING schema_name, table_name)                          INSERT INTO azure_cdc.events (mirror_name, schema_name, table_name, event, detail)                          SELECT m.mirror_name, t.schema_name, t.table_name, 'ReseedRequested', $3                            FROM t, azure_cdc.mirrors m WHERE m.mirror_id = $1",
+                        &[mirror_id.into(), pg_sys::Oid::from(*relid).into(), reason.as_str().into()],
+                    )?;
+                }
+                let tables: Vec<catalog::TableRow> = catalog::tables(mirror_id)?
+                    .into_iter()
+                    .filter(|t| t.state == TableState::Reseeding.as_str())
+                    .collect();
+                let running = Spi::get_one::<String>("SELECT pg_catalog.pg_current_snapshot()::text")
+                    .map_err(crate::errors::spi)?
+                    .unwrap_or_default();
+                Ok((tables, running))
+            })();
+            // SAFETY: as above.
+            unsafe { pg_sys::InvalidateSystemCaches() };
+            r
+        }))?;
+        let mut any = false;
+        for row in reseeding {
+            any = true;
+            let relid = row.relid.to_u32();
+            match self.tables.get_mut(&relid) {
+                Some(t) => {
+                    if !t.reseeding {
+                        pgrx::log!(
+                            "azure_cdc: table \"{}.{}\" is reseeded; its changes wait for its copy",
+                            t.schema,
+                            t.name
+                        );
+                    }
+                    t.reseeding = true;
+                    t.parked = None;
+                }
+                None => {
+                    let t = BackgroundWorker::transaction(|| open_table(&row, true))?;
+                    self.tables.insert(relid, t);
+                }
+            }
+        }
+        if any && self.hold.is_none() {
+            let waiting: Vec<u64> = reseed::parse_snapshot(&running)?.running.into_iter().collect();
+            // SAFETY: between records: every decoded commit is before EndRecPtr.
+            let hold_lsn = unsafe { (*(*ctx).reader).EndRecPtr };
+            pgrx::log!("azure_cdc: mirror {mirror_id}: reseed holds the slot at {}", crate::slot::lsn_text(hold_lsn));
+            self.hold = Some(Hold { hold_lsn, running_at_hold: waiting.clone(), waiting });
+        }
+        Ok(())
+    }
+
+    /// Between passes of the main loop: acts on a change of the tables' generation (resync_table),
+    /// and once every transaction a hold waits for has ended, readies the copy of the reseeded
+    /// tables. Returns the copy to make once this pass has ended (then the decoder rewinds).
+    fn step_reseed(&mut self, ctx: *mut pg_sys::LogicalDecodingContext, generation: u32) -> Result<Option<Copy>> {
+        if generation != self.generation {
+            self.generation = generation;
+            self.begin_holds(ctx)?;
+        }
+        let Some(waiting) = self.hold.as_ref().map(|h| h.waiting.clone()) else { return Ok(None) };
+        if !waiting.is_empty() {
+            let still = BackgroundWorker::transaction(|| still_running(&waiting));
+            let done = still.is_empty();
+            if let Some(h) = self.hold.as_mut() {
+                h.waiting = still;
+            }
+            if !done {
+                return Ok(None);
+            }
+        }
+        self.ready_copy(ctx).map(Some)
+    }
+
+    /// Before the copy: publish everything handed to the shipper (nothing may write into a folder
+    /// being rebuilt), confirm it, record the counters. Returns what to copy.
+    fn ready_copy(&mut self, ctx: *mut pg_sys::LogicalDecodingContext) -> Result<Copy> {
+        // SAFETY: between records.
+        let upto = unsafe { (*(*ctx).reader).EndRecPtr };
+        self.close_batch(upto)?;
+        while !self.inflight.is_empty() {
+            self.collect_acks(Duration::from_millis(100))?;
+            pg_sys::check_for_interrupts!();
+        }
+        if let Some(lsn) = self.confirm_pending.take() {
+            self.confirm(lsn);
+        }
+        self.record_catalog(self.mirror_id, true)?;
+        let list: Vec<crate::reseed::ToCopy> = self
+            .tables
+            .iter()
+            .filter(|(_, t)| t.reseeding)
+            .map(|(relid, t)| crate::reseed::ToCopy {
+                relid: *relid,
+                schema: t.schema.clone(),
+                table: t.name.clone(),
+                keys: t.keys.clone(),
+            })
+            .collect();
+        let must_see = self.hold.as_ref().map(|h| h.running_at_hold.clone()).unwrap_or_default();
+        Ok(Copy { tables: list, must_see, target: self.target.clone() })
+    }
+
+    /// Asks for a reseed of `relid` from inside a change callback: its changes are dropped from now
+    /// on; the hold begins right after the transaction being replayed.
+    fn request_reseed(&mut self, relid: u32, reason: Reason) {
+        if let Some(t) = self.tables.get_mut(&relid) {
+            if !t.reseeding {
+                pgrx::log!("azure_cdc: table \"{}.{}\" is reseeded: {}", t.schema, t.name, reason.as_str());
+                t.reseeding = true;
+                self.requests.push((relid, reason));
+            }
+        }
+    }
+
     fn park(&mut self, relid: u32, e: Error) {
         if let Some(t) = self.tables.get_mut(&relid) {
             if t.parked.is_none() {
@@ -593,8 +871,25 @@ impl Decoder {
         let relid = unsafe { (*rel).rd_id.to_u32() };
         let pos = Position { commit_lsn: self.commit_lsn, ordinal: self.ordinal };
         let Some(t) = self.tables.get_mut(&relid) else { return Ok(()) };
-        if t.parked.is_some() || already_shipped(t.published, pos) {
+        if t.parked.is_some()
+            || t.reseeding
+            || reseed::in_copy(t.seed.as_ref(), self.xid)
+            || already_shipped(t.published, pos)
+        {
             return Ok(());
+        }
+        // SAFETY: rel is the open relation of the change being replayed.
+        match unsafe { ensure_plan(t, rel, relid) } {
+            Ok(true) => {}
+            Ok(false) => {
+                self.request_reseed(relid, Reason::ColumnsChanged);
+                return Ok(());
+            }
+            Err(e) if e.kind.disposition() == Disposition::ParkTable => {
+                self.park(relid, e);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
         }
         // SAFETY: the change's tuple data is valid during the callback; all memory this allocates goes
         // to change_cxt, reset below once the values are copied into Arrow builders.
@@ -630,6 +925,21 @@ impl Decoder {
     }
 }
 
+/// The transactions of `xids` (full ids) that are still in progress: still in the server's
+/// process array, so that a snapshot taken now would not see them (in a transaction).
+fn still_running(xids: &[u64]) -> Vec<u64> {
+    // SAFETY: GetLatestSnapshot sets RecentXmin, which TransactionIdIsInProgress relies on; both read
+    // shared state under their own locks. A committed transaction stays "in progress" here until it
+    // has left the process array, which is what a snapshot goes by.
+    unsafe {
+        pg_sys::GetLatestSnapshot();
+        xids.iter()
+            .copied()
+            .filter(|x| pg_sys::TransactionIdIsInProgress(pg_sys::TransactionId::from(*x as u32)))
+            .collect()
+    }
+}
+
 fn count_file(t: &mut Table, f: &PublishedFile) {
     t.unrecorded.rows += f.rows as i64;
     t.unrecorded.files += 1;
@@ -638,14 +948,15 @@ fn count_file(t: &mut Table, f: &PublishedFile) {
     t.unrecorded.touched = true;
 }
 
-/// Makes sure `t` has a conversion plan for `rel` as it is now; a change of columns parks the table.
+/// Makes sure `t` has a conversion plan for `rel` as it is at this point of the stream. Returns false
+/// when its columns (or key columns) are no longer those of its files: the table must be reseeded.
 ///
 /// # Safety
 /// `rel` is the open relation of a change being replayed; main thread.
-unsafe fn ensure_plan(t: &mut Table, rel: pg_sys::Relation, relid: u32) -> Result<()> {
+unsafe fn ensure_plan(t: &mut Table, rel: pg_sys::Relation, relid: u32) -> Result<bool> {
     let stale = STALE.with(|s| s.borrow().contains(&relid));
     if t.conv.is_some() && !stale {
-        return Ok(());
+        return Ok(true);
     }
     STALE.with(|s| s.borrow_mut().remove(&relid));
     // SAFETY: a long-lived context for the plan's FmgrInfo (functions may cache data in fn_mcxt).
@@ -671,9 +982,8 @@ unsafe fn ensure_plan(t: &mut Table, rel: pg_sys::Relation, relid: u32) -> Resul
             pg_sys::MemoryContextDelete(cxt);
             let was: Vec<&str> = t.specs.iter().map(|c| c.name.as_str()).collect();
             let now: Vec<&str> = conv.specs().iter().map(|c| c.name.as_str()).collect();
-            return Err(Error::new(ErrorKind::FeatureNotSupported, "the columns of the table changed")
-                .with_detail(format!("Mirrored columns {was:?}; the change stream now has {now:?}."))
-                .with_hint("Stop and start the mirror to copy the table again with its new columns."));
+            pgrx::log!("azure_cdc: columns of \"{}.{}\" changed from {was:?} to {now:?}", t.schema, t.name);
+            return Ok(false);
         }
         let desc = (*rel).rd_att;
         let natts = (*desc).natts as usize;
@@ -687,10 +997,8 @@ unsafe fn ensure_plan(t: &mut Table, rel: pg_sys::Relation, relid: u32) -> Resul
                 Some((i, a)) => key_atts.push((i, a.attlen, a.attbyval)),
                 None => {
                     pg_sys::MemoryContextDelete(cxt);
-                    return Err(Error::new(
-                        ErrorKind::FeatureNotSupported,
-                        format!("key column \"{k}\" is no longer in the table"),
-                    ));
+                    pgrx::log!("azure_cdc: key column \"{k}\" of \"{}.{}\" is gone", t.schema, t.name);
+                    return Ok(false);
                 }
             }
         }
@@ -700,7 +1008,7 @@ unsafe fn ensure_plan(t: &mut Table, rel: pg_sys::Relation, relid: u32) -> Resul
         t.conv = Some((conv, cxt));
         t.key_atts = key_atts;
     }
-    Ok(())
+    Ok(true)
 }
 
 /// A deformed tuple image.
@@ -737,8 +1045,6 @@ unsafe fn append_change(
     use pg_sys::ReorderBufferChangeType as C;
     // SAFETY: the caller guarantees a live change and relation.
     unsafe {
-        let relid = (*rel).rd_id.to_u32();
-        ensure_plan(t, rel, relid)?;
         let desc = (*rel).rd_att;
         let tp = (*change).data.tp;
         let action = (*change).action;
@@ -959,14 +1265,15 @@ unsafe extern "C-unwind" fn truncate_cb(
             d.ordinal += 1;
             let pos = Position { commit_lsn: d.commit_lsn, ordinal: d.ordinal };
             for relid in relids {
-                let mirrored =
-                    d.tables.get(&relid).is_some_and(|t| t.parked.is_none() && !already_shipped(t.published, pos));
-                if mirrored {
-                    d.park(
-                        relid,
-                        Error::new(ErrorKind::FeatureNotSupported, "TRUNCATE is not mirrored")
-                            .with_hint("Stop and start the mirror to copy the table again."),
-                    );
+                let xid = d.xid;
+                let follows = d.tables.get(&relid).is_some_and(|t| {
+                    t.parked.is_none()
+                        && !t.reseeding
+                        && !reseed::in_copy(t.seed.as_ref(), xid)
+                        && !already_shipped(t.published, pos)
+                });
+                if follows {
+                    d.request_reseed(relid, Reason::Truncated);
                 }
             }
         }

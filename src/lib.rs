@@ -23,6 +23,7 @@ mod decoder;
 mod errors;
 mod gucs;
 mod launcher;
+mod reseed;
 mod shmem;
 mod slot;
 mod snapshot;

@@ -67,6 +67,9 @@ pub struct MirrorEntry {
     pub helper_pids: [i32; MAX_PROGRESS],
     /// Live figures of the mirror's decoder (zero while none runs).
     pub stream: StreamStats,
+    /// Bumped by the SQL API when it changes which of the mirror's tables the decoder must reseed;
+    /// the decoder rereads the catalog when it sees a new value.
+    pub tables_generation: u32,
 }
 
 /// What the decoder of a mirror reports about its change stream.
@@ -158,6 +161,14 @@ pub fn resume(index: usize, phase: Phase) {
     e.phase = phase;
     e.failures = 0;
     e.desired = Desired::Run;
+}
+
+/// Tells the decoder of entry `index` that the mirror's tables changed in the catalog (after commit
+/// it rereads them).
+pub fn tables_changed(index: usize) {
+    let mut r = REGISTRY.exclusive();
+    let e = &mut r.entries[index];
+    e.tables_generation = e.tables_generation.wrapping_add(1);
 }
 
 pub fn set_desired(index: usize, desired: Desired) {

@@ -38,7 +38,7 @@ type VerifyRow = (String, String, String, String, i64, i64, i64, i64, i64, i64, 
 ///
 /// # Safety
 /// `snap` must be a valid MVCC snapshot.
-unsafe fn visibility_of(snap: pg_sys::Snapshot) -> Visibility {
+pub(crate) unsafe fn visibility_of(snap: pg_sys::Snapshot) -> Visibility {
     // SAFETY: the caller's guarantee; xip holds xcnt entries. ReadNextFullTransactionId takes a shared
     // lock briefly.
     unsafe {

@@ -128,7 +128,7 @@ pub fn mirror_problems(f: &MirrorFacts) -> Vec<Problem> {
     if matches!(state, Some(MirrorState::Failed)) {
         let code = f.last_error_code.as_deref().and_then(known_code).unwrap_or("CDC_ERR_WORKER_FAILED");
         let hint = if code == "CDC_ERR_SLOT_INVALIDATED" {
-            "The server removed WAL the mirror had not read. Stop the mirror and start it again into a new folder; consider a larger max_slot_wal_keep_size."
+            "The server removed WAL the mirror had not read. Run SELECT azure_cdc.resume_mirror(...): the slot is created again and every table reseeded; consider a larger max_slot_wal_keep_size."
         } else {
             "Fix the cause (credential, permission, container), then run SELECT azure_cdc.resume_mirror(...)."
         };
@@ -163,13 +163,13 @@ pub fn mirror_problems(f: &MirrorFacts) -> Vec<Problem> {
             Health::Error,
             "CDC_ERR_SLOT_MISSING",
             "the mirror's replication slot does not exist".into(),
-            "Stop the mirror and start it again into a new folder.",
+            "When the mirror runs, its decoder creates the slot again and reseeds every table (see the events table).",
         )),
         Some("lost") if !matches!(state, Some(MirrorState::Failed)) => out.push(mirror(
             Health::Error,
             "CDC_ERR_SLOT_INVALIDATED",
             "the mirror's replication slot was invalidated by max_slot_wal_keep_size".into(),
-            "Stop the mirror and start it again into a new folder; consider a larger max_slot_wal_keep_size.",
+            "When the mirror runs, its decoder creates the slot again and reseeds every table (see the events table); consider a larger max_slot_wal_keep_size.",
         )),
         Some("unreserved") => out.push(mirror(
             Health::Error,
@@ -198,7 +198,7 @@ pub fn mirror_problems(f: &MirrorFacts) -> Vec<Problem> {
             level: Health::Error,
             code: "CDC_ERR_TABLE_FAILED",
             message: format!("table is parked: {error}"),
-            hint: "The other tables go on. Stop and start the mirror into a new folder to copy it again.".into(),
+            hint: "The other tables go on. Once the cause is fixed, SELECT azure_cdc.resync_table(mirror, table) copies it again.".into(),
         });
     }
     for table in &f.keyless_tables {

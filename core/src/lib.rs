@@ -26,6 +26,7 @@ pub mod lifecycle;
 pub mod names;
 pub mod numeric;
 pub mod prerequisites;
+pub mod reseed;
 pub mod shipper;
 pub mod target;
 pub mod typemap;

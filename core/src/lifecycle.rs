@@ -6,11 +6,17 @@
 //!   Snapshotting --Failed-------------> Failed
 //!   Failed       --SnapshotRestarted--> Snapshotting   (a new attempt of the whole mirror's snapshot)
 //!   Snapshotting --SnapshotRestarted--> Snapshotting
+//!   Replicating  --ReseedRequested----> Reseeding      (resync_table, TRUNCATE, a column change the
+//!   Failed       --ReseedRequested----> Reseeding       files cannot express, a lost slot)
+//!   Reseeding    --ReseedRequested----> Reseeding
+//!   Reseeding    --SnapshotPublished--> Replicating    (its folder rebuilt, numbers from 1)
+//!   Reseeding    --Failed-------------> Failed
 //!   any          --Stopped------------> Stopped        (stop_mirror)
 //! ```
 //! Replicating means: the snapshot is published and the mirror's decoder publishes the table's changes
 //! from the snapshot's consistent point on. The decoder parks a table it cannot follow
-//! (Replicating --Failed--> Failed).
+//! (Replicating --Failed--> Failed). Reseeding means: the decoder copies the table again while it
+//! streams the others ([`crate::reseed`] says how the hand-off stays exact).
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -18,6 +24,7 @@ use crate::error::{Error, ErrorKind, Result};
 pub enum TableState {
     Snapshotting,
     Replicating,
+    Reseeding,
     Stopped,
     Failed,
 }
@@ -25,6 +32,7 @@ pub enum TableState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TableEvent {
     SnapshotPublished,
+    ReseedRequested,
     SnapshotRestarted,
     Failed,
     Stopped,
@@ -49,13 +57,19 @@ impl Health {
 }
 
 impl TableState {
-    pub const ALL: [TableState; 4] =
-        [TableState::Snapshotting, TableState::Replicating, TableState::Stopped, TableState::Failed];
+    pub const ALL: [TableState; 5] = [
+        TableState::Snapshotting,
+        TableState::Replicating,
+        TableState::Reseeding,
+        TableState::Stopped,
+        TableState::Failed,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             TableState::Snapshotting => "Snapshotting",
             TableState::Replicating => "Replicating",
+            TableState::Reseeding => "Reseeding",
             TableState::Stopped => "Stopped",
             TableState::Failed => "Failed",
         }
@@ -74,9 +88,10 @@ impl TableState {
         use TableState as S;
         match (self, event) {
             (_, E::Stopped) => Ok(S::Stopped),
-            (S::Snapshotting, E::SnapshotPublished) => Ok(S::Replicating),
+            (S::Snapshotting | S::Reseeding, E::SnapshotPublished) => Ok(S::Replicating),
             (S::Snapshotting | S::Failed, E::SnapshotRestarted) => Ok(S::Snapshotting),
-            (S::Snapshotting | S::Replicating, E::Failed) => Ok(S::Failed),
+            (S::Replicating | S::Reseeding | S::Failed, E::ReseedRequested) => Ok(S::Reseeding),
+            (S::Snapshotting | S::Replicating | S::Reseeding, E::Failed) => Ok(S::Failed),
             (s, e) => {
                 Err(Error::new(ErrorKind::Internal, format!("table state {} cannot take event {e:?}", s.as_str())))
             }
@@ -186,6 +201,13 @@ mod tests {
         assert!(S::Stopped.on(E::SnapshotPublished).is_err());
         assert!(S::Replicating.on(E::SnapshotRestarted).is_err());
         assert!(S::Stopped.on(E::Failed).is_err());
+        assert_eq!(S::Replicating.on(E::ReseedRequested).unwrap(), S::Reseeding);
+        assert_eq!(S::Failed.on(E::ReseedRequested).unwrap(), S::Reseeding, "resync_table recovers a parked table");
+        assert_eq!(S::Reseeding.on(E::ReseedRequested).unwrap(), S::Reseeding);
+        assert_eq!(S::Reseeding.on(E::SnapshotPublished).unwrap(), S::Replicating);
+        assert_eq!(S::Reseeding.on(E::Failed).unwrap(), S::Failed);
+        assert!(S::Snapshotting.on(E::ReseedRequested).is_err(), "the initial snapshot covers it");
+        assert!(S::Stopped.on(E::ReseedRequested).is_err());
     }
 
     #[test]

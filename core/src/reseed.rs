@@ -1,0 +1,167 @@
+//! Reseeding one table while the mirror's decoder streams the others: how the copy and the change
+//! stream meet without losing or repeating a transaction. Pure logic; the decoder
+//! ([`crate::lifecycle`] state Reseeding) drives it.
+//!
+//! A table is reseeded when `resync_table` asks for it, when it is truncated, when its columns change
+//! in a way its files cannot express, or when the mirror's slot was lost. Its folder is rebuilt:
+//! everything in it is removed, then new snapshot files are published from number 1, then its change
+//! files follow.
+//!
+//! The hand-off, in the decoder's process:
+//! 1. **Hold.** Between two decoded records, at WAL position `D`, the decoder starts to drop the
+//!    table's changes and stops confirming the slot past `D`. It notes the transactions running now
+//!    (`S1`, a snapshot of the server).
+//! 2. **Wait.** It goes on decoding (the other tables are shipped) until every transaction of `S1` has
+//!    ended. Every transaction whose commit the decoder had read before `D` has then ended.
+//! 3. **Copy.** It waits for the shipper to publish everything handed to it, clears the table's folder
+//!    and copies the table in a new snapshot `S`; it records `S` (its xmin, xmax and running
+//!    transactions) with the table, which is Replicating again.
+//! 4. **Rewind.** It reopens the slot at its confirmed position `C` (at most `D`). Decoding from `C`,
+//!    it drops the table's changes from transactions `S` sees (they are in the copy) and ships the
+//!    others. Other tables skip what they have already published (their files record it).
+//!
+//! Why it is exact: a transaction that committed before `C` is not decoded again; it ended before `S`
+//! was taken (step 2), so `S` sees it and the copy holds it. A transaction decoded after `C` is either
+//! seen by `S` (dropped: in the copy) or not (shipped after the copy). Nothing is in both, nothing in
+//! neither. The price: the slot holds WAL from `D` until the copy is published, and the other tables'
+//! changes wait while the table is copied (they are not lost, and not reseeded).
+
+use std::collections::HashSet;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::verify::Visibility;
+
+/// Why a table is reseeded (the events table says so).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// `resync_table` asked for it.
+    Requested,
+    /// The table was truncated: its mirror becomes empty, then follows the changes after it.
+    Truncated,
+    /// Its columns changed in a way change files cannot express (rename, type, dropped key, default
+    /// values written without WAL).
+    ColumnsChanged,
+    /// The mirror's slot was lost: the changes it held are gone, every table is copied again.
+    SlotLost,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Requested => "requested by resync_table",
+            Reason::Truncated => "the table was truncated",
+            Reason::ColumnsChanged => "the table's columns changed",
+            Reason::SlotLost => "the replication slot was lost",
+        }
+    }
+}
+
+/// Where a reseed is: holding since `hold_lsn` and waiting for `waiting` (full transaction ids) to end,
+/// out of `running_at_hold`, the transactions running when the hold began (the copy's snapshot must
+/// see every one of them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    pub hold_lsn: u64,
+    pub waiting: Vec<u64>,
+    pub running_at_hold: Vec<u64>,
+}
+
+/// Whether a copy taken in snapshot `s` may be used for a hold: it sees every transaction that was
+/// running when the hold began.
+pub fn sees_all(s: &Visibility, running_at_hold: &[u64]) -> bool {
+    running_at_hold.iter().all(|x| s.sees(*x))
+}
+
+impl Hold {
+    /// The LSN the slot may be confirmed to while holding: never past the hold point.
+    pub fn cap(&self, lsn: u64) -> u64 {
+        lsn.min(self.hold_lsn)
+    }
+}
+
+/// Parses PostgreSQL's text form of a snapshot (`pg_snapshot`, full transaction ids):
+/// `xmin:xmax:xip1,xip2,…`.
+pub fn parse_snapshot(text: &str) -> Result<Visibility> {
+    let bad = || Error::new(ErrorKind::Internal, format!("malformed snapshot \"{text}\""));
+    let mut parts = text.trim().splitn(3, ':');
+    let xmin = parts.next().and_then(|p| p.parse::<u64>().ok()).ok_or_else(bad)?;
+    let xmax = parts.next().and_then(|p| p.parse::<u64>().ok()).ok_or_else(bad)?;
+    let rest = parts.next().ok_or_else(bad)?;
+    let mut running = HashSet::new();
+    for x in rest.split(',').filter(|x| !x.is_empty()) {
+        running.insert(x.parse::<u64>().map_err(|_| bad())?);
+    }
+    if xmin > xmax || running.iter().any(|x| *x < xmin || *x >= xmax) {
+        return Err(bad());
+    }
+    Ok(Visibility { xmin, xmax, running })
+}
+
+/// The text form [`parse_snapshot`] reads (running ids sorted).
+pub fn snapshot_text(v: &Visibility) -> String {
+    let mut running: Vec<u64> = v.running.iter().copied().collect();
+    running.sort_unstable();
+    let list: Vec<String> = running.iter().map(|x| x.to_string()).collect();
+    format!("{}:{}:{}", v.xmin, v.xmax, list.join(","))
+}
+
+/// Whether a change of transaction `xid` must be dropped for a table reseeded in snapshot `seed`:
+/// the copy already holds it.
+pub fn in_copy(seed: Option<&Visibility>, xid: u64) -> bool {
+    seed.is_some_and(|s| s.sees(xid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_round_trip() {
+        let v = parse_snapshot("740:750:741,745").unwrap();
+        assert_eq!(v.xmin, 740);
+        assert_eq!(v.xmax, 750);
+        assert!(v.sees(739) && !v.sees(741) && v.sees(742) && !v.sees(745) && !v.sees(750));
+        assert_eq!(snapshot_text(&v), "740:750:741,745");
+        assert_eq!(parse_snapshot(&snapshot_text(&v)).unwrap(), v);
+        let empty = parse_snapshot("12:12:").unwrap();
+        assert!(empty.running.is_empty() && empty.sees(11) && !empty.sees(12));
+        assert_eq!(snapshot_text(&empty), "12:12:");
+        // Epoch-extended ids beyond 32 bits.
+        let big = parse_snapshot("4294967300:4294967310:4294967301").unwrap();
+        assert!(!big.sees(4294967301) && big.sees(4294967302));
+    }
+
+    #[test]
+    fn malformed_snapshots_are_refused() {
+        for bad in ["", "1", "1:2", "x:2:", "5:4:", "1:5:7", "1:5:0", "1:5:a"] {
+            assert!(parse_snapshot(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hold_caps_confirmation() {
+        let h = Hold { hold_lsn: 1000, waiting: vec![], running_at_hold: vec![] };
+        assert_eq!(h.cap(900), 900);
+        assert_eq!(h.cap(1000), 1000);
+        assert_eq!(h.cap(5000), 1000);
+    }
+
+    #[test]
+    fn copy_must_see_what_ran_at_the_hold() {
+        let s = parse_snapshot("100:110:103").unwrap();
+        assert!(sees_all(&s, &[]));
+        assert!(sees_all(&s, &[101, 102]));
+        assert!(!sees_all(&s, &[101, 103]), "103 still running: committed before the hold yet not in the copy");
+        assert!(!sees_all(&s, &[110]));
+    }
+
+    #[test]
+    fn copy_filter() {
+        let s = parse_snapshot("100:110:103").unwrap();
+        assert!(in_copy(Some(&s), 99));
+        assert!(in_copy(Some(&s), 104));
+        assert!(!in_copy(Some(&s), 103), "running when the copy was taken: shipped after it");
+        assert!(!in_copy(Some(&s), 110));
+        assert!(!in_copy(None, 1), "a table not reseeded drops nothing");
+    }
+}

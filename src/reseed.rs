@@ -1,0 +1,195 @@
+//! Copying tables again while the mirror runs: the copy step of a reseed, run by the mirror's decoder
+//! between two decoded records, on its main thread (it calls PostgreSQL; writing the files goes
+//! through the target's own I/O threads). Why the hand-off to the change stream is exact is explained
+//! in [`azure_cdc_core::reseed`]; the decoder ([`crate::decoder`]) holds, waits and rewinds.
+//!
+//! One copy: in one repeatable-read transaction (one snapshot `S` for every table copied together),
+//! for each table: empty its folder, write `_metadata.json` with its key columns as they are now,
+//! scan it into numbered snapshot files from 1, then record it Replicating with `S` (the decoder drops
+//! its changes of transactions `S` sees), its counters and an event. A value the landing zone cannot
+//! hold parks the table (Failed, folder emptied); any other error fails the decoder's attempt, and the
+//! table stays Reseeding for the next one.
+
+use std::sync::Arc;
+
+use azure_cdc_core::batch::BatchBuilder;
+use azure_cdc_core::datafile::TableFileSink;
+use azure_cdc_core::error::Disposition;
+use azure_cdc_core::landing_zone;
+use azure_cdc_core::lifecycle::{TableEvent, TableState};
+use azure_cdc_core::names;
+use azure_cdc_core::reseed::{sees_all, snapshot_text};
+use azure_cdc_core::target::Target;
+use azure_cdc_core::{Error, ErrorKind, Result};
+use pgrx::prelude::*;
+
+use crate::catalog;
+use crate::shmem;
+use crate::tuples::TupleConverter;
+
+/// A table to copy again.
+pub struct ToCopy {
+    pub relid: u32,
+    pub schema: String,
+    pub table: String,
+    /// Key columns recorded for it so far.
+    pub keys: Vec<String>,
+}
+
+/// Copies `tables` in one snapshot and records the outcome of each. `index` is the mirror's registry
+/// entry (for live progress). Returns false, having copied nothing, if the snapshot does not see every
+/// transaction of `must_see` (one that had committed but not yet left the process array).
+pub fn copy_tables(
+    mirror_id: i64,
+    index: usize,
+    target: &Arc<Target>,
+    tables: &[ToCopy],
+    must_see: &[u64],
+) -> Result<bool> {
+    // SAFETY: the decoder's main thread, between records, outside any transaction. The isolation
+    // level is set before the transaction's first snapshot (what SET TRANSACTION does), so that every
+    // query of the transaction (and every scan, through the registered copy) uses snapshot S. Catalog
+    // entries built under decoding's historic snapshots are dropped first, and the ones built here
+    // after, so that each side reads its own catalog.
+    let snap = unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::XactIsoLevel = pg_sys::XACT_REPEATABLE_READ as i32;
+        pg_sys::InvalidateSystemCaches();
+        let snap = pg_sys::RegisterSnapshot(pg_sys::GetTransactionSnapshot());
+        pg_sys::PushActiveSnapshot(snap);
+        snap
+    };
+    let r = (|| -> Result<bool> {
+        // SAFETY: snap is the registered snapshot taken above.
+        let visibility = unsafe { crate::verify::visibility_of(snap) };
+        if !sees_all(&visibility, must_see) {
+            pgrx::log!("azure_cdc: reseed snapshot does not see every transaction of its hold yet; retrying");
+            return Ok(false);
+        }
+        let seed = snapshot_text(&visibility);
+        pgrx::log!("azure_cdc: reseed copy in snapshot {seed}");
+        for t in tables {
+            copy_one(mirror_id, index, target, t, snap, &seed)?;
+        }
+        Ok(true)
+    })();
+    shmem::set_progress(index, 0, 0, 0);
+    // SAFETY: ends the transaction begun above: commits what it recorded if the copy is complete,
+    // else rolls it back (a PostgreSQL error does not come back here: it ends the worker).
+    unsafe {
+        pg_sys::PopActiveSnapshot();
+        pg_sys::UnregisterSnapshot(snap);
+        if matches!(r, Ok(true)) {
+            pg_sys::CommitTransactionCommand();
+        } else {
+            pg_sys::AbortCurrentTransaction();
+        }
+        pg_sys::InvalidateSystemCaches();
+    }
+    r
+}
+
+/// The key columns a reseeded table gets: its primary key (or replica identity index) as it is now;
+/// else the recorded ones if they all still exist (REPLICA IDENTITY FULL, set for TOASTed columns,
+/// hides an identity index from the look-up); else none.
+fn keys_now(relid: pg_sys::Oid, recorded: &[String], columns: &[String]) -> Result<Vec<String>> {
+    let now = catalog::key_columns(relid)?;
+    if !now.is_empty() {
+        return Ok(now);
+    }
+    if !recorded.is_empty() && recorded.iter().all(|k| columns.contains(k)) {
+        return Ok(recorded.to_vec());
+    }
+    Ok(Vec::new())
+}
+
+fn copy_one(
+    mirror_id: i64,
+    index: usize,
+    target: &Arc<Target>,
+    t: &ToCopy,
+    snap: pg_sys::Snapshot,
+    seed: &str,
+) -> Result<()> {
+    let relid = pg_sys::Oid::from(t.relid);
+    let folder = names::table_folder(&t.schema, &t.table);
+    let name = Some((t.schema.as_str(), t.table.as_str()));
+    // SAFETY: try_relation_open returns NULL instead of raising when the table is gone.
+    let rel = unsafe { pg_sys::try_relation_open(relid, pg_sys::AccessShareLock as i32) };
+    if rel.is_null() {
+        let e = Error::new(ErrorKind::UndefinedTable, format!("table \"{}.{}\" no longer exists", t.schema, t.table));
+        return record_failed(mirror_id, relid, name, &e);
+    }
+    let copied = (|| -> Result<(Vec<String>, i64, Vec<azure_cdc_core::datafile::PublishedFile>)> {
+        // SAFETY: rel is open (checked above).
+        let mut conv = unsafe { TupleConverter::new(rel)? };
+        let columns: Vec<String> = conv.specs().iter().map(|c| c.name.clone()).collect();
+        let keys = keys_now(relid, &t.keys, &columns)?;
+        target.clear_table_folder(&folder)?;
+        target.put_document(&folder, landing_zone::METADATA_FILE, landing_zone::table_metadata(&keys).as_bytes())?;
+        let mut builder = BatchBuilder::new(conv.specs())?;
+        let mut sink = TableFileSink::new(
+            target.clone(),
+            folder.clone(),
+            builder.schema(),
+            crate::gucs::parquet_compression(),
+            crate::gucs::snapshot_file_bytes(),
+            1,
+            vec![],
+        );
+        // SAFETY: scanning the open relation in the registered snapshot, on the main thread.
+        let rows = unsafe {
+            crate::tuples::scan_heap(rel, snap, &mut conv, &mut builder, &mut |batch, rows| {
+                sink.push(&batch)?;
+                shmem::set_progress(index, 0, t.relid, rows);
+                Ok(true)
+            })?
+        };
+        Ok((keys, rows, sink.close()?))
+    })();
+    // SAFETY: closing the relation opened above, keeping its lock to the end of the transaction.
+    unsafe { pg_sys::relation_close(rel, pg_sys::NoLock as i32) };
+    let (keys, rows, files) = match copied {
+        Ok(c) => c,
+        Err(e) if e.kind.disposition() == Disposition::ParkTable => {
+            target.clear_table_folder(&folder)?;
+            return record_failed(mirror_id, relid, name, &e);
+        }
+        Err(e) => return Err(e),
+    };
+    let state = TableState::Reseeding.on(TableEvent::SnapshotPublished)?;
+    let bytes: i64 = files.iter().map(|f| f.bytes as i64).sum();
+    catalog::run(
+        "UPDATE azure_cdc.mirror_tables SET state = $3, key_columns = $4, rows_replicated = $5, \
+                files_published = $6, bytes_published = $7, next_file_number = $6 + 1, seed_snapshot = $8, \
+                last_completed_at = pg_catalog.clock_timestamp(), last_error = NULL \
+          WHERE mirror_id = $1 AND relid = $2",
+        &[
+            mirror_id.into(),
+            relid.into(),
+            state.as_str().into(),
+            keys.into(),
+            rows.into(),
+            (files.len() as i64).into(),
+            bytes.into(),
+            seed.into(),
+        ],
+    )?;
+    catalog::record_event(
+        mirror_id,
+        name,
+        "Reseeded",
+        Some(&format!("{rows} rows in {} snapshot file(s); changes follow from snapshot {seed}", files.len())),
+    )
+}
+
+fn record_failed(mirror_id: i64, relid: pg_sys::Oid, name: Option<(&str, &str)>, e: &Error) -> Result<()> {
+    let state = TableState::Reseeding.on(TableEvent::Failed)?;
+    pgrx::warning!("azure_cdc: reseed of a table parked it: {}", e.full_text());
+    catalog::run(
+        "UPDATE azure_cdc.mirror_tables SET state = $3, last_error = $4 WHERE mirror_id = $1 AND relid = $2",
+        &[mirror_id.into(), relid.into(), state.as_str().into(), e.full_text().into()],
+    )?;
+    catalog::record_event(mirror_id, name, "TableFailed", Some(&e.full_text()))
+}

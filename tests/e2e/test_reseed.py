@@ -1,0 +1,216 @@
+"""Reseeding one table while the mirror streams the others, end to end: resync_table under a
+workload, TRUNCATE, column changes and a parked table taken back (a lost slot is in
+test_operations.py). Each test ends with
+the replay comparison against the source (and verify_mirror where the mirror goes on)."""
+
+import os
+import threading
+import time
+
+import psycopg
+import pytest
+
+from replay import assert_mirror_equals_source, table_folder
+
+
+def events(db, mirror, table=None):
+    rows = db.sql(
+        "SELECT event, table_name, detail FROM azure_cdc.events WHERE mirror_name = %s ORDER BY event_id", (mirror,))
+    return [(e, d) for e, t, d in rows if table is None or t == table]
+
+
+def wait_for(what, check, deadline_s=180):
+    end = time.time() + deadline_s
+    while True:
+        v = check()
+        if v:
+            return v
+        assert time.time() < end, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def numbers(root, table):
+    """Numbers of the published data files of a table (while the mirror may be writing the next one)."""
+    folder = table_folder(root, "public", table)
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(n.split(".")[0]) for n in os.listdir(folder) if n.endswith(".parquet") and n[0].isdigit())
+
+
+def reseeded(db, mirror, table, count=1):
+    """Waits until `table` has been reseeded `count` times and is Replicating again."""
+    wait_for(f"reseed of {table}", lambda: (
+        sum(1 for e, _ in events(db, mirror, table) if e == "Reseeded") >= count
+        and db.status(mirror)[("public", table)]["state"] == "Replicating"))
+
+
+def verify_ok(db, mirror):
+    rows = db.sql("SELECT table_name, verdict, detail FROM azure_cdc.verify_mirror(%s)", (mirror,))
+    assert rows and all(r[1] == "OK" for r in rows), rows
+
+
+class Workload:
+    """Inserts, updates and deletes on some tables from its own connection until stopped."""
+
+    def __init__(self, db, tables):
+        self.conn = db.cluster.connect(db.name)
+        self.tables = tables
+        self.stop = threading.Event()
+        self.error = None
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        i = 0
+        try:
+            while not self.stop.is_set():
+                i += 1
+                for t in self.tables:
+                    with self.conn.transaction():
+                        self.conn.execute(f"INSERT INTO {t} SELECT coalesce(max(id), 0) + 1, 'w{i}' FROM {t}")
+                        self.conn.execute(f"UPDATE {t} SET v = v || '+' WHERE id % 7 = {i % 7}")
+                        self.conn.execute(f"DELETE FROM {t} WHERE id = (SELECT min(id) FROM {t}) AND {i} % 5 = 0")
+                time.sleep(0.01)
+        except Exception as e:  # reported by the test
+            self.error = e
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.conn.close()
+        assert self.error is None, self.error
+
+
+def test_resync_table_rebuilds_one_table_while_the_others_go_on(db):
+    for t in ("a", "b"):
+        db.sql(f"CREATE TABLE {t} (id int PRIMARY KEY, v text)")
+        db.sql(f"INSERT INTO {t} SELECT g, 'v' || g FROM generate_series(1, 20000) g")
+    root = db.start_mirror("m")
+    db.wait_snapshot("m")
+    with Workload(db, ["a", "b"]):
+        wait_for("changes of b", lambda: len(numbers(root, "b")) >= 3)
+        b_before = numbers(root, "b")
+        assert "copied again after commit" in db.one("SELECT azure_cdc.resync_table('m', 'a')")
+        reseeded(db, "m", "a")
+        time.sleep(1)
+    db.wait_caught_up("m")
+    # a's folder was rebuilt from 1; b's numbers went on without a gap.
+    a, b = numbers(root, "a"), numbers(root, "b")
+    assert a == list(range(1, len(a) + 1)) and b == list(range(1, len(b) + 1))
+    assert b[: len(b_before)] == b_before and len(b) > len(b_before)
+    ev = events(db, "m", "a")
+    assert [e for e, _ in ev][-2:] == ["ReseedRequested", "Reseeded"], ev
+    assert "requested by resync_table" in ev[-2][1]
+    assert not [e for e, _ in events(db, "m", "b") if e.startswith("Reseed")]
+    st = db.status("m")
+    assert st[("public", "a")]["status"] == "OK" and st[("public", "a")]["rows"] > 0
+    for t in ("a", "b"):
+        assert_mirror_equals_source(db.conn, root, "public", t)
+    verify_ok(db, "m")
+
+
+def test_resync_table_errors(db):
+    db.sql("CREATE TABLE a (id int PRIMARY KEY)")
+    db.sql("CREATE TABLE other (id int PRIMARY KEY)")
+    db.start_mirror("m", ["a"])
+    cases = [
+        (("nosuch", "a"), "42704"),
+        (("m", "nosuch"), "42P01"),
+        (("m", "other"), "42P01"),
+    ]
+    db.wait_snapshot("m")
+    for args, code in cases:
+        with pytest.raises(psycopg.Error) as ei:
+            db.sql("SELECT azure_cdc.resync_table(%s, %s)", args)
+        assert ei.value.sqlstate == code, (args, ei.value)
+    db.sql("CREATE ROLE plain_user LOGIN")
+    with db.cluster.connect(db.name, ) as c:
+        c.execute("SET ROLE plain_user")
+        with pytest.raises(psycopg.Error) as ei:
+            c.execute("SELECT azure_cdc.resync_table('m', 'a')")
+        assert ei.value.sqlstate == "42501"
+    db.sql("DROP ROLE plain_user")
+    db.sql("SELECT azure_cdc.stop_mirror('m')")
+    with pytest.raises(psycopg.Error) as ei:
+        db.sql("SELECT azure_cdc.resync_table('m', 'a')")
+    assert ei.value.sqlstate in ("55000", "42704"), ei.value
+
+
+def test_truncate_empties_the_mirror_in_order(db):
+    db.sql("CREATE TABLE a (id serial PRIMARY KEY, v text)")
+    db.sql("CREATE TABLE b (id int PRIMARY KEY, v text)")
+    db.sql("CREATE TABLE c (id int PRIMARY KEY, v text)")
+    db.sql("INSERT INTO a (v) SELECT 'v' || g FROM generate_series(1, 5000) g")
+    db.sql("INSERT INTO b SELECT g, 'b' FROM generate_series(1, 5000) g")
+    db.sql("INSERT INTO c SELECT g, 'c' FROM generate_series(1, 100) g")
+    root = db.start_mirror("m")
+    db.wait_snapshot("m")
+    # Changes before, in and after the TRUNCATE's transaction; two tables at once; RESTART IDENTITY.
+    db.sql("UPDATE a SET v = 'before' WHERE id <= 10")
+    with db.conn.transaction():
+        db.sql("INSERT INTO a (v) VALUES ('gone with the truncate')")
+        db.sql("TRUNCATE a, b RESTART IDENTITY")
+        db.sql("INSERT INTO a (v) SELECT 'after' FROM generate_series(1, 3)")
+    db.sql("INSERT INTO b VALUES (1, 'new')")
+    db.sql("UPDATE c SET v = 'untouched' WHERE id = 1")
+    reseeded(db, "m", "a")
+    reseeded(db, "m", "b")
+    db.sql("UPDATE a SET v = 'later' WHERE id = 2")
+    db.wait_caught_up("m")
+    assert db.one("SELECT count(*) FROM a") == 3
+    for t in ("a", "b", "c"):
+        assert_mirror_equals_source(db.conn, root, "public", t)
+    assert "the table was truncated" in [d for e, d in events(db, "m", "a") if e == "ReseedRequested"]
+    assert not [e for e, _ in events(db, "m", "c") if e.startswith("Reseed")]
+    assert numbers(root, "c")[0] == 1 and len(numbers(root, "c")) >= 2, "c kept its files and went on"
+    verify_ok(db, "m")
+
+
+@pytest.mark.parametrize("ddl", [
+    "ALTER TABLE a ADD COLUMN extra int DEFAULT 7",
+    "ALTER TABLE a ADD COLUMN extra text",
+    "ALTER TABLE a DROP COLUMN v",
+    "ALTER TABLE a RENAME COLUMN v TO w",
+    "ALTER TABLE a ALTER COLUMN n TYPE numeric(20,2)",
+])
+def test_column_changes_reseed_only_that_table(db, ddl):
+    db.sql("CREATE TABLE a (id int PRIMARY KEY, v text, n int)")
+    db.sql("CREATE TABLE b (id int PRIMARY KEY, v text)")
+    db.sql("INSERT INTO a SELECT g, 'v' || g, g FROM generate_series(1, 3000) g")
+    db.sql("INSERT INTO b SELECT g, 'b' FROM generate_series(1, 100) g")
+    root = db.start_mirror("m")
+    db.wait_snapshot("m")
+    db.sql("UPDATE a SET n = -n WHERE id <= 5")
+    db.sql(ddl)
+    db.sql("UPDATE a SET id = id + 10000 WHERE id = 1")
+    db.sql("INSERT INTO b VALUES (1000, 'x')")
+    reseeded(db, "m", "a")
+    db.sql("DELETE FROM a WHERE id = 2")
+    db.wait_caught_up("m")
+    for t in ("a", "b"):
+        assert_mirror_equals_source(db.conn, root, "public", t)
+    assert "the table's columns changed" in [d for e, d in events(db, "m", "a") if e == "ReseedRequested"]
+    assert not [e for e, _ in events(db, "m", "b") if e.startswith("Reseed")]
+    verify_ok(db, "m")
+
+
+def test_resync_table_takes_a_failed_table_back(db):
+    db.sql("CREATE TABLE k (id int, v text)")
+    db.sql("INSERT INTO k SELECT g, 'v' FROM generate_series(1, 100) g")
+    root = db.start_mirror("m")
+    db.wait_snapshot("m")
+    db.sql("UPDATE k SET v = 'parks it' WHERE id = 1")
+    wait_for("the table to fail", lambda: db.status("m")[("public", "k")]["state"] == "Failed")
+    db.sql("ALTER TABLE k ADD PRIMARY KEY (id)")
+    db.sql("SELECT azure_cdc.resync_table('m', 'k')")
+    reseeded(db, "m", "k")
+    db.sql("UPDATE k SET v = 'followed' WHERE id = 3")
+    db.sql("DELETE FROM k WHERE id = 4")
+    db.wait_caught_up("m")
+    rep = assert_mirror_equals_source(db.conn, root, "public", "k")
+    assert rep.keys == ["id"], "the reseed took the new primary key"
+    st = db.status("m")[("public", "k")]
+    assert st["status"] == "OK" and st["error"] is None
