@@ -508,7 +508,7 @@ fn resync_table_impl(mirror_name: &str, table_name: &str) -> Result<String> {
     let rel = catalog::resolve_relation(table_name)?
         .ok_or_else(|| Error::new(ErrorKind::UndefinedTable, format!("relation \"{table_name}\" does not exist")))?;
     let state = Spi::get_one_with_args::<String>(
-        "SELECT state FROM azure_cdc.mirror_tables WHERE mirror_id = $1 AND relid = $2",
+        "SELECT (SELECT state FROM azure_cdc.mirror_tables WHERE mirror_id = $1 AND relid = $2)",
         &[m.id.into(), rel.relid.into()],
     )
     .map_err(spi)?
