@@ -205,7 +205,11 @@ pub fn pid_alive(pid: i32) -> bool {
 
 /// Whether any worker of entry `index` may still be running.
 pub fn workers_may_run(index: usize) -> bool {
-    let e = entry(index);
+    workers_may_run_entry(&entry(index))
+}
+
+/// [`workers_may_run`] for an entry already read.
+pub fn workers_may_run_entry(e: &MirrorEntry) -> bool {
     e.worker_registered || pid_alive(e.worker_pid) || e.helper_pids.iter().any(|p| pid_alive(*p))
 }
 

@@ -107,7 +107,14 @@ fn mirror_views(function: &str) -> Result<Vec<MirrorView>> {
                 .collect();
             let keyless_tables: Vec<String> = r.get(16).map_err(spi)?.unwrap_or_default();
             let last_error: Option<String> = r.get(12).map_err(spi)?;
+            // A stop or pause in progress (another session's stop_mirror / pause_mirror, not yet
+            // committed, waits for the workers to exit): the registry wants them stopped.
+            let stopping = state.wants_workers()
+                && shmem::find(crate::api::database_oid(), mirror_id)
+                    .map(shmem::entry)
+                    .is_some_and(|e| e.desired == shmem::Desired::Stop && shmem::workers_may_run_entry(&e));
             let display_state = match state {
+                _ if stopping => "Stopping".to_string(),
                 MirrorState::Running
                     if last_error.is_some() || !failed_tables.is_empty() || !keyless_tables.is_empty() =>
                 {
@@ -151,7 +158,8 @@ fn mirror_views(function: &str) -> Result<Vec<MirrorView>> {
 }
 
 /// One row per mirror of this database. `state`: Starting (snapshot), Running, Running with warning
-/// (an error being retried, a parked table or a table without keys), Paused, Failed, Stopped.
+/// (an error being retried, a parked table or a table without keys), Stopping (a stop or pause waits
+/// for the workers to exit), Paused, Failed, Stopped.
 /// `target` is the URL (credentials are never in it), `credential` the credential's name. Slot
 /// figures: `confirmed_lsn`, `lag_bytes` (WAL since then), `wal_retained_bytes` (WAL the slot keeps,
 /// from its restart LSN), `wal_status` and `safe_wal_bytes` (WAL that can still be written before

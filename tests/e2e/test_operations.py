@@ -159,3 +159,25 @@ def test_events_are_kept_bounded(db):
 
 def test_health_of_the_server(db):
     assert [h for h in health(db) if h["scope"] == "system"] == []
+
+
+def test_a_stop_in_progress_shows_stopping(db):
+    import os
+    import signal
+    import threading
+    db.sql("CREATE TABLE a (id int PRIMARY KEY)")
+    db.start_mirror("m")
+    db.wait_snapshot("m")
+    pid = db.decoder_pid("m")
+    # A decoder that cannot exit yet (stopped by a signal) keeps another session's stop_mirror waiting.
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        stopper = db.cluster.connect(db.name)
+        t = threading.Thread(target=lambda: stopper.execute("SELECT azure_cdc.stop_mirror('m')"), daemon=True)
+        t.start()
+        wait_for("Stopping", lambda: mirrors(db)["m"]["state"] == "Stopping")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    t.join(60)
+    stopper.close()
+    assert mirrors(db)["m"]["state"] == "Stopped"
