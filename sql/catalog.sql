@@ -37,7 +37,7 @@ CREATE TABLE azure_cdc.mirror_tables (
     schema_name        name NOT NULL,
     table_name         name NOT NULL,
     state              text NOT NULL DEFAULT 'Snapshotting'
-                       CHECK (state IN ('Snapshotting', 'Replicating', 'Reseeding', 'Stopped', 'Failed')),
+                       CHECK (state IN ('Snapshotting', 'Replicating', 'Reseeding', 'Stopped', 'Failed', 'Dropped')),
     key_columns        text[] NOT NULL DEFAULT '{}',
     rows_replicated    bigint NOT NULL DEFAULT 0,
     files_published    bigint NOT NULL DEFAULT 0,

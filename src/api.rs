@@ -250,27 +250,7 @@ fn start_mirror_impl(
     drop(t);
 
     let slot = names::slot_name(mirror_name);
-    let mut with_keys = Vec::with_capacity(rels.len());
-    for rel in rels {
-        let keys = catalog::key_columns(rel.relid)?;
-        with_keys.push((rel, keys));
-    }
-    // Unchanged TOASTed values reach the change stream only in a FULL old row image (see decoder.rs).
-    // Keys are looked up first: FULL replaces a REPLICA IDENTITY USING INDEX key.
-    let relids: Vec<pg_sys::Oid> = with_keys.iter().map(|(r, _)| r.relid).collect();
-    let altered = catalog::tables_needing_full_identity(&relids)?;
-    for (schema, table) in &altered {
-        catalog::set_replica_identity_full(schema, table)?;
-    }
-    if !altered.is_empty() {
-        let list: Vec<String> = altered.iter().map(|(s, t)| format!("{s}.{t}")).collect();
-        pgrx::notice!(
-            "azure_cdc set REPLICA IDENTITY FULL on {} table{} that can hold TOASTed values: {}",
-            list.len(),
-            if list.len() == 1 { "" } else { "s" },
-            list.join(", ")
-        );
-    }
+    let with_keys = keys_and_identity(rels)?;
     let id = catalog::insert_mirror(
         mirror_name,
         &url.to_url(),
@@ -491,6 +471,144 @@ fn resume_mirror_impl(mirror_name: &str) -> Result<String> {
 #[pg_extern]
 fn resume_mirror(mirror_name: &str) -> String {
     resume_mirror_impl(mirror_name).or_raise()
+}
+
+/// The key columns of tables about to be mirrored, looked up before their replica identity is set:
+/// unchanged TOASTed values reach the change stream only in a FULL old row image (see decoder.rs),
+/// and FULL replaces a REPLICA IDENTITY USING INDEX key. Says with a NOTICE which tables it altered.
+fn keys_and_identity(rels: Vec<RelationInfo>) -> Result<Vec<(RelationInfo, Vec<String>)>> {
+    let mut with_keys = Vec::with_capacity(rels.len());
+    for rel in rels {
+        let keys = catalog::key_columns(rel.relid)?;
+        with_keys.push((rel, keys));
+    }
+    let relids: Vec<pg_sys::Oid> = with_keys.iter().map(|(r, _)| r.relid).collect();
+    let altered = catalog::tables_needing_full_identity(&relids)?;
+    for (schema, table) in &altered {
+        catalog::set_replica_identity_full(schema, table)?;
+    }
+    if !altered.is_empty() {
+        let list: Vec<String> = altered.iter().map(|(s, t)| format!("{s}.{t}")).collect();
+        pgrx::notice!(
+            "azure_cdc set REPLICA IDENTITY FULL on {} table{} that can hold TOASTed values: {}",
+            list.len(),
+            if list.len() == 1 { "" } else { "s" },
+            list.join(", ")
+        );
+    }
+    Ok(with_keys)
+}
+
+/// A mirror whose table list may change now: Running, Paused or Failed.
+fn mirror_for_tables(function: &str, mirror_name: &str) -> Result<(catalog::MirrorRow, MirrorState)> {
+    require_admin(function)?;
+    let m = catalog::mirror_by_name(mirror_name)?.ok_or_else(|| unknown_mirror(mirror_name))?;
+    let state = MirrorState::parse(&m.state)?;
+    if matches!(state, MirrorState::Starting | MirrorState::Stopped) {
+        return Err(Error::new(ErrorKind::PrerequisiteNotMet, format!("mirror \"{mirror_name}\" is {}", m.state))
+            .with_hint(if state == MirrorState::Starting {
+                "Its initial snapshot is running; wait until the mirror is Running."
+            } else {
+                "A stopped mirror copies nothing; start a new mirror."
+            }));
+    }
+    Ok((m, state))
+}
+
+/// States of the mirror's tables, by relid.
+fn table_states(mirror_id: i64) -> Result<std::collections::HashMap<pg_sys::Oid, TableState>> {
+    catalog::tables(mirror_id)?.into_iter().map(|t| Ok((t.relid, TableState::parse(&t.state)?))).collect()
+}
+
+fn add_tables_impl(mirror_name: &str, tables: Vec<Option<String>>) -> Result<String> {
+    let (m, state) = mirror_for_tables("add_tables", mirror_name)?;
+    let rels = resolve_tables(Some(tables))?;
+    let states = table_states(m.id)?;
+    let mut new = Vec::new();
+    for rel in rels {
+        match states.get(&rel.relid) {
+            None => new.push(rel),
+            Some(s) if s.on(TableEvent::Added).is_ok() => new.push(rel),
+            Some(s) => {
+                pgrx::notice!("table \"{}.{}\" is already in the mirror ({})", rel.schema, rel.table, s.as_str())
+            }
+        }
+    }
+    let with_keys = keys_and_identity(new)?;
+    catalog::insert_tables(m.id, &with_keys, TableState::Reseeding.as_str())?;
+    for (rel, _) in &with_keys {
+        catalog::record_event(
+            m.id,
+            Some((&rel.schema, &rel.table)),
+            "ReseedRequested",
+            Some(azure_cdc_core::reseed::Reason::Added.as_str()),
+        )?;
+    }
+    if let Some(index) = shmem::find(database_oid(), m.id) {
+        register_xact_callback(PgXactCallbackEvent::Commit, move || shmem::tables_changed(index));
+    }
+    let when = if state == MirrorState::Running { "after commit" } else { "when the mirror is resumed" };
+    Ok(format!(
+        "{} table{} added to mirror \"{mirror_name}\"; copied {when} while the other tables go on",
+        with_keys.len(),
+        if with_keys.len() == 1 { "" } else { "s" }
+    ))
+}
+
+/// Adds tables to a Running (or Paused / Failed) mirror. Each is copied into its folder (state
+/// Reseeding) while the mirror's other tables go on, then followed. Tables are named as in SQL and
+/// checked as by `start_mirror`; one already in the mirror is skipped with a NOTICE.
+#[pg_extern]
+fn add_tables(mirror_name: &str, tables: Vec<Option<String>>) -> String {
+    add_tables_impl(mirror_name, tables).or_raise()
+}
+
+fn remove_tables_impl(mirror_name: &str, tables: Vec<Option<String>>) -> Result<String> {
+    let (m, _) = mirror_for_tables("remove_tables", mirror_name)?;
+    if tables.is_empty() {
+        return Err(Error::new(ErrorKind::InvalidParameter, "no tables given"));
+    }
+    let states = table_states(m.id)?;
+    let mut removed = Vec::new();
+    for name in tables {
+        let name = name.ok_or_else(|| Error::new(ErrorKind::InvalidParameter, "table names cannot be NULL"))?;
+        let rel = catalog::resolve_relation(&name)?
+            .ok_or_else(|| Error::new(ErrorKind::UndefinedTable, format!("relation \"{name}\" does not exist")))?;
+        match states.get(&rel.relid) {
+            None | Some(TableState::Stopped) => {
+                return Err(Error::new(
+                    ErrorKind::UndefinedTable,
+                    format!("table \"{}.{}\" is not mirrored by \"{mirror_name}\"", rel.schema, rel.table),
+                ))
+            }
+            Some(s) => {
+                let next = s.on(TableEvent::Stopped)?;
+                catalog::run(
+                    "UPDATE azure_cdc.mirror_tables SET state = $3 WHERE mirror_id = $1 AND relid = $2",
+                    &[m.id.into(), rel.relid.into(), next.as_str().into()],
+                )?;
+                catalog::record_event(
+                    m.id,
+                    Some((&rel.schema, &rel.table)),
+                    "TableRemoved",
+                    Some("by remove_tables; its files are kept"),
+                )?;
+                removed.push(format!("{}.{}", rel.schema, rel.table));
+            }
+        }
+    }
+    if let Some(index) = shmem::find(database_oid(), m.id) {
+        register_xact_callback(PgXactCallbackEvent::Commit, move || shmem::tables_changed(index));
+    }
+    Ok(format!("removed from mirror \"{mirror_name}\" after commit: {}; their files are kept", removed.join(", ")))
+}
+
+/// Removes tables from a mirror: their changes are no longer published (state Stopped), their files
+/// are kept as they are. In a mirror of all tables, a removed table stays out. `add_tables` takes one
+/// back (copied again).
+#[pg_extern]
+fn remove_tables(mirror_name: &str, tables: Vec<Option<String>>) -> String {
+    remove_tables_impl(mirror_name, tables).or_raise()
 }
 
 fn resync_table_impl(mirror_name: &str, table_name: &str) -> Result<String> {

@@ -17,6 +17,8 @@ pub struct MirrorRow {
     pub slot_name: String,
     /// Name of the credential used to reach the target, if any.
     pub credential: Option<String>,
+    /// "Mirror all data": tables created later join the mirror.
+    pub all_tables: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -31,7 +33,7 @@ pub struct TableRow {
     pub seed_snapshot: Option<String>,
 }
 
-const MIRROR_COLUMNS: &str = "mirror_id, mirror_name, target, state, slot_name::text, credential";
+const MIRROR_COLUMNS: &str = "mirror_id, mirror_name, target, state, slot_name::text, credential, all_tables";
 
 fn mirror_from(row: &pgrx::spi::SpiHeapTupleData) -> Result<MirrorRow> {
     let missing = || Error::new(ErrorKind::Internal, "azure_cdc.mirrors has a NULL in a NOT NULL column");
@@ -42,6 +44,7 @@ fn mirror_from(row: &pgrx::spi::SpiHeapTupleData) -> Result<MirrorRow> {
         state: row.get::<String>(4).map_err(spi)?.ok_or_else(missing)?,
         slot_name: row.get::<String>(5).map_err(spi)?.ok_or_else(missing)?,
         credential: row.get::<String>(6).map_err(spi)?,
+        all_tables: row.get::<bool>(7).map_err(spi)?.unwrap_or(false),
     })
 }
 
@@ -147,10 +150,12 @@ pub struct RelationInfo {
     pub relkind: String,
     pub persistence: String,
     pub heap: bool,
+    /// A partition of a partitioned table.
+    pub partition: bool,
 }
 
 const RELATION_INFO: &str = "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text, c.relpersistence::text, \
-            COALESCE(am.amname = 'heap', false) \
+            COALESCE(am.amname = 'heap', false), c.relispartition \
        FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
        LEFT JOIN pg_catalog.pg_am am ON am.oid = c.relam";
 
@@ -163,7 +168,32 @@ fn relation_from(r: &pgrx::spi::SpiHeapTupleData) -> Result<RelationInfo> {
         relkind: r.get::<String>(4).map_err(spi)?.ok_or_else(missing)?,
         persistence: r.get::<String>(5).map_err(spi)?.ok_or_else(missing)?,
         heap: r.get::<bool>(6).map_err(spi)?.unwrap_or(false),
+        partition: r.get::<bool>(7).map_err(spi)?.unwrap_or(false),
     })
+}
+
+/// What relation `relid` is now, if it exists.
+pub fn relation_by_oid(relid: pg_sys::Oid) -> Result<Option<RelationInfo>> {
+    Spi::connect(|c| {
+        let q = format!("{RELATION_INFO} WHERE c.oid = $1");
+        let t = c.select(&q, None, &[relid.into()]).map_err(spi)?;
+        match t.into_iter().next() {
+            Some(r) => Ok(Some(relation_from(&r)?)),
+            None => Ok(None),
+        }
+    })
+}
+
+/// Whether a relation joins a mirror of all tables: an ordinary, permanent heap table outside the
+/// system schemas (what `all_user_tables` lists).
+pub fn joins_all_tables(rel: &RelationInfo) -> bool {
+    rel.relkind == "r"
+        && rel.persistence == "p"
+        && rel.heap
+        && !rel.partition
+        && !SYSTEM_SCHEMAS.contains(&format!("'{}'", rel.schema))
+        && !rel.schema.starts_with("pg_temp_")
+        && !rel.schema.starts_with("pg_toast_temp_")
 }
 
 /// Resolves a table name as the user wrote it (optionally schema-qualified, quoted as in SQL).
@@ -218,23 +248,35 @@ pub fn insert_mirror(
             .get_one::<i64>()
             .map_err(spi)?
             .ok_or_else(|| Error::new(ErrorKind::Internal, "INSERT returned no mirror_id"))?;
-        for (rel, keys) in tables {
-            c.update(
-                "INSERT INTO azure_cdc.mirror_tables (mirror_id, relid, schema_name, table_name, key_columns) \
-                 VALUES ($1, $2, $3::name, $4::name, $5)",
-                None,
-                &[
-                    id.into(),
-                    rel.relid.into(),
-                    rel.schema.as_str().into(),
-                    rel.table.as_str().into(),
-                    keys.clone().into(),
-                ],
-            )
-            .map_err(spi)?;
-        }
+        Ok::<_, Error>(id)
+    })
+    .and_then(|id| {
+        insert_tables(id, tables, "Snapshotting")?;
         Ok(id)
     })
+}
+
+/// Records tables of a mirror in `state` (a table removed before is taken back in that state).
+pub fn insert_tables(mirror_id: i64, tables: &[(RelationInfo, Vec<String>)], state: &str) -> Result<()> {
+    for (rel, keys) in tables {
+        run(
+            "INSERT INTO azure_cdc.mirror_tables (mirror_id, relid, schema_name, table_name, key_columns, state) \
+             VALUES ($1, $2, $3::name, $4::name, $5, $6) \
+             ON CONFLICT (mirror_id, relid) DO UPDATE SET state = EXCLUDED.state, key_columns = EXCLUDED.key_columns, \
+                    schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name, last_error = NULL, \
+                    rows_replicated = 0, files_published = 0, bytes_published = 0, next_file_number = 1, \
+                    last_completed_at = NULL, seed_snapshot = NULL",
+            &[
+                mirror_id.into(),
+                rel.relid.into(),
+                rel.schema.as_str().into(),
+                rel.table.as_str().into(),
+                keys.clone().into(),
+                state.into(),
+            ],
+        )?;
+    }
+    Ok(())
 }
 
 /// Runs one catalog-writing statement.

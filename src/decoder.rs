@@ -78,6 +78,9 @@ thread_local! {
     static DECODER: RefCell<Option<Decoder>> = const { RefCell::new(None) };
     /// Relations whose cached conversion plan may be out of date (relcache invalidations).
     static STALE: RefCell<HashSet<u32>> = RefCell::new(HashSet::new());
+    /// Relations invalidated since the decoder last checked that its tables still exist.
+    static INVALIDATED: RefCell<HashSet<u32>> = RefCell::new(HashSet::new());
+    static ALL_INVALIDATED: Cell<bool> = const { Cell::new(false) };
     static ALL_STALE: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -131,6 +134,14 @@ struct Decoder {
     hold: Option<Hold>,
     /// Reseeds asked for by the change stream (TRUNCATE, a change of columns), not yet recorded.
     requests: Vec<(u32, Reason)>,
+    /// "Mirror all data": a table first seen in the stream joins the mirror.
+    all_tables: bool,
+    /// Every table the mirror's catalog knows, whatever its state (so that a removed or dropped
+    /// table is not taken for a new one).
+    known: HashSet<u32>,
+    /// Tables the current catalog no longer has, with the WAL insert position when that was seen:
+    /// once decoding has read past it, the DROP has been decoded and the table is marked Dropped.
+    vanished: Vec<(u32, u64)>,
     /// The registry's tables generation last acted on.
     generation: u32,
     shipper: Shipper,
@@ -195,22 +206,45 @@ fn load(mirror_id: i64) -> Result<Option<Loaded>> {
             return Ok(Some(Loaded::SlotLost(m, lost)));
         }
         let mut tables = HashMap::new();
+        let mut known = HashSet::new();
         for t in catalog::tables(mirror_id)? {
+            known.insert(t.relid.to_u32());
             let state = TableState::parse(&t.state)?;
-            if matches!(state, TableState::Replicating | TableState::Reseeding) {
-                tables.insert(t.relid.to_u32(), open_table(&t, state == TableState::Reseeding)?);
+            if !matches!(state, TableState::Replicating | TableState::Reseeding) {
+                continue;
             }
+            if catalog::relation_by_oid(t.relid)?.is_none() {
+                mark_dropped(mirror_id, &t)?;
+                continue;
+            }
+            tables.insert(t.relid.to_u32(), open_table(&t, state == TableState::Reseeding)?);
         }
         // SAFETY: drop catalog entries this transaction built from the current catalog, so that
         // decoding builds its own from the historic snapshots.
         unsafe { pg_sys::InvalidateSystemCaches() };
-        Ok(Some(Loaded::Ready(m, tables)))
+        Ok(Some(Loaded::Ready(m, tables, known)))
     })
+}
+
+/// Records a table whose source was dropped: state Dropped, its files kept (in a transaction).
+fn mark_dropped(mirror_id: i64, t: &catalog::TableRow) -> Result<()> {
+    let state = TableState::parse(&t.state)?.on(TableEvent::Dropped)?;
+    pgrx::log!("azure_cdc: table \"{}.{}\" was dropped; its files are kept", t.schema, t.table);
+    catalog::run(
+        "UPDATE azure_cdc.mirror_tables SET state = $3 WHERE mirror_id = $1 AND relid = $2",
+        &[mirror_id.into(), t.relid.into(), state.as_str().into()],
+    )?;
+    catalog::record_event(
+        mirror_id,
+        Some((&t.schema, &t.table)),
+        "Dropped",
+        Some("the source table was dropped; its files are kept"),
+    )
 }
 
 /// What [`load`] found.
 enum Loaded {
-    Ready(catalog::MirrorRow, HashMap<u32, Table>),
+    Ready(catalog::MirrorRow, HashMap<u32, Table>, HashSet<u32>),
     /// The slot is gone or invalidated (why): the changes it held are lost.
     SlotLost(catalog::MirrorRow, &'static str),
 }
@@ -364,7 +398,7 @@ unsafe fn close_pass(ctx: *mut pg_sys::LogicalDecodingContext) {
 
 /// One pass over the slot, from its confirmed position.
 fn decode(index: usize, mirror_id: i64, change_cxt: pg_sys::MemoryContext) -> Result<Next> {
-    let (mirror, mut tables) = match load(mirror_id)? {
+    let (mirror, mut tables, known) = match load(mirror_id)? {
         None => {
             pgrx::log!("azure_cdc: mirror {mirror_id} is not running; decoder exits");
             return Ok(Next::Exit);
@@ -373,7 +407,7 @@ fn decode(index: usize, mirror_id: i64, change_cxt: pg_sys::MemoryContext) -> Re
             recover_lost_slot(&m, why)?;
             return Ok(Next::Rewind);
         }
-        Some(Loaded::Ready(m, t)) => (m, t),
+        Some(Loaded::Ready(m, t, k)) => (m, t, k),
     };
     let url = TargetUrl::parse(&mirror.target)?;
     let target = Arc::new(BackgroundWorker::transaction(|| {
@@ -406,6 +440,9 @@ fn decode(index: usize, mirror_id: i64, change_cxt: pg_sys::MemoryContext) -> Re
             tables,
             hold: None,
             requests: Vec::new(),
+            all_tables: mirror.all_tables,
+            known,
+            vanished: Vec::new(),
             generation: shmem::entry(index).tables_generation,
             shipper,
             target: target.clone(),
@@ -478,6 +515,7 @@ fn decode(index: usize, mirror_id: i64, change_cxt: pg_sys::MemoryContext) -> Re
             d.publish_stats();
             d.record_catalog(mirror_id, false)
         })?;
+        with_decoder(|d| d.check_vanished(ctx))?;
         if let Some(copy) = with_decoder(|d| d.step_reseed(ctx, e.tables_generation))? {
             // The slot is released before the copy: a process that decodes a slot is left out of the
             // horizon other backends prune dead rows by, so its snapshot would not keep the row
@@ -731,15 +769,27 @@ impl Decoder {
             unsafe { pg_sys::InvalidateSystemCaches() };
             let r = (|| -> Result<(Vec<catalog::TableRow>, String)> {
                 for (relid, reason) in &requests {
+                    if *reason == Reason::NewTable {
+                        let oid = pg_sys::Oid::from(*relid);
+                        if let Some(rel) = catalog::relation_by_oid(oid)?.filter(catalog::joins_all_tables) {
+                            let keys = catalog::key_columns(oid)?;
+                            let name = (rel.schema.clone(), rel.table.clone());
+                            catalog::insert_tables(mirror_id, &[(rel, keys)], TableState::Reseeding.as_str())?;
+                            catalog::record_event(
+                                mirror_id,
+                                Some((&name.0, &name.1)),
+                                "ReseedRequested",
+                                Some(reason.as_str()),
+                            )?;
+                        }
+                        continue;
+                    }
                     catalog::run(
                         "WITH t AS (UPDATE azure_cdc.mirror_tables SET state = 'Reseeding', last_error = NULL                                      WHERE mirror_id = $1 AND relid = $2 AND state IN ('Replicating', 'Reseeding')                                      RETURNING schema_name, table_name)                          INSERT INTO azure_cdc.events (mirror_name, schema_name, table_name, event, detail)                          SELECT m.mirror_name, t.schema_name, t.table_name, 'ReseedRequested', $3                            FROM t, azure_cdc.mirrors m WHERE m.mirror_id = $1",
                         &[mirror_id.into(), pg_sys::Oid::from(*relid).into(), reason.as_str().into()],
                     )?;
                 }
-                let tables: Vec<catalog::TableRow> = catalog::tables(mirror_id)?
-                    .into_iter()
-                    .filter(|t| t.state == TableState::Reseeding.as_str())
-                    .collect();
+                let tables = catalog::tables(mirror_id)?;
                 let running = Spi::get_one::<String>("SELECT pg_catalog.pg_current_snapshot()::text")
                     .map_err(crate::errors::spi)?
                     .unwrap_or_default();
@@ -749,8 +799,23 @@ impl Decoder {
             unsafe { pg_sys::InvalidateSystemCaches() };
             r
         }))?;
+        // Tables the catalog no longer follows (removed by remove_tables, or Failed / Dropped as
+        // recorded) leave the decoder; their files stay as they are.
+        let following: HashSet<u32> = reseeding
+            .iter()
+            .filter(|t| t.state == TableState::Replicating.as_str() || t.state == TableState::Reseeding.as_str())
+            .map(|t| t.relid.to_u32())
+            .collect();
+        self.known.extend(reseeding.iter().map(|t| t.relid.to_u32()));
+        for (relid, t) in self.tables.iter_mut() {
+            if !following.contains(relid) && t.parked.is_none() {
+                // Its rows already in the open batch are still published; later changes are not.
+                t.parked = Some(Error::new(ErrorKind::FeatureNotSupported, "the table left the mirror"));
+                t.park_recorded = true;
+            }
+        }
         let mut any = false;
-        for row in reseeding {
+        for row in reseeding.into_iter().filter(|t| t.state == TableState::Reseeding.as_str()) {
             any = true;
             let relid = row.relid.to_u32();
             match self.tables.get_mut(&relid) {
@@ -832,6 +897,55 @@ impl Decoder {
         Ok(Copy { tables: list, must_see, target: self.target.clone() })
     }
 
+    /// Notices mirrored tables that were dropped: an invalidated table the current catalog no longer
+    /// has is noted with the WAL insert position; once decoding has read past that position (the
+    /// DROP, and every change before it, is decoded) the table is marked Dropped. Between records.
+    fn check_vanished(&mut self, ctx: *mut pg_sys::LogicalDecodingContext) -> Result<()> {
+        let all = ALL_INVALIDATED.with(|a| a.replace(false));
+        let mut candidates: Vec<u32> = INVALIDATED.with(|s| s.borrow_mut().drain().collect());
+        if all {
+            candidates = self.tables.keys().copied().collect();
+        }
+        candidates.retain(|r| {
+            self.tables.get(r).is_some_and(|t| t.parked.is_none()) && !self.vanished.iter().any(|v| v.0 == *r)
+        });
+        // SAFETY: between records; EndRecPtr is where decoding has read to.
+        let read_upto = unsafe { (*(*ctx).reader).EndRecPtr };
+        let due: Vec<u32> = self.vanished.iter().filter(|v| read_upto >= v.1).map(|v| v.0).collect();
+        if candidates.is_empty() && due.is_empty() {
+            return Ok(());
+        }
+        let mirror_id = self.mirror_id;
+        let mut gone = Vec::new();
+        let mut dropped = Vec::new();
+        BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| -> Result<()> {
+            // SAFETY: see load().
+            unsafe { pg_sys::InvalidateSystemCaches() };
+            for relid in &candidates {
+                if catalog::relation_by_oid(pg_sys::Oid::from(*relid))?.is_none() {
+                    // SAFETY: reads the shared WAL insert position.
+                    gone.push((*relid, unsafe { pg_sys::GetXLogInsertRecPtr() }));
+                }
+            }
+            for row in catalog::tables(mirror_id)?.iter().filter(|t| due.contains(&t.relid.to_u32())) {
+                mark_dropped(mirror_id, row)?;
+                dropped.push(row.relid.to_u32());
+            }
+            // SAFETY: see load().
+            unsafe { pg_sys::InvalidateSystemCaches() };
+            Ok(())
+        }))?;
+        self.vanished.extend(gone);
+        self.vanished.retain(|v| !due.contains(&v.0));
+        for relid in dropped {
+            if let Some(t) = self.tables.get_mut(&relid) {
+                t.parked = Some(Error::new(ErrorKind::FeatureNotSupported, "the table was dropped"));
+                t.park_recorded = true;
+            }
+        }
+        Ok(())
+    }
+
     /// Asks for a reseed of `relid` from inside a change callback: its changes are dropped from now
     /// on; the hold begins right after the transaction being replayed.
     fn request_reseed(&mut self, relid: u32, reason: Reason) {
@@ -870,6 +984,13 @@ impl Decoder {
         // SAFETY: rel is the open relation of the change.
         let relid = unsafe { (*rel).rd_id.to_u32() };
         let pos = Position { commit_lsn: self.commit_lsn, ordinal: self.ordinal };
+        if self.all_tables && !self.known.contains(&relid) {
+            // A table this mirror of all tables has never seen: created after the mirror started.
+            // Whether it qualifies is decided with the current catalog when the reseed is recorded.
+            self.known.insert(relid);
+            self.requests.push((relid, Reason::NewTable));
+            return Ok(());
+        }
         let Some(t) = self.tables.get_mut(&relid) else { return Ok(()) };
         if t.parked.is_some()
             || t.reseeding
@@ -1286,7 +1407,9 @@ unsafe extern "C-unwind" fn relcache_changed(_arg: pg_sys::Datum, relid: pg_sys:
     if relid == pg_sys::InvalidOid {
         // Every plan is rebuilt on its next use (the next change marks them all stale).
         ALL_STALE.with(|a| a.set(true));
+        ALL_INVALIDATED.with(|a| a.set(true));
     } else {
         STALE.with(|s| s.borrow_mut().insert(relid.to_u32()));
+        INVALIDATED.with(|s| s.borrow_mut().insert(relid.to_u32()));
     }
 }

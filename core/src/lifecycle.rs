@@ -11,7 +11,9 @@
 //!   Reseeding    --ReseedRequested----> Reseeding
 //!   Reseeding    --SnapshotPublished--> Replicating    (its folder rebuilt, numbers from 1)
 //!   Reseeding    --Failed-------------> Failed
-//!   any          --Stopped------------> Stopped        (stop_mirror)
+//!   Stopped      --Added--------------> Reseeding      (add_tables of a table removed before)
+//!   any          --Dropped------------> Dropped        (DROP TABLE; its files are kept)
+//!   any          --Stopped------------> Stopped        (stop_mirror, remove_tables)
 //! ```
 //! Replicating means: the snapshot is published and the mirror's decoder publishes the table's changes
 //! from the snapshot's consistent point on. The decoder parks a table it cannot follow
@@ -27,12 +29,16 @@ pub enum TableState {
     Reseeding,
     Stopped,
     Failed,
+    /// The source table was dropped; its files are kept as they were.
+    Dropped,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TableEvent {
     SnapshotPublished,
     ReseedRequested,
+    Added,
+    Dropped,
     SnapshotRestarted,
     Failed,
     Stopped,
@@ -57,12 +63,13 @@ impl Health {
 }
 
 impl TableState {
-    pub const ALL: [TableState; 5] = [
+    pub const ALL: [TableState; 6] = [
         TableState::Snapshotting,
         TableState::Replicating,
         TableState::Reseeding,
         TableState::Stopped,
         TableState::Failed,
+        TableState::Dropped,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -72,6 +79,7 @@ impl TableState {
             TableState::Reseeding => "Reseeding",
             TableState::Stopped => "Stopped",
             TableState::Failed => "Failed",
+            TableState::Dropped => "Dropped",
         }
     }
 
@@ -88,6 +96,8 @@ impl TableState {
         use TableState as S;
         match (self, event) {
             (_, E::Stopped) => Ok(S::Stopped),
+            (_, E::Dropped) => Ok(S::Dropped),
+            (S::Stopped, E::Added) => Ok(S::Reseeding),
             (S::Snapshotting | S::Reseeding, E::SnapshotPublished) => Ok(S::Replicating),
             (S::Snapshotting | S::Failed, E::SnapshotRestarted) => Ok(S::Snapshotting),
             (S::Replicating | S::Reseeding | S::Failed, E::ReseedRequested) => Ok(S::Reseeding),
@@ -105,7 +115,7 @@ impl TableState {
         match self {
             TableState::Failed => Health::Error,
             _ if mirror == MirrorState::Failed => Health::Error,
-            TableState::Stopped => Health::Ok,
+            TableState::Stopped | TableState::Dropped => Health::Ok,
             _ if has_error || !has_key_columns => Health::Warning,
             _ => Health::Ok,
         }
@@ -208,6 +218,12 @@ mod tests {
         assert_eq!(S::Reseeding.on(E::Failed).unwrap(), S::Failed);
         assert!(S::Snapshotting.on(E::ReseedRequested).is_err(), "the initial snapshot covers it");
         assert!(S::Stopped.on(E::ReseedRequested).is_err());
+        assert_eq!(S::Stopped.on(E::Added).unwrap(), S::Reseeding, "add_tables of a removed table");
+        assert!(S::Replicating.on(E::Added).is_err(), "already mirrored");
+        for s in S::ALL {
+            assert_eq!(s.on(E::Dropped).unwrap(), S::Dropped);
+        }
+        assert!(S::Dropped.on(E::ReseedRequested).is_err());
     }
 
     #[test]

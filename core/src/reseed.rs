@@ -43,6 +43,10 @@ pub enum Reason {
     ColumnsChanged,
     /// The mirror's slot was lost: the changes it held are gone, every table is copied again.
     SlotLost,
+    /// `add_tables` added it to a running mirror.
+    Added,
+    /// It was created while the mirror mirrors all tables of the database.
+    NewTable,
 }
 
 impl Reason {
@@ -52,6 +56,8 @@ impl Reason {
             Reason::Truncated => "the table was truncated",
             Reason::ColumnsChanged => "the table's columns changed",
             Reason::SlotLost => "the replication slot was lost",
+            Reason::Added => "added by add_tables",
+            Reason::NewTable => "a new table of a mirror of all tables",
         }
     }
 }

@@ -214,3 +214,80 @@ def test_resync_table_takes_a_failed_table_back(db):
     assert rep.keys == ["id"], "the reseed took the new primary key"
     st = db.status("m")[("public", "k")]
     assert st["status"] == "OK" and st["error"] is None
+
+
+def test_add_and_remove_tables_on_a_running_mirror(db):
+    db.sql("CREATE TABLE a (id int PRIMARY KEY, v text)")
+    db.sql("CREATE TABLE b (id int PRIMARY KEY, v text)")
+    db.sql("CREATE TABLE c (id int PRIMARY KEY, v text)")
+    for t in ("a", "b", "c"):
+        db.sql(f"INSERT INTO {t} SELECT g, '{t}' || g FROM generate_series(1, 2000) g")
+    root = db.start_mirror("m", ["a"])
+    db.wait_snapshot("m")
+    with Workload(db, ["a", "b"]):
+        assert "2 tables added" in db.one("SELECT azure_cdc.add_tables('m', ARRAY['b', 'public.c'])")
+        reseeded(db, "m", "b")
+        reseeded(db, "m", "c")
+    db.sql("UPDATE c SET v = 'after' WHERE id <= 3")
+    db.wait_caught_up("m")
+    for t in ("a", "b", "c"):
+        assert_mirror_equals_source(db.conn, root, "public", t)
+    # Removing: the table's files stay as they are; later changes are not published.
+    assert "public.b" in db.one("SELECT azure_cdc.remove_tables('m', ARRAY['b'])")
+    db.wait_caught_up("m")
+    before = numbers(root, "b")
+    db.sql("INSERT INTO b VALUES (99999, 'not published')")
+    db.sql("INSERT INTO a VALUES (99999, 'published')")
+    db.wait_caught_up("m")
+    assert numbers(root, "b") == before
+    assert db.status("m")[("public", "b")]["state"] == "Stopped"
+    assert_mirror_equals_source(db.conn, root, "public", "a")
+    # Errors: a table not in the mirror, a view, an unknown mirror.
+    db.sql("CREATE VIEW v AS SELECT 1 AS x")
+    for q, code in [
+        ("SELECT azure_cdc.remove_tables('m', ARRAY['b'])", "42P01"),
+        ("SELECT azure_cdc.add_tables('m', ARRAY['v'])", "42809"),
+        ("SELECT azure_cdc.add_tables('nosuch', ARRAY['b'])", "42704"),
+        ("SELECT azure_cdc.add_tables('m', ARRAY['nosuch'])", "42P01"),
+    ]:
+        with pytest.raises(psycopg.Error) as ei:
+            db.sql(q)
+        assert ei.value.sqlstate == code, (q, ei.value)
+    # Taken back: copied again from 1.
+    db.sql("SELECT azure_cdc.add_tables('m', ARRAY['b'])")
+    reseeded(db, "m", "b", count=2)
+    db.wait_caught_up("m")
+    assert_mirror_equals_source(db.conn, root, "public", "b")
+    verify_ok(db, "m")
+
+
+def test_mirror_of_all_tables_takes_new_tables_and_marks_dropped_ones(db):
+    db.sql("CREATE TABLE a (id int PRIMARY KEY, v text)")
+    db.sql("CREATE TABLE doomed (id int PRIMARY KEY, v text)")
+    db.sql("INSERT INTO doomed SELECT g, 'd' FROM generate_series(1, 50) g")
+    root = db.start_mirror("m")
+    db.wait_snapshot("m")
+    db.sql("CREATE TABLE later (id int PRIMARY KEY, v text)")
+    db.sql("INSERT INTO later SELECT g, 'l' || g FROM generate_series(1, 500) g")
+    db.sql("CREATE UNLOGGED TABLE scratch (id int)")
+    db.sql("INSERT INTO scratch VALUES (1)")
+    db.sql("INSERT INTO a VALUES (1, 'a')")
+    reseeded(db, "m", "later")
+    db.sql("UPDATE later SET v = 'changed' WHERE id <= 10")
+    db.sql("DELETE FROM doomed WHERE id <= 5")
+    db.wait_caught_up("m")
+    kept = numbers(root, "doomed")
+    db.sql("DROP TABLE doomed")
+    db.sql("INSERT INTO a VALUES (2, 'after the drop')")
+    wait_for("doomed Dropped", lambda: db.status("m")[("public", "doomed")]["state"] == "Dropped")
+    db.wait_caught_up("m")
+    for t in ("a", "later"):
+        assert_mirror_equals_source(db.conn, root, "public", t)
+    assert numbers(root, "doomed") == kept, "a dropped table's files are kept"
+    st = db.status("m")
+    assert ("public", "scratch") not in st, "unlogged tables are not mirrored"
+    assert st[("public", "doomed")]["status"] == "OK"
+    ev = events(db, "m", "later")
+    assert ("ReseedRequested", "a new table of a mirror of all tables") in ev
+    assert "Dropped" in [e for e, _ in events(db, "m", "doomed")]
+    verify_ok(db, "m")
