@@ -116,9 +116,50 @@ fn check_prerequisites() -> TableIterator<'static, (name!(code, String), name!(s
 }
 
 /// Relations of the mirror, validated: ordinary, permanent heap tables outside the system schemas.
+/// Why a relation cannot be mirrored, if it cannot. A partition can be named alone; a mirror of all
+/// tables leaves partitions out (their partitioned table is not mirrored in this build).
+fn unmirrorable(rel: &RelationInfo, all_tables: bool) -> Option<&'static str> {
+    let what = match rel.relkind.as_str() {
+        "r" => None,
+        "v" => Some("a view"),
+        "m" => Some("a materialized view"),
+        "f" => Some("a foreign table"),
+        "p" => Some("a partitioned table"),
+        "S" => Some("a sequence"),
+        "i" | "I" => Some("an index"),
+        "c" => Some("a composite type"),
+        "t" => Some("a TOAST table"),
+        _ => Some("not a table"),
+    };
+    what.or(match rel.persistence.as_str() {
+        "u" => Some("an unlogged table"),
+        "t" => Some("a temporary table"),
+        _ => None,
+    })
+    .or(if catalog::SYSTEM_SCHEMAS.contains(&format!("'{}'", rel.schema)) {
+        Some("a system table")
+    } else if !rel.heap {
+        Some("a table with a table access method other than heap")
+    } else if all_tables && rel.partition {
+        Some("a partition (partitioned tables are not mirrored in this build)")
+    } else {
+        None
+    })
+}
+
 fn resolve_tables(tables: Option<Vec<Option<String>>>) -> Result<Vec<RelationInfo>> {
     let Some(list) = tables else {
-        return catalog::all_user_tables();
+        // Mirror all data: every table that can be mirrored; the others are named with the reason.
+        let (tables, skipped): (Vec<RelationInfo>, Vec<RelationInfo>) =
+            catalog::user_relations()?.into_iter().partition(|r| unmirrorable(r, true).is_none());
+        if !skipped.is_empty() {
+            let list: Vec<String> = skipped
+                .iter()
+                .map(|r| format!("{}.{} ({})", r.schema, r.table, unmirrorable(r, true).unwrap_or("not a table")))
+                .collect();
+            pgrx::notice!("azure_cdc skips {} relation(s) that cannot be mirrored: {}", list.len(), list.join(", "));
+        }
+        return Ok(tables);
     };
     if list.is_empty() {
         return Err(Error::new(ErrorKind::InvalidParameter, "no tables given")
@@ -131,31 +172,7 @@ fn resolve_tables(tables: Option<Vec<Option<String>>>) -> Result<Vec<RelationInf
         };
         let rel = catalog::resolve_relation(&name)?
             .ok_or_else(|| Error::new(ErrorKind::UndefinedTable, format!("relation \"{name}\" does not exist")))?;
-        let what = match rel.relkind.as_str() {
-            "r" => None,
-            "v" => Some("a view"),
-            "m" => Some("a materialized view"),
-            "f" => Some("a foreign table"),
-            "p" => Some("a partitioned table"),
-            "S" => Some("a sequence"),
-            "i" | "I" => Some("an index"),
-            "c" => Some("a composite type"),
-            "t" => Some("a TOAST table"),
-            _ => Some("not a table"),
-        };
-        let what = what.or(match rel.persistence.as_str() {
-            "u" => Some("an unlogged table"),
-            "t" => Some("a temporary table"),
-            _ => None,
-        });
-        let what = what.or(if catalog::SYSTEM_SCHEMAS.contains(&format!("'{}'", rel.schema)) {
-            Some("a system table")
-        } else if !rel.heap {
-            Some("a table with a table access method other than heap")
-        } else {
-            None
-        });
-        if let Some(what) = what {
+        if let Some(what) = unmirrorable(&rel, false) {
             return Err(Error::new(ErrorKind::WrongObjectType, format!("\"{}.{}\" is {what}", rel.schema, rel.table))
                 .with_hint("Only ordinary, permanent tables can be mirrored."));
         }

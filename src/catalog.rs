@@ -185,7 +185,7 @@ pub fn relation_by_oid(relid: pg_sys::Oid) -> Result<Option<RelationInfo>> {
 }
 
 /// Whether a relation joins a mirror of all tables: an ordinary, permanent heap table outside the
-/// system schemas (what `all_user_tables` lists).
+/// system schemas, not a partition (what `start_mirror` takes in that mode).
 pub fn joins_all_tables(rel: &RelationInfo) -> bool {
     rel.relkind == "r"
         && rel.persistence == "p"
@@ -211,11 +211,12 @@ pub fn resolve_relation(name: &str) -> Result<Option<RelationInfo>> {
 /// Schemas never mirrored.
 pub const SYSTEM_SCHEMAS: &str = "('pg_catalog', 'information_schema', 'azure_cdc', 'pg_toast')";
 
-/// Every ordinary, permanent user table of the database ("mirror all data" mode), by name.
-pub fn all_user_tables() -> Result<Vec<RelationInfo>> {
+/// Every table-like relation of the database outside the system schemas (tables, partitioned
+/// tables, views, materialized views, foreign tables), by name: what "mirror all data" considers.
+pub fn user_relations() -> Result<Vec<RelationInfo>> {
     Spi::connect(|c| {
         let q = format!(
-            "{RELATION_INFO} WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND NOT c.relispartition \
+            "{RELATION_INFO} WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') \
                AND n.nspname NOT IN {SYSTEM_SCHEMAS} AND n.nspname NOT LIKE 'pg\\_temp\\_%' \
                AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%' \
              ORDER BY n.nspname, c.relname"
