@@ -495,12 +495,35 @@ fn resume_mirror(mirror_name: &str) -> String {
 /// and FULL replaces a REPLICA IDENTITY USING INDEX key. Says with a NOTICE which tables it altered.
 fn keys_and_identity(rels: Vec<RelationInfo>) -> Result<Vec<(RelationInfo, Vec<String>)>> {
     let mut with_keys = Vec::with_capacity(rels.len());
+    let mut unique_keys = Vec::new();
     for rel in rels {
-        let keys = catalog::key_columns(rel.relid)?;
+        let (keys, source) = catalog::key_columns_with_source(rel.relid)?;
+        if let catalog::KeySource::UniqueIndex(index) = source {
+            unique_keys.push((rel.schema.clone(), rel.table.clone(), rel.relid, index));
+        }
         with_keys.push((rel, keys));
     }
-    let relids: Vec<pg_sys::Oid> = with_keys.iter().map(|(r, _)| r.relid).collect();
+    // Only tables with key columns get FULL: a table without any is mirrored insert-only and left
+    // as the user made it.
+    let relids: Vec<pg_sys::Oid> = with_keys.iter().filter(|(_, k)| !k.is_empty()).map(|(r, _)| r.relid).collect();
     let altered = catalog::tables_needing_full_identity(&relids)?;
+    // A key from a unique index needs the old key in the WAL of UPDATE and DELETE: that index becomes
+    // the replica identity, unless FULL (which logs the whole old row) is set below anyway.
+    let mut by_index = Vec::new();
+    for (schema, table, _, index) in &unique_keys {
+        if !altered.iter().any(|(s, t)| s == schema && t == table) {
+            catalog::set_replica_identity_index(schema, table, index)?;
+            by_index.push(format!("{schema}.{table} ({index})"));
+        }
+    }
+    if !by_index.is_empty() {
+        pgrx::notice!(
+            "azure_cdc set REPLICA IDENTITY USING INDEX on {} table{} without a primary key, to use a unique index of NOT NULL columns as key: {}",
+            by_index.len(),
+            if by_index.len() == 1 { "" } else { "s" },
+            by_index.join(", ")
+        );
+    }
     for (schema, table) in &altered {
         catalog::set_replica_identity_full(schema, table)?;
     }

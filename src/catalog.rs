@@ -122,23 +122,84 @@ pub fn tables(mirror_id: i64) -> Result<Vec<TableRow>> {
     })
 }
 
-/// Key columns of a table, in index order: its primary key, else its replica identity index, else none.
-pub fn key_columns(relid: pg_sys::Oid) -> Result<Vec<String>> {
+/// Where a table's key columns come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// Its primary key or its replica identity index: the old key is in the WAL of every UPDATE and
+    /// DELETE.
+    Identity,
+    /// A unique index (named) on NOT NULL columns, not yet the replica identity: `start_mirror` makes
+    /// it the replica identity (with a NOTICE) unless the table gets FULL anyway.
+    UniqueIndex(String),
+    /// REPLICA IDENTITY FULL set by the user on a table with neither: every column is the key.
+    AllColumns,
+    /// None: inserts are mirrored, an UPDATE or DELETE parks the table.
+    None,
+}
+
+/// Key columns of a table, in index order: its primary key, else its replica identity index, else
+/// the unique index on NOT NULL columns with the fewest columns (non-partial, no expressions, not
+/// deferrable), else, if its replica identity is FULL, every column; else none.
+pub fn key_columns_with_source(relid: pg_sys::Oid) -> Result<(Vec<String>, KeySource)> {
     Spi::connect(|c| {
         let t = c
             .select(
-                "SELECT pg_catalog.array_agg(a.attname::text ORDER BY k.ord) \
-                   FROM (SELECT i.indkey FROM pg_catalog.pg_index i \
-                          WHERE i.indrelid = $1 AND (i.indisprimary OR i.indisreplident) \
-                          ORDER BY i.indisprimary DESC LIMIT 1) ix \
-                  CROSS JOIN LATERAL pg_catalog.unnest(ix.indkey) WITH ORDINALITY AS k(attnum, ord) \
-                   JOIN pg_catalog.pg_attribute a ON a.attrelid = $1 AND a.attnum = k.attnum",
+                "SELECT (SELECT pg_catalog.array_agg(a.attname::text ORDER BY k.ord) \
+                           FROM pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
+                           JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum), \
+                        i.indisprimary OR i.indisreplident, i.indexrelid::regclass::text \
+                   FROM pg_catalog.pg_index i \
+                  WHERE i.indrelid = $1 AND i.indisvalid AND i.indisready AND i.indislive \
+                    AND (i.indisprimary OR i.indisreplident \
+                         OR (i.indisunique AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL \
+                             AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
+                                              WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+                                                AND NOT a.attnotnull))) \
+                  ORDER BY i.indisprimary DESC, i.indisreplident DESC, i.indnatts, i.indexrelid \
+                  LIMIT 1",
                 None,
                 &[relid.into()],
             )
             .map_err(spi)?;
-        Ok(t.into_iter().next().and_then(|r| r.get::<Vec<String>>(1).ok().flatten()).unwrap_or_default())
+        if let Some(r) = t.into_iter().next() {
+            let cols = r.get::<Vec<String>>(1).map_err(spi)?.unwrap_or_default();
+            let identity = r.get::<bool>(2).map_err(spi)?.unwrap_or(false);
+            let index = r.get::<String>(3).map_err(spi)?.unwrap_or_default();
+            if !cols.is_empty() {
+                return Ok((cols, if identity { KeySource::Identity } else { KeySource::UniqueIndex(index) }));
+            }
+        }
+        let full = c
+            .select(
+                "SELECT pg_catalog.array_agg(a.attname::text ORDER BY a.attnum) FROM pg_catalog.pg_attribute a \
+                   JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND c.relreplident = 'f'",
+                None,
+                &[relid.into()],
+            )
+            .map_err(spi)?;
+        match full.into_iter().next().and_then(|r| r.get::<Vec<String>>(1).ok().flatten()) {
+            Some(cols) if !cols.is_empty() => Ok((cols, KeySource::AllColumns)),
+            _ => Ok((Vec::new(), KeySource::None)),
+        }
     })
+}
+
+/// Key columns of a table (see [`key_columns_with_source`]).
+pub fn key_columns(relid: pg_sys::Oid) -> Result<Vec<String>> {
+    Ok(key_columns_with_source(relid)?.0)
+}
+
+/// `ALTER TABLE schema.table REPLICA IDENTITY USING INDEX index` (identifiers quoted by format()).
+pub fn set_replica_identity_index(schema: &str, table: &str, index: &str) -> Result<()> {
+    let stmt = Spi::get_one_with_args::<String>(
+        "SELECT pg_catalog.format('ALTER TABLE %I.%I REPLICA IDENTITY USING INDEX %I', $1::text, $2::text, \
+                (SELECT c.relname::text FROM pg_catalog.pg_class c WHERE c.oid = $3::regclass))",
+        &[schema.into(), table.into(), index.into()],
+    )
+    .map_err(spi)?
+    .ok_or_else(|| Error::new(ErrorKind::Internal, "format() returned NULL"))?;
+    Spi::run(&stmt).map_err(spi)
 }
 
 /// What a listed or discovered relation is, for validation.

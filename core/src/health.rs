@@ -208,7 +208,7 @@ pub fn mirror_problems(f: &MirrorFacts) -> Vec<Problem> {
             level: Health::Warning,
             code: "CDC_WARN_TABLE_WITHOUT_KEY",
             message: "table has no primary key or replica identity index: updates and deletes park it".into(),
-            hint: "Add a primary key (or ALTER TABLE ... REPLICA IDENTITY USING INDEX on a unique index of NOT NULL columns).".into(),
+            hint: "Inserts are mirrored. For updates and deletes add a primary key (or a unique index of NOT NULL columns), or set REPLICA IDENTITY FULL to use every column as the key, then SELECT azure_cdc.resync_table(mirror, table).".into(),
         });
     }
     out

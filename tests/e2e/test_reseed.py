@@ -299,3 +299,40 @@ def test_mirror_of_all_tables_takes_new_tables_and_marks_dropped_ones(db):
     assert ("ReseedRequested", "a new table of a mirror of all tables") in ev
     assert "Dropped" in [e for e, _ in events(db, "m", "doomed")]
     verify_ok(db, "m")
+
+
+def test_tables_without_a_primary_key(db):
+    # A unique index of NOT NULL columns is the key (made the replica identity, with a NOTICE).
+    db.sql("CREATE TABLE u (code int NOT NULL, region int NOT NULL, v int, UNIQUE (code, region))")
+    db.sql("CREATE UNIQUE INDEX u_nullable ON u (v)")
+    # REPLICA IDENTITY FULL set by the user: every column is the key.
+    db.sql("CREATE TABLE f (a int, b text)")
+    db.sql("ALTER TABLE f REPLICA IDENTITY FULL")
+    # Neither: inserts only, a warning that says how to get more.
+    db.sql("CREATE TABLE n (a int, b text)")
+    db.sql("INSERT INTO u SELECT g, g % 3, g FROM generate_series(1, 300) g")
+    db.sql("INSERT INTO f SELECT g, 'b' || g FROM generate_series(1, 300) g")
+    db.sql("INSERT INTO n VALUES (1, 'x')")
+    notices = []
+    db.conn.add_notice_handler(lambda d: notices.append(d.message_primary))
+    root = db.start_mirror("m", ["u", "f", "n"])
+    assert any("USING INDEX" in n and "public.u" in n for n in notices), notices
+    assert db.one("SELECT relreplident FROM pg_class WHERE oid = 'u'::regclass") == "i"
+    assert db.one("SELECT relreplident FROM pg_class WHERE oid = 'n'::regclass") == "d", "a keyless table is left alone"
+    db.wait_snapshot("m")
+    db.sql("UPDATE u SET v = -v WHERE region = 1")
+    db.sql("UPDATE u SET code = 1000 WHERE code = 2")
+    db.sql("DELETE FROM u WHERE region = 2")
+    db.sql("UPDATE f SET b = 'changed' WHERE a <= 10")
+    db.sql("DELETE FROM f WHERE a > 290")
+    db.sql("INSERT INTO n VALUES (2, 'y')")
+    db.wait_caught_up("m")
+    for t, keys in (("u", ["code", "region"]), ("f", ["a", "b"]), ("n", [])):
+        rep = assert_mirror_equals_source(db.conn, root, "public", t)
+        assert rep.keys == keys, (t, rep.keys)
+    st = db.status("m")
+    assert st[("public", "u")]["status"] == "OK" and st[("public", "f")]["status"] == "OK"
+    assert st[("public", "n")]["status"] == "WARNING"
+    h = db.sql("SELECT object, code, hint FROM azure_cdc.get_health_status('m') WHERE scope = 'table'")
+    assert [r[:2] for r in h] == [("m: public.n", "CDC_WARN_TABLE_WITHOUT_KEY")] and "REPLICA IDENTITY FULL" in h[0][2], h
+    verify_ok(db, "m")
