@@ -497,7 +497,10 @@ pub extern "C-unwind" fn azure_cdc_snapshot_helper_main(arg: pg_sys::Datum) {
     shmem::REGISTRY.exclusive().entries[index].helper_pids[slot] = unsafe { pg_sys::MyProcPid };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(entry.database)), None);
     let mirror_id = entry.mirror_id;
-    let result = worker::catching(|| helper_run(index, slot, mirror_id));
+    let result = worker::catching(|| {
+        BackgroundWorker::transaction(|| crate::tuples::pin_output_settings(false))?;
+        helper_run(index, slot, mirror_id)
+    });
     shmem::set_progress(index, slot, 0, 0);
     {
         let mut r = shmem::REGISTRY.exclusive();

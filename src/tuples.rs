@@ -12,6 +12,7 @@ use azure_cdc_core::batch::{BatchBuilder, ColumnSpec, Value};
 use azure_cdc_core::typemap::{self, ColumnKind};
 use azure_cdc_core::{Error, ErrorKind, Result};
 use pgrx::pg_sys;
+use pgrx::spi::Spi;
 
 struct ColumnPlan {
     /// Position in the tuple descriptor (0-based), including dropped columns.
@@ -20,6 +21,30 @@ struct ColumnPlan {
     /// Output function, for kinds carried as the type's text output.
     output: Option<pg_sys::FmgrInfo>,
 }
+
+/// The settings that shape types' text output, fixed so that a value lands the same way whichever
+/// process writes or verifies it, whatever the server's or session's defaults: timestamps with time
+/// zone in UTC, ISO dates, PostgreSQL's interval style, and floats in their shortest exact form.
+pub const OUTPUT_SETTINGS: [(&str, &str); 4] =
+    [("TimeZone", "UTC"), ("DateStyle", "ISO, YMD"), ("IntervalStyle", "postgres"), ("extra_float_digits", "1")];
+
+/// Applies [`OUTPUT_SETTINGS`]: for the whole session (`local` false, a worker at start) or to the
+/// end of the current transaction (`local` true, a verification in a user's session). Needs a
+/// transaction.
+pub fn pin_output_settings(local: bool) -> Result<()> {
+    for (name, value) in OUTPUT_SETTINGS {
+        Spi::get_one_with_args::<String>(
+            "SELECT pg_catalog.set_config($1, $2, $3)",
+            &[name.into(), value.into(), local.into()],
+        )
+        .map_err(crate::errors::spi)?;
+    }
+    Ok(())
+}
+
+/// `array_to_json(anyarray)` and `row_to_json(record)` (pg_proc.dat; stable across versions).
+const F_ARRAY_TO_JSON: u32 = 3153;
+const F_ROW_TO_JSON: u32 = 3155;
 
 /// How to convert the tuples of one relation.
 pub struct TupleConverter {
@@ -48,8 +73,19 @@ impl TupleConverter {
                 }
                 let mut typmod = att.atttypmod;
                 let base = pg_sys::getBaseTypeAndTypmod(att.atttypid, &mut typmod);
-                let kind = typemap::kind_for(base.to_u32(), typmod);
-                let output = if matches!(kind, ColumnKind::Jsonb | ColumnKind::OtherText) {
+                let is_array = pg_sys::get_element_type(base) != pg_sys::InvalidOid;
+                let kind = typemap::kind_for_type(base.to_u32(), typmod, is_array, pg_sys::type_is_rowtype(base));
+                let json_fn = match kind {
+                    ColumnKind::JsonArray => Some(F_ARRAY_TO_JSON),
+                    ColumnKind::JsonComposite => Some(F_ROW_TO_JSON),
+                    _ => None,
+                };
+                let output = if let Some(f) = json_fn {
+                    // array_to_json / row_to_json read the value's type from the value itself.
+                    let mut info: pg_sys::FmgrInfo = std::mem::zeroed();
+                    pg_sys::fmgr_info(pg_sys::Oid::from(f), &mut info);
+                    Some(info)
+                } else if matches!(kind, ColumnKind::Jsonb | ColumnKind::OtherText) {
                     let mut func = pg_sys::InvalidOid;
                     let mut varlena = false;
                     pg_sys::getTypeOutputInfo(att.atttypid, &mut func, &mut varlena);
@@ -118,6 +154,14 @@ impl TupleConverter {
                     ColumnKind::Bytes => builder.append(i, Value::Bytes(varlena_bytes(d)))?,
                     ColumnKind::Text => {
                         let s = to_utf8(varlena_bytes(d), self.utf8, &self.specs[i].name)?;
+                        builder.append(i, Value::Text(&s))?
+                    }
+                    ColumnKind::JsonArray | ColumnKind::JsonComposite => {
+                        let Some(info) = plan.output.as_mut() else {
+                            return Err(Error::new(ErrorKind::Internal, "column without a JSON function"));
+                        };
+                        let json = pg_sys::FunctionCall1Coll(info, pg_sys::InvalidOid, d);
+                        let s = to_utf8(varlena_bytes(json), self.utf8, &self.specs[i].name)?;
                         builder.append(i, Value::Text(&s))?
                     }
                     ColumnKind::Jsonb | ColumnKind::OtherText => {

@@ -122,6 +122,8 @@ fn wait_until_published(mirror_name: &str, slot: &str, upto: u64, wait_seconds: 
 
 fn verify_impl(function: &str, mirror_name: &str, table: Option<&str>, wait_seconds: i32) -> Result<Vec<VerifyRow>> {
     crate::api::require_admin(function)?;
+    // Values are converted as the mirror's workers convert them (see tuples::OUTPUT_SETTINGS).
+    crate::tuples::pin_output_settings(true)?;
     let m = catalog::mirror_by_name(mirror_name)?.ok_or_else(|| crate::api::unknown_mirror(mirror_name))?;
     if MirrorState::parse(&m.state)? != MirrorState::Running {
         return Err(Error::new(

@@ -56,6 +56,11 @@ pub fn start(arg: pg_sys::Datum, what: &str) -> Option<(usize, MirrorEntry)> {
         shmem::release(index);
         return None;
     }
+    if let Err(e) = BackgroundWorker::transaction(|| crate::tuples::pin_output_settings(false)) {
+        pgrx::warning!("azure_cdc: could not fix the output settings: {}", e.full_text());
+        shmem::set_worker_pid(index, 0);
+        return None;
+    }
     Some((index, entry))
 }
 

@@ -91,6 +91,8 @@ impl ColumnBuilder {
             | ColumnKind::Text
             | ColumnKind::Uuid
             | ColumnKind::Jsonb
+            | ColumnKind::JsonArray
+            | ColumnKind::JsonComposite
             | ColumnKind::OtherText => ColumnBuilder::Utf8(StringBuilder::new()),
             ColumnKind::Bytes => ColumnBuilder::Binary(BinaryBuilder::new()),
             ColumnKind::Date => ColumnBuilder::Date(Date32Builder::new()),

@@ -8,7 +8,8 @@
 //! | float4 / float8                | Float32 / Float64                        | as is (NaN, ±Infinity, -0 kept)         |
 //! | numeric(p,s), 1 ≤ p ≤ 38, 0 ≤ s ≤ p | Decimal128(p,s)                     | exact; NaN parks the table              |
 //! | numeric (other)                | Utf8                                     | exactly `numeric_out`'s text            |
-//! | text, varchar, char(n), name   | Utf8                                     | as stored (char(n) keeps its padding)   |
+//! | text, varchar, char(n)         | Utf8                                     | as stored (char(n) keeps its padding)   |
+//! | name                           | Utf8                                     | its text output                         |
 //! | bytea                          | Binary                                   | the bytes                               |
 //! | date                           | Date32                                   | days since 1970-01-01; ±infinity → i32::MAX / i32::MIN |
 //! | time                           | Time64(µs)                               | µs since midnight                       |
@@ -16,6 +17,8 @@
 //! | timestamptz                    | Timestamp(µs, "UTC")                     | same, UTC                               |
 //! | uuid                           | Utf8                                     | canonical lower-case text               |
 //! | json / jsonb                   | Utf8                                     | JSON text (jsonb normalised by the server) |
+//! | arrays (any element type)      | Utf8                                     | JSON array (nested per dimension, NULL elements null) |
+//! | composite types                | Utf8                                     | JSON object (field name → value)        |
 //! | any other type (domains: their base type) | Utf8                          | the type's text output                  |
 
 use arrow_schema::{DataType, TimeUnit};
@@ -61,7 +64,7 @@ pub enum ColumnKind {
     },
     /// numeric without a usable declared precision: exact text.
     NumericText,
-    /// text-like types stored as UTF-8 by the server (text, varchar, char(n), name, json).
+    /// text-like varlena types stored as the server stores text (text, varchar, char(n), json).
     Text,
     Bytes,
     Date,
@@ -71,8 +74,24 @@ pub enum ColumnKind {
     Uuid,
     /// jsonb, through the server's output function (normalised JSON text).
     Jsonb,
+    /// An array of any type, as a JSON array (the server's `array_to_json`).
+    JsonArray,
+    /// A composite (row) type, as a JSON object (the server's `row_to_json`).
+    JsonComposite,
     /// Every other type: its text output function.
     OtherText,
+}
+
+/// The column kind of a (base) type: arrays and composites (known from the type catalog) as JSON,
+/// else by its OID and type modifier.
+pub fn kind_for_type(type_oid: u32, typmod: i32, is_array: bool, is_composite: bool) -> ColumnKind {
+    if is_array {
+        ColumnKind::JsonArray
+    } else if is_composite {
+        ColumnKind::JsonComposite
+    } else {
+        kind_for(type_oid, typmod)
+    }
 }
 
 /// The column kind of a (base) type OID and its type modifier.
@@ -90,7 +109,8 @@ pub fn kind_for(type_oid: u32, typmod: i32) -> ColumnKind {
             }
             _ => ColumnKind::NumericText,
         },
-        oid::TEXT | oid::VARCHAR | oid::BPCHAR | oid::NAME | oid::JSON => ColumnKind::Text,
+        // name is a fixed 64-byte C string, not a varlena: it goes through its output function.
+        oid::TEXT | oid::VARCHAR | oid::BPCHAR | oid::JSON => ColumnKind::Text,
         oid::BYTEA => ColumnKind::Bytes,
         oid::DATE => ColumnKind::Date,
         oid::TIME => ColumnKind::Time,
@@ -130,9 +150,13 @@ pub fn arrow_type(kind: ColumnKind) -> DataType {
         ColumnKind::Time => DataType::Time64(TimeUnit::Microsecond),
         ColumnKind::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, None),
         ColumnKind::TimestampTz => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-        ColumnKind::NumericText | ColumnKind::Text | ColumnKind::Uuid | ColumnKind::Jsonb | ColumnKind::OtherText => {
-            DataType::Utf8
-        }
+        ColumnKind::NumericText
+        | ColumnKind::Text
+        | ColumnKind::Uuid
+        | ColumnKind::Jsonb
+        | ColumnKind::JsonArray
+        | ColumnKind::JsonComposite
+        | ColumnKind::OtherText => DataType::Utf8,
     }
 }
 
@@ -143,6 +167,8 @@ pub fn describe(kind: ColumnKind) -> String {
         ColumnKind::NumericText => "string (exact numeric text)".into(),
         ColumnKind::Uuid => "string (uuid)".into(),
         ColumnKind::Jsonb => "string (json)".into(),
+        ColumnKind::JsonArray => "string (json array)".into(),
+        ColumnKind::JsonComposite => "string (json object)".into(),
         ColumnKind::OtherText => "string (text output)".into(),
         k => format!("{:?}", arrow_type(k)).to_lowercase(),
     }
@@ -214,6 +240,12 @@ mod tests {
         assert_eq!(arrow_type(kind_for(oid::BPCHAR, 14)), DataType::Utf8);
         assert_eq!(arrow_type(kind_for(oid::JSONB, -1)), DataType::Utf8);
         assert_eq!(kind_for(869 /* inet */, -1), ColumnKind::OtherText);
+        assert_eq!(kind_for(oid::NAME, -1), ColumnKind::OtherText, "name is not a varlena");
+        assert_eq!(kind_for_type(1007 /* int4[] */, -1, true, false), ColumnKind::JsonArray);
+        assert_eq!(kind_for_type(16400 /* a row type */, -1, false, true), ColumnKind::JsonComposite);
+        assert_eq!(kind_for_type(3904 /* int4range */, -1, false, false), ColumnKind::OtherText);
+        assert_eq!(kind_for_type(oid::INT4, -1, false, false), ColumnKind::Int32);
+        assert_eq!(arrow_type(ColumnKind::JsonArray), DataType::Utf8);
         assert_eq!(
             arrow_type(kind_for(oid::TIMESTAMPTZ, -1)),
             DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))

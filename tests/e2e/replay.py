@@ -223,15 +223,26 @@ def source_rows(conn, schema, table):
     """Every row of the source table as dicts column -> the type's text output (TimeZone UTC)."""
     with conn.cursor() as cur:
         cur.execute("SET TimeZone = 'UTC'")
+        # Arrays and composites land as JSON (array_to_json / row_to_json), everything else as its
+        # text output; a domain is its base type.
         cur.execute(
-            "SELECT a.attname FROM pg_attribute a WHERE a.attrelid = format('%%I.%%I', %s::text, %s::text)::regclass "
-            "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            "WITH RECURSIVE base(attnum, attname, oid) AS ("
+            "  SELECT a.attnum, a.attname, a.atttypid FROM pg_attribute a"
+            "   WHERE a.attrelid = format('%%I.%%I', %s::text, %s::text)::regclass AND a.attnum > 0 AND NOT a.attisdropped"
+            "  UNION ALL SELECT b.attnum, b.attname, t.typbasetype FROM base b JOIN pg_type t ON t.oid = b.oid"
+            "   WHERE t.typtype = 'd') "
+            "SELECT b.attname, t.typsubscript = 'array_subscript_handler'::regproc OR t.typtype = 'c' "
+            "  FROM base b JOIN pg_type t ON t.oid = b.oid WHERE t.typtype <> 'd' ORDER BY b.attnum",
             (schema, table),
         )
-        cols = [r[0] for r in cur.fetchall()]
+        typed = cur.fetchall()
+        cols = [r[0] for r in typed]
         exprs = ", ".join(
-            "CASE WHEN t.{c} IS NULL THEN NULL ELSE pg_catalog.format('%s', t.{c}) END".format(c=quote_ident(c))
-            for c in cols
+            # to_json is strict (NULL stays NULL); a composite whose fields are all NULL "IS NULL" in
+            # SQL but is a value, written as an object.
+            ("pg_catalog.to_json(t.{c})::text" if as_json else
+             "CASE WHEN t.{c} IS NULL THEN NULL ELSE pg_catalog.format('%s', t.{c}) END").format(c=quote_ident(c))
+            for c, as_json in typed
         )
         cur.execute(f"SELECT {exprs} FROM {quote_ident(schema)}.{quote_ident(table)} t")
         return cols, [dict(zip(cols, r)) for r in cur.fetchall()]
