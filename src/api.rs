@@ -795,7 +795,7 @@ fn status_rows() -> Result<Vec<StatusRow>> {
 }
 
 /// One row per mirrored table: mirror, schema, table, state (Snapshotting, Replicating, Reseeding,
-/// Stopped, Failed), status (OK / WARNING / ERROR), rows replicated (live while snapshotting), files published,
+/// Stopped, Failed, Dropped), status (OK / WARNING / ERROR), rows replicated (live while snapshotting), files published,
 /// when the last file was completed, the last error (with its hint), bytes published, and while
 /// snapshotting the estimated row count and the percentage done.
 #[pg_extern]
