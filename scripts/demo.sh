@@ -112,6 +112,22 @@ PY
 say "replaying the landing zone again and comparing it with the source"
 compare
 
+say "a column added with a default, and a TRUNCATE: only those two tables are copied again (Reseeding)"
+psql_demo -q <<'SQL'
+ALTER TABLE public.type_showcase ADD COLUMN note text DEFAULT 'added later';
+UPDATE public.type_showcase SET label = 'after the new column' WHERE id = 1;
+TRUNCATE public.pgbench_history;
+INSERT INTO public.pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, 1, 5, now());
+SQL
+upto=$(psql_demo -Atc "SELECT pg_current_wal_lsn()")
+for _ in $(seq 1 600); do
+    [ "$(psql_demo -Atc "SELECT confirmed_flush_lsn >= '$upto' FROM pg_replication_slots WHERE slot_name = 'azure_cdc_demo'")" = t ] && break
+    sleep 0.2
+done
+psql_demo -c "SELECT table_name, event, detail FROM azure_cdc.events WHERE event LIKE 'Reseed%' ORDER BY event_id"
+psql_demo -c "SELECT table_name, state, status, rows_replicated, files_published FROM azure_cdc.get_all_tables_mirror_status()"
+compare
+
 say "the mirror at a glance: list_mirrors(), get_health_status(), the events table, metrics()"
 psql_demo -x -c "SELECT mirror_name, state, target, tables, tables_warning, confirmed_lsn, lag_bytes, wal_retained_bytes, wal_status, changes_per_second, bytes_per_second, changes_published, bytes_published FROM azure_cdc.list_mirrors()"
 psql_demo -c "SELECT scope, object, status, code, message FROM azure_cdc.get_health_status()"

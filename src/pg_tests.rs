@@ -174,6 +174,12 @@ fn non_admins_are_refused_with_a_hint_naming_the_role() {
         "SELECT azure_cdc.drop_mirror('m')".to_string(),
         "SELECT * FROM azure_cdc.get_all_tables_mirror_status()".to_string(),
         "SELECT * FROM azure_cdc.get_mirror_status()".to_string(),
+        "SELECT azure_cdc.pause_mirror('m')".to_string(),
+        "SELECT azure_cdc.resume_mirror('m')".to_string(),
+        "SELECT azure_cdc.resync_table('m', 't')".to_string(),
+        "SELECT azure_cdc.add_tables('m', ARRAY['t'])".to_string(),
+        "SELECT azure_cdc.remove_tables('m', ARRAY['t'])".to_string(),
+        "SELECT * FROM azure_cdc.verify_mirror('m')".to_string(),
     ] {
         let (code, message, hint) = error_of(&call).expect(&call);
         assert_eq!(code, PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE, "{call}: {message}");
