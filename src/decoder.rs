@@ -21,8 +21,11 @@
 //! them. If such a value is ever missing anyway (the identity was changed back), the table is parked
 //! with an error rather than written with a NULL or a made-up value.
 //!
-//! What parks one table (Failed, its later changes skipped, the others go on): an UPDATE or DELETE of
-//! a table without key columns, a TRUNCATE, a change of its columns, a value the landing zone cannot
+//! What reseeds one table (its folder rebuilt while the others go on; the hand-off is explained in
+//! [`azure_cdc_core::reseed`]): a TRUNCATE, a change of its columns or key columns, `resync_table`,
+//! `add_tables`, a table created later in a mirror of all tables, a lost slot (every table). What
+//! parks one table (Failed, its later changes skipped, the others go on): an UPDATE or DELETE of a
+//! table without key columns, a missing unchanged TOASTed value, a value the landing zone cannot
 //! hold. Any other error ends the worker; the launcher restarts it with back-off and it resumes from
 //! the slot.
 
@@ -338,7 +341,7 @@ fn open_table(t: &catalog::TableRow, reseeding: bool) -> Result<Table> {
 }
 
 /// The copy step of a reseed, made between two passes.
-struct Copy {
+struct PendingCopy {
     tables: Vec<crate::reseed::ToCopy>,
     /// Transactions running when the hold began: the copy's snapshot must see them all.
     must_see: Vec<u64>,
@@ -849,7 +852,11 @@ impl Decoder {
     /// Between passes of the main loop: acts on a change of the tables' generation (resync_table),
     /// and once every transaction a hold waits for has ended, readies the copy of the reseeded
     /// tables. Returns the copy to make once this pass has ended (then the decoder rewinds).
-    fn step_reseed(&mut self, ctx: *mut pg_sys::LogicalDecodingContext, generation: u32) -> Result<Option<Copy>> {
+    fn step_reseed(
+        &mut self,
+        ctx: *mut pg_sys::LogicalDecodingContext,
+        generation: u32,
+    ) -> Result<Option<PendingCopy>> {
         if generation != self.generation {
             self.generation = generation;
             self.begin_holds(ctx)?;
@@ -870,7 +877,7 @@ impl Decoder {
 
     /// Before the copy: publish everything handed to the shipper (nothing may write into a folder
     /// being rebuilt), confirm it, record the counters. Returns what to copy.
-    fn ready_copy(&mut self, ctx: *mut pg_sys::LogicalDecodingContext) -> Result<Copy> {
+    fn ready_copy(&mut self, ctx: *mut pg_sys::LogicalDecodingContext) -> Result<PendingCopy> {
         // SAFETY: between records.
         let upto = unsafe { (*(*ctx).reader).EndRecPtr };
         self.close_batch(upto)?;
@@ -894,7 +901,7 @@ impl Decoder {
             })
             .collect();
         let must_see = self.hold.as_ref().map(|h| h.running_at_hold.clone()).unwrap_or_default();
-        Ok(Copy { tables: list, must_see, target: self.target.clone() })
+        Ok(PendingCopy { tables: list, must_see, target: self.target.clone() })
     }
 
     /// Notices mirrored tables that were dropped: an invalidated table the current catalog no longer
