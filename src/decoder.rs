@@ -1116,6 +1116,35 @@ unsafe fn ensure_plan(t: &mut Table, rel: pg_sys::Relation, relid: u32) -> Resul
         let desc = (*rel).rd_att;
         let natts = (*desc).natts as usize;
         let attrs = (*desc).attrs.as_slice(natts);
+        // A primary key other than the key columns of the files (changed, or added to a table keyed
+        // otherwise) is a new key: the folder must be rebuilt with it.
+        let pk = pg_sys::RelationGetIndexAttrBitmap(rel, pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_PRIMARY_KEY);
+        let mut pk_names = Vec::new();
+        let mut member = pg_sys::bms_next_member(pk, -1);
+        while member >= 0 {
+            let attno = member + pg_sys::FirstLowInvalidHeapAttributeNumber;
+            if attno >= 1 && (attno as usize) <= natts {
+                let a = &attrs[attno as usize - 1];
+                pk_names.push(std::ffi::CStr::from_ptr(a.attname.data.as_ptr()).to_string_lossy().into_owned());
+            }
+            member = pg_sys::bms_next_member(pk, member);
+        }
+        if !pk.is_null() {
+            pg_sys::bms_free(pk);
+        }
+        let mut keys_sorted = t.keys.clone();
+        keys_sorted.sort();
+        pk_names.sort();
+        if !pk_names.is_empty() && pk_names != keys_sorted {
+            pg_sys::MemoryContextDelete(cxt);
+            pgrx::log!(
+                "azure_cdc: primary key of \"{}.{}\" is now {pk_names:?}, files have {:?}",
+                t.schema,
+                t.name,
+                t.keys
+            );
+            return Ok(false);
+        }
         let mut key_atts = Vec::new();
         for k in &t.keys {
             let found = attrs.iter().enumerate().find(|(_, a)| {

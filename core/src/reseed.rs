@@ -38,7 +38,7 @@ pub enum Reason {
     Requested,
     /// The table was truncated: its mirror becomes empty, then follows the changes after it.
     Truncated,
-    /// Its columns changed in a way change files cannot express (rename, type, dropped key, default
+    /// Its columns or key changed in a way change files cannot express (rename, type, primary key, default
     /// values written without WAL).
     ColumnsChanged,
     /// The mirror's slot was lost: the changes it held are gone, every table is copied again.

@@ -10,7 +10,7 @@ import time
 import psycopg
 import pytest
 
-from replay import assert_mirror_equals_source, table_folder
+from replay import assert_mirror_equals_source, replay_table, table_folder
 
 
 def events(db, mirror, table=None):
@@ -175,6 +175,7 @@ def test_truncate_empties_the_mirror_in_order(db):
     "ALTER TABLE a DROP COLUMN v",
     "ALTER TABLE a RENAME COLUMN v TO w",
     "ALTER TABLE a ALTER COLUMN n TYPE numeric(20,2)",
+    "ALTER TABLE a DROP CONSTRAINT a_pkey, ADD PRIMARY KEY (n)",
 ])
 def test_column_changes_reseed_only_that_table(db, ddl):
     db.sql("CREATE TABLE a (id int PRIMARY KEY, v text, n int)")
@@ -193,6 +194,8 @@ def test_column_changes_reseed_only_that_table(db, ddl):
     for t in ("a", "b"):
         assert_mirror_equals_source(db.conn, root, "public", t)
     assert "the table's columns changed" in [d for e, d in events(db, "m", "a") if e == "ReseedRequested"]
+    if "PRIMARY KEY" in ddl:
+        assert replay_table(table_folder(root, "public", "a")).keys == ["n"]
     assert not [e for e, _ in events(db, "m", "b") if e.startswith("Reseed")]
     verify_ok(db, "m")
 

@@ -8,6 +8,8 @@ import pytest
 from replay import assert_mirror_equals_source, replay_table, table_folder
 
 SETUP = """
+CREATE EXTENSION IF NOT EXISTS citext;
+CREATE EXTENSION IF NOT EXISTS hstore;
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
 CREATE DOMAIN posint AS int CHECK (VALUE > 0);
 CREATE DOMAIN short_text AS text CHECK (length(VALUE) < 100);
@@ -23,7 +25,8 @@ CREATE TABLE matrix (
     r int4range, rt tstzrange, rn numrange, mr int4multirange,
     cp pair, acp pair[],
     tv tsvector, tq tsquery, pt point, ln line, sg lseg, bx box, pa path, pg polygon, ci circle,
-    lsn pg_lsn, o oid, ch "char", nm name, ti tid
+    lsn pg_lsn, o oid, ch "char", nm name, ti tid,
+    ci2 citext, hs hstore
 );
 """
 
@@ -40,14 +43,16 @@ ROWS = [
      "'(,1.5]'", "'{[1,3),[7,9)}'", "ROW('x\"y', 'NaN', '2020-02-29 23:59:59.999999+00', ARRAY['t',NULL])::pair",
      "ARRAY[ROW('a', 1, NULL, '{}')::pair, NULL]", "'a:1 fat:2B cat'", "'fat & (rat | !cat)'", "'(1.5,-0)'",
      "'{1,-1,0}'", "'[(0,0),(1,1)]'", "'((0,0),(1,1))'", "'[(0,0),(1,1),(2,0)]'", "'((0,0),(1,1),(2,0))'",
-     "'<(0,0),1.5>'", "'FFFFFFFF/FFFFFFFF'", "4294967295", "'\\001'", "'a name'", "'(4294967295,65535)'"),
+     "'<(0,0),1.5>'", "'FFFFFFFF/FFFFFFFF'", "4294967295", "'\\001'", "'a name'", "'(4294967295,65535)'",
+     "'MiXeD Case'", "'a=>1, \"b c\"=>NULL'"),
     ("'Infinity'", "'1e-310'", "'-1e-1000'", "0", "NULL", "'294246-12-31 23:59:59.999999'",
      "'1970-01-01 00:00:00+14'", "'infinity'", "'00:00'", "'00:00+00'", "'1 mon -1 day 00:00:00.000001'",
      "'0'", "''", "'ffffffff-ffff-ffff-ffff-ffffffffffff'", "'2001:db8::1'", "'2001:db8::/32'",
      "'ff:ff:ff:ff:ff:ff'", "'00:00:00:00:00:00:00:00'", "B'0000'", "B'1'", "'plain'", "'sad'", "2147483647",
      "''", "'[]'", "'{}'", "'{}'", "'{}'", "'{}'", "'{}'", "'{}'", "'{}'", "'{}'", "'empty'", "'empty'", "'empty'",
      "'{}'", "ROW(NULL, NULL, NULL, NULL)::pair", "'{}'", "''", "'a'", "'(0,0)'", "'{0,1,0}'", "'[(0,0),(0,0)]'",
-     "'((0,0),(0,0))'", "'((0,0))'", "'((0,0))'", "'<(0,0),0>'", "'0/0'", "0", "' '", "''", "'(0,0)'"),
+     "'((0,0),(0,0))'", "'((0,0))'", "'((0,0))'", "'<(0,0),0>'", "'0/0'", "0", "' '", "''", "'(0,0)'",
+     "''", "''"),
 ]
 
 
