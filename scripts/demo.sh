@@ -14,6 +14,16 @@ MIRROR=$TOP/demo-mirror
 PGBIN=/usr/lib/postgresql/15/bin
 psql_demo() { scripts/cluster.sh psql "$PORT" -d demo "$@"; }
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# Waits until the slot is confirmed past the current WAL position: everything committed is published.
+wait_published() {
+    local upto
+    upto=$(psql_demo -Atc "SELECT pg_current_wal_lsn()")
+    for _ in $(seq 1 600); do
+        [ "$(psql_demo -Atc "SELECT confirmed_flush_lsn >= '$upto' FROM pg_replication_slots WHERE slot_name = 'azure_cdc_demo'")" = t ] && return
+        sleep 0.2
+    done
+}
+
 compare() {
 python3 - "$PORT" "$MIRROR" <<'PY'
 import sys
@@ -92,11 +102,7 @@ INSERT INTO public.type_showcase (id, amount, label) VALUES (4, 99.99, 'new row'
 SQL
 
 say "waiting until every change is published (the slot is confirmed only past published changes)"
-upto=$(psql_demo -Atc "SELECT pg_current_wal_lsn()")
-for _ in $(seq 1 600); do
-    [ "$(psql_demo -Atc "SELECT confirmed_flush_lsn >= '$upto' FROM pg_replication_slots WHERE slot_name = 'azure_cdc_demo'")" = t ] && break
-    sleep 0.2
-done
+wait_published
 psql_demo -c "SELECT mirror_name, state, confirmed_lsn, lag_bytes, lag_seconds, buffered_bytes, changes_published, last_published_at FROM azure_cdc.get_mirror_status()"
 psql_demo -c "SELECT table_name, state, status, rows_replicated, files_published, last_completed_at FROM azure_cdc.get_all_tables_mirror_status()"
 
@@ -119,11 +125,7 @@ UPDATE public.type_showcase SET label = 'after the new column' WHERE id = 1;
 TRUNCATE public.pgbench_history;
 INSERT INTO public.pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, 1, 5, now());
 SQL
-upto=$(psql_demo -Atc "SELECT pg_current_wal_lsn()")
-for _ in $(seq 1 600); do
-    [ "$(psql_demo -Atc "SELECT confirmed_flush_lsn >= '$upto' FROM pg_replication_slots WHERE slot_name = 'azure_cdc_demo'")" = t ] && break
-    sleep 0.2
-done
+wait_published
 psql_demo -c "SELECT table_name, event, detail FROM azure_cdc.events WHERE event LIKE 'Reseed%' ORDER BY event_id"
 psql_demo -c "SELECT table_name, state, status, rows_replicated, files_published FROM azure_cdc.get_all_tables_mirror_status()"
 compare

@@ -539,6 +539,13 @@ fn keys_and_identity(rels: Vec<RelationInfo>) -> Result<Vec<(RelationInfo, Vec<S
     Ok(with_keys)
 }
 
+/// After commit, tells the mirror's decoder that its tables changed in the catalog (it rereads them).
+fn tables_changed_after_commit(mirror_id: i64) {
+    if let Some(index) = shmem::find(database_oid(), mirror_id) {
+        register_xact_callback(PgXactCallbackEvent::Commit, move || shmem::tables_changed(index));
+    }
+}
+
 /// A mirror whose table list may change now: Running, Paused or Failed.
 fn mirror_for_tables(function: &str, mirror_name: &str) -> Result<(catalog::MirrorRow, MirrorState)> {
     require_admin(function)?;
@@ -584,9 +591,7 @@ fn add_tables_impl(mirror_name: &str, tables: Vec<Option<String>>) -> Result<Str
             Some(azure_cdc_core::reseed::Reason::Added.as_str()),
         )?;
     }
-    if let Some(index) = shmem::find(database_oid(), m.id) {
-        register_xact_callback(PgXactCallbackEvent::Commit, move || shmem::tables_changed(index));
-    }
+    tables_changed_after_commit(m.id);
     let when = if state == MirrorState::Running { "after commit" } else { "when the mirror is resumed" };
     Ok(format!(
         "{} table{} added to mirror \"{mirror_name}\"; copied {when} while the other tables go on",
@@ -637,9 +642,7 @@ fn remove_tables_impl(mirror_name: &str, tables: Vec<Option<String>>) -> Result<
             }
         }
     }
-    if let Some(index) = shmem::find(database_oid(), m.id) {
-        register_xact_callback(PgXactCallbackEvent::Commit, move || shmem::tables_changed(index));
-    }
+    tables_changed_after_commit(m.id);
     Ok(format!("removed from mirror \"{mirror_name}\" after commit: {}; their files are kept", removed.join(", ")))
 }
 
@@ -691,9 +694,7 @@ fn resync_table_impl(mirror_name: &str, table_name: &str) -> Result<String> {
         "ReseedRequested",
         Some(azure_cdc_core::reseed::Reason::Requested.as_str()),
     )?;
-    if let Some(index) = shmem::find(database_oid(), m.id) {
-        register_xact_callback(PgXactCallbackEvent::Commit, move || shmem::tables_changed(index));
-    }
+    tables_changed_after_commit(m.id);
     let when = if mirror_state == MirrorState::Running { "after commit" } else { "when the mirror is resumed" };
     Ok(format!(
         "table \"{}.{}\" of mirror \"{mirror_name}\" is copied again {when}; its folder is rebuilt, the other tables go on",

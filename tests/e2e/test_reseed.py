@@ -11,22 +11,13 @@ import psycopg
 import pytest
 
 from replay import assert_mirror_equals_source, replay_table, table_folder
+from test_operations import wait_for
 
 
 def events(db, mirror, table=None):
     rows = db.sql(
         "SELECT event, table_name, detail FROM azure_cdc.events WHERE mirror_name = %s ORDER BY event_id", (mirror,))
     return [(e, d) for e, t, d in rows if table is None or t == table]
-
-
-def wait_for(what, check, deadline_s=180):
-    end = time.time() + deadline_s
-    while True:
-        v = check()
-        if v:
-            return v
-        assert time.time() < end, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def numbers(root, table):
