@@ -554,7 +554,7 @@ fn mirror_for_tables(function: &str, mirror_name: &str) -> Result<(catalog::Mirr
     if matches!(state, MirrorState::Starting | MirrorState::Stopped) {
         return Err(Error::new(ErrorKind::PrerequisiteNotMet, format!("mirror \"{mirror_name}\" is {}", m.state))
             .with_hint(if state == MirrorState::Starting {
-                "Its initial snapshot is running; wait until the mirror is Running."
+                "Its initial snapshot copies every table; wait until the mirror is Running."
             } else {
                 "A stopped mirror copies nothing; start a new mirror."
             }));
@@ -655,17 +655,7 @@ fn remove_tables(mirror_name: &str, tables: Vec<Option<String>>) -> String {
 }
 
 fn resync_table_impl(mirror_name: &str, table_name: &str) -> Result<String> {
-    require_admin("resync_table")?;
-    let m = catalog::mirror_by_name(mirror_name)?.ok_or_else(|| unknown_mirror(mirror_name))?;
-    let mirror_state = MirrorState::parse(&m.state)?;
-    if matches!(mirror_state, MirrorState::Starting | MirrorState::Stopped) {
-        return Err(Error::new(ErrorKind::PrerequisiteNotMet, format!("mirror \"{mirror_name}\" is {}", m.state))
-            .with_hint(if mirror_state == MirrorState::Starting {
-                "Its initial snapshot copies every table; wait until the mirror is Running."
-            } else {
-                "A stopped mirror copies nothing; start a new mirror."
-            }));
-    }
+    let (m, mirror_state) = mirror_for_tables("resync_table", mirror_name)?;
     let rel = catalog::resolve_relation(table_name)?
         .ok_or_else(|| Error::new(ErrorKind::UndefinedTable, format!("relation \"{table_name}\" does not exist")))?;
     let state = Spi::get_one_with_args::<String>(
