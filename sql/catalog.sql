@@ -48,6 +48,10 @@ CREATE TABLE azure_cdc.mirror_tables (
     -- After a reseed: the snapshot its copy was taken in (pg_snapshot text form). The decoder drops
     -- the table's changes of transactions that snapshot sees (see core/src/reseed.rs).
     seed_snapshot      text,
+    -- A partitioned table: its partition tree when it was last copied (each partition with the
+    -- transaction that attached it). Another tree now means rows came or went without changes of
+    -- their own in the stream: the table is reseeded.
+    partitions         text,
     PRIMARY KEY (mirror_id, relid)
 );
 

@@ -115,16 +115,15 @@ fn check_prerequisites() -> TableIterator<'static, (name!(code, String), name!(s
     TableIterator::new(rows)
 }
 
-/// Relations of the mirror, validated: ordinary, permanent heap tables outside the system schemas.
-/// Why a relation cannot be mirrored, if it cannot. A partition can be named alone; a mirror of all
-/// tables leaves partitions out (their partitioned table is not mirrored in this build).
+/// Why a relation cannot be mirrored, if it cannot. A partitioned table is mirrored as one table
+/// with the rows of all its partitions; a partition can also be named alone, but a mirror of all
+/// tables leaves partitions to their partitioned table.
 fn unmirrorable(rel: &RelationInfo, all_tables: bool) -> Option<&'static str> {
     let what = match rel.relkind.as_str() {
-        "r" => None,
+        "r" | "p" => None,
         "v" => Some("a view"),
         "m" => Some("a materialized view"),
         "f" => Some("a foreign table"),
-        "p" => Some("a partitioned table"),
         "S" => Some("a sequence"),
         "i" | "I" => Some("an index"),
         "c" => Some("a composite type"),
@@ -138,10 +137,10 @@ fn unmirrorable(rel: &RelationInfo, all_tables: bool) -> Option<&'static str> {
     })
     .or(if catalog::SYSTEM_SCHEMAS.contains(&format!("'{}'", rel.schema)) {
         Some("a system table")
-    } else if !rel.heap {
+    } else if !rel.heap && rel.relkind != "p" {
         Some("a table with a table access method other than heap")
     } else if all_tables && rel.partition {
-        Some("a partition (partitioned tables are not mirrored in this build)")
+        Some("a partition (mirrored with its partitioned table)")
     } else {
         None
     })
@@ -725,8 +724,11 @@ fn status_rows() -> Result<Vec<StatusRow>> {
                         t.files_published, t.last_completed_at, t.last_error, \
                         pg_catalog.cardinality(t.key_columns) > 0, m.mirror_id, t.relid, m.state, m.last_error, \
                         t.bytes_published, \
-                        (SELECT CASE WHEN c.reltuples < 0 THEN NULL ELSE c.reltuples::bigint END \
-                           FROM pg_catalog.pg_class c WHERE c.oid = t.relid) \
+                        (SELECT CASE WHEN pg_catalog.bool_or(c.reltuples < 0) THEN NULL \
+                                     ELSE pg_catalog.sum(c.reltuples)::bigint END \
+                           FROM pg_catalog.pg_class c \
+                          WHERE c.relkind <> 'p' AND (c.oid = t.relid OR c.oid IN \
+                                (SELECT p.relid FROM pg_catalog.pg_partition_tree(t.relid) p WHERE p.isleaf))) \
                    FROM azure_cdc.mirror_tables t JOIN azure_cdc.mirrors m USING (mirror_id) \
                   ORDER BY m.mirror_name, t.schema_name, t.table_name",
                 None,

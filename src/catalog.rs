@@ -31,6 +31,8 @@ pub struct TableRow {
     pub key_columns: Vec<String>,
     /// The snapshot of its last reseed's copy (pg_snapshot text), if it was reseeded.
     pub seed_snapshot: Option<String>,
+    /// A partitioned table: the signature of its partition tree when it was last copied.
+    pub partitions: Option<String>,
 }
 
 const MIRROR_COLUMNS: &str = "mirror_id, mirror_name, target, state, slot_name::text, credential, all_tables";
@@ -99,7 +101,7 @@ pub fn tables(mirror_id: i64) -> Result<Vec<TableRow>> {
     Spi::connect(|c| {
         let t = c
             .select(
-                "SELECT relid, schema_name::text, table_name::text, state, key_columns::text[], seed_snapshot \
+                "SELECT relid, schema_name::text, table_name::text, state, key_columns::text[], seed_snapshot, partitions \
                    FROM azure_cdc.mirror_tables \
                  WHERE mirror_id = $1 ORDER BY schema_name, table_name",
                 None,
@@ -116,6 +118,7 @@ pub fn tables(mirror_id: i64) -> Result<Vec<TableRow>> {
                     state: r.get::<String>(4).map_err(spi)?.ok_or_else(missing)?,
                     key_columns: r.get::<Vec<String>>(5).map_err(spi)?.ok_or_else(missing)?,
                     seed_snapshot: r.get::<String>(6).map_err(spi)?,
+                    partitions: r.get::<String>(7).map_err(spi)?,
                 })
             })
             .collect()
@@ -139,7 +142,9 @@ pub enum KeySource {
 
 /// Key columns of a table, in index order: its primary key, else its replica identity index, else
 /// the unique index on NOT NULL columns with the fewest columns (non-partial, no expressions, not
-/// deferrable), else, if its replica identity is FULL, every column; else none.
+/// deferrable), else, if its replica identity is FULL, every column; else none. A partitioned table's
+/// keys are its primary key only: the replica identity that logs old keys is each partition's own,
+/// and a partition's primary key is its partitioned table's.
 pub fn key_columns_with_source(relid: pg_sys::Oid) -> Result<(Vec<String>, KeySource)> {
     Spi::connect(|c| {
         let t = c
@@ -150,6 +155,7 @@ pub fn key_columns_with_source(relid: pg_sys::Oid) -> Result<(Vec<String>, KeySo
                         i.indisprimary OR i.indisreplident, i.indexrelid::regclass::text \
                    FROM pg_catalog.pg_index i \
                   WHERE i.indrelid = $1 AND i.indisvalid AND i.indisready AND i.indislive \
+                    AND (i.indisprimary OR (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = $1) <> 'p') \
                     AND (i.indisprimary OR i.indisreplident \
                          OR (i.indisunique AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL \
                              AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
@@ -173,7 +179,8 @@ pub fn key_columns_with_source(relid: pg_sys::Oid) -> Result<(Vec<String>, KeySo
             .select(
                 "SELECT pg_catalog.array_agg(a.attname::text ORDER BY a.attnum) FROM pg_catalog.pg_attribute a \
                    JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
-                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND c.relreplident = 'f'",
+                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND c.relreplident = 'f' \
+                    AND c.relkind <> 'p'",
                 None,
                 &[relid.into()],
             )
@@ -245,16 +252,60 @@ pub fn relation_by_oid(relid: pg_sys::Oid) -> Result<Option<RelationInfo>> {
     })
 }
 
-/// Whether a relation joins a mirror of all tables: an ordinary, permanent heap table outside the
-/// system schemas, not a partition (what `start_mirror` takes in that mode).
+/// Whether a relation joins a mirror of all tables: an ordinary, permanent heap table or a
+/// partitioned table outside the system schemas, not a partition (its rows are mirrored with its
+/// partitioned table's), what `start_mirror` takes in that mode.
 pub fn joins_all_tables(rel: &RelationInfo) -> bool {
-    rel.relkind == "r"
+    (rel.relkind == "r" && rel.heap || rel.relkind == "p")
         && rel.persistence == "p"
-        && rel.heap
         && !rel.partition
         && !SYSTEM_SCHEMAS.contains(&format!("'{}'", rel.schema))
         && !rel.schema.starts_with("pg_temp_")
         && !rel.schema.starts_with("pg_toast_temp_")
+}
+
+/// The partitions of a partitioned table, at every level, as the current snapshot sees them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PartitionTree {
+    /// Partitions that hold rows (not themselves partitioned), with their relkind.
+    pub leaves: Vec<(pg_sys::Oid, String)>,
+    /// Each partition with the transaction that made it one (`pg_inherits.xmin`), in a canonical text
+    /// form: a partition attached, detached, created or dropped (or detached and attached again)
+    /// gives another signature.
+    pub signature: String,
+}
+
+/// The partition tree of `relid` (empty for a table that is not partitioned). Read with SQL, so in
+/// the snapshot of the caller's statement or transaction (a copy's tree and its rows agree).
+pub fn partition_tree(relid: pg_sys::Oid) -> Result<PartitionTree> {
+    Spi::connect(|c| {
+        let t = c
+            .select(
+                "WITH RECURSIVE tree AS ( \
+                     SELECT i.inhrelid, i.xmin::text AS x FROM pg_catalog.pg_inherits i WHERE i.inhparent = $1 \
+                     UNION ALL \
+                     SELECT i.inhrelid, i.xmin::text FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.inhrelid) \
+                 SELECT tree.inhrelid, c.relkind::text, tree.x FROM tree \
+                   JOIN pg_catalog.pg_class c ON c.oid = tree.inhrelid ORDER BY tree.inhrelid",
+                None,
+                &[relid.into()],
+            )
+            .map_err(spi)?;
+        let mut tree = PartitionTree::default();
+        let mut parts = Vec::new();
+        for r in t {
+            let missing = || Error::new(ErrorKind::Internal, "pg_inherits row with a NULL");
+            let oid = r.get::<pg_sys::Oid>(1).map_err(spi)?.ok_or_else(missing)?;
+            let kind = r.get::<String>(2).map_err(spi)?.ok_or_else(missing)?;
+            let xmin = r.get::<String>(3).map_err(spi)?.ok_or_else(missing)?;
+            parts.push(format!("{}:{xmin}", oid.to_u32()));
+            if kind != "p" {
+                tree.leaves.push((oid, kind));
+            }
+        }
+        tree.signature = parts.join(",");
+        Ok(tree)
+    })
 }
 
 /// Resolves a table name as the user wrote it (optionally schema-qualified, quoted as in SQL).
@@ -327,7 +378,7 @@ pub fn insert_tables(mirror_id: i64, tables: &[(RelationInfo, Vec<String>)], sta
              ON CONFLICT (mirror_id, relid) DO UPDATE SET state = EXCLUDED.state, key_columns = EXCLUDED.key_columns, \
                     schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name, last_error = NULL, \
                     rows_replicated = 0, files_published = 0, bytes_published = 0, next_file_number = 1, \
-                    last_completed_at = NULL, seed_snapshot = NULL",
+                    last_completed_at = NULL, seed_snapshot = NULL, partitions = NULL",
             &[
                 mirror_id.into(),
                 rel.relid.into(),
@@ -346,9 +397,9 @@ pub fn run(query: &str, args: &[pgrx::datum::DatumWithOid]) -> Result<()> {
     Spi::connect_mut(|c| c.update(query, None, args).map(|_| ()).map_err(spi))
 }
 
-/// Mirrored tables that can store values out of line (they have a TOAST table) and whose REPLICA
-/// IDENTITY is not FULL: an UPDATE that leaves such a value unchanged would not carry it in the change
-/// stream. Returns (schema, table).
+/// Mirrored tables (for a partitioned table: its partitions) that can store values out of line (they
+/// have a TOAST table) and whose REPLICA IDENTITY is not FULL: an UPDATE that leaves such a value
+/// unchanged would not carry it in the change stream. Returns (schema, table).
 pub fn tables_needing_full_identity(relids: &[pg_sys::Oid]) -> Result<Vec<(String, String)>> {
     let ids: Vec<pg_sys::Oid> = relids.to_vec();
     Spi::connect(|c| {
@@ -356,7 +407,10 @@ pub fn tables_needing_full_identity(relids: &[pg_sys::Oid]) -> Result<Vec<(Strin
             .select(
                 "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_class c \
                    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-                  WHERE c.oid = ANY ($1) AND c.reltoastrelid <> 0 AND c.relreplident <> 'f' \
+                  WHERE (c.oid = ANY ($1) \
+                         OR c.oid IN (SELECT t.relid FROM pg_catalog.unnest($1::pg_catalog.oid[]) AS r(oid), \
+                                             LATERAL pg_catalog.pg_partition_tree(r.oid) AS t WHERE t.isleaf)) \
+                    AND c.reltoastrelid <> 0 AND c.relreplident <> 'f' \
                   ORDER BY 1, 2",
                 None,
                 &[ids.into()],

@@ -93,12 +93,14 @@ struct Table {
     name: String,
     folder: String,
     keys: Vec<String>,
-    /// Columns of its files; a decoded change with other columns parks the table.
+    /// Columns of its files; a decoded change with other columns reseeds the table.
     specs: Vec<ColumnSpec>,
-    /// Conversion plan, rebuilt after a relcache invalidation, in its own memory context.
-    conv: Option<(TupleConverter, pg_sys::MemoryContext)>,
-    /// Tuple-descriptor indexes of the key columns, with their attlen / attbyval.
-    key_atts: Vec<(usize, i16, bool)>,
+    /// Conversion plans by the relation whose changes they convert: the table itself, or, for a
+    /// partitioned table, each of its partitions. Dropped after a relcache invalidation.
+    plans: HashMap<u32, Plan>,
+    /// A partitioned table: the signature of its partition tree when it was last copied
+    /// ([`catalog::PartitionTree`]).
+    partitions: Option<String>,
     builder: BatchBuilder,
     done: Vec<RecordBatch>,
     /// Position of the last change in the open batch.
@@ -117,6 +119,22 @@ struct Table {
     seed: Option<Visibility>,
     /// Counters not yet written to the catalog.
     unrecorded: Counters,
+}
+
+/// How to convert the changes of one relation into a mirrored table's columns.
+struct Plan {
+    conv: TupleConverter,
+    /// Memory of the plan's FmgrInfo (functions may cache data in fn_mcxt).
+    cxt: pg_sys::MemoryContext,
+    /// Tuple-descriptor indexes of the key columns, with their attlen / attbyval.
+    key_atts: Vec<(usize, i16, bool)>,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: the plan's own context, referenced by nothing else once the plan goes.
+        unsafe { pg_sys::MemoryContextDelete(self.cxt) };
+    }
 }
 
 #[derive(Default, Clone, Copy)]
@@ -142,6 +160,9 @@ struct Decoder {
     /// Every table the mirror's catalog knows, whatever its state (so that a removed or dropped
     /// table is not taken for a new one).
     known: HashSet<u32>,
+    /// Partitions seen in the stream, with their partitioned tables (nearest first), as of the
+    /// point of the stream they were looked up at; dropped after a relcache invalidation.
+    routes: HashMap<u32, Vec<u32>>,
     /// Tables the current catalog no longer has, with the WAL insert position when that was seen:
     /// once decoding has read past it, the DROP has been decoded and the table is marked Dropped.
     vanished: Vec<(u32, u64)>,
@@ -323,8 +344,8 @@ fn open_table(t: &catalog::TableRow, reseeding: bool) -> Result<Table> {
         folder: names::table_folder(&t.schema, &t.table),
         keys: t.key_columns.clone(),
         specs,
-        conv: None,
-        key_atts: Vec::new(),
+        plans: HashMap::new(),
+        partitions: t.partitions.clone(),
         builder,
         done: Vec::new(),
         last_in_batch: None,
@@ -386,14 +407,8 @@ fn run(index: usize, mirror_id: i64) -> Result<()> {
 /// any transaction.
 unsafe fn close_pass(ctx: *mut pg_sys::LogicalDecodingContext) {
     let dec = DECODER.with(|d| d.borrow_mut().take());
-    if let Some(mut dec) = dec {
-        for t in dec.tables.values_mut() {
-            if let Some((_, cxt)) = t.conv.take() {
-                // SAFETY: the plan's own context, referenced by nothing else.
-                unsafe { pg_sys::MemoryContextDelete(cxt) };
-            }
-        }
-    }
+    // Its plans' memory contexts go with it.
+    drop(dec);
     // SAFETY: as required above: the context goes first, then the slot it decodes.
     unsafe { pg_sys::FreeDecodingContext(ctx) };
     crate::slot::release();
@@ -445,6 +460,7 @@ fn decode(index: usize, mirror_id: i64, change_cxt: pg_sys::MemoryContext) -> Re
             requests: Vec::new(),
             all_tables: mirror.all_tables,
             known,
+            routes: HashMap::new(),
             vanished: Vec::new(),
             generation: shmem::entry(index).tables_generation,
             shipper,
@@ -904,27 +920,46 @@ impl Decoder {
         Ok(PendingCopy { tables: list, must_see, target: self.target.clone() })
     }
 
-    /// Notices mirrored tables that were dropped: an invalidated table the current catalog no longer
-    /// has is noted with the WAL insert position; once decoding has read past that position (the
-    /// DROP, and every change before it, is decoded) the table is marked Dropped. Between records.
+    /// After relcache invalidations, between records:
+    /// - Notices mirrored tables that were dropped: an invalidated table the current catalog no
+    ///   longer has is noted with the WAL insert position; once decoding has read past that position
+    ///   (the DROP, and every change before it, is decoded) the table is marked Dropped.
+    /// - Reseeds a partitioned table whose partition tree is no longer the one its files were copied
+    ///   from: a partition attached, detached, created or dropped brings or takes rows that have no
+    ///   change of their own in the stream. The tree is compared as it is now, which may be ahead of
+    ///   decoding: a reseed then copies the table as of a snapshot that already has the change, and
+    ///   the stream goes on from there (see azure_cdc_core::reseed).
     fn check_vanished(&mut self, ctx: *mut pg_sys::LogicalDecodingContext) -> Result<()> {
         let all = ALL_INVALIDATED.with(|a| a.replace(false));
         let mut candidates: Vec<u32> = INVALIDATED.with(|s| s.borrow_mut().drain().collect());
+        let any = all || !candidates.is_empty();
         if all {
             candidates = self.tables.keys().copied().collect();
         }
         candidates.retain(|r| {
             self.tables.get(r).is_some_and(|t| t.parked.is_none()) && !self.vanished.iter().any(|v| v.0 == *r)
         });
+        // Partitioned tables whose tree to compare (any invalidation may be of one of their
+        // partitions, at any level).
+        let roots: Vec<(u32, String)> = if any {
+            self.tables
+                .iter()
+                .filter(|(_, t)| t.parked.is_none() && !t.reseeding)
+                .filter_map(|(r, t)| t.partitions.clone().map(|p| (*r, p)))
+                .collect()
+        } else {
+            Vec::new()
+        };
         // SAFETY: between records; EndRecPtr is where decoding has read to.
         let read_upto = unsafe { (*(*ctx).reader).EndRecPtr };
         let due: Vec<u32> = self.vanished.iter().filter(|v| read_upto >= v.1).map(|v| v.0).collect();
-        if candidates.is_empty() && due.is_empty() {
+        if candidates.is_empty() && due.is_empty() && roots.is_empty() {
             return Ok(());
         }
         let mirror_id = self.mirror_id;
         let mut gone = Vec::new();
         let mut dropped = Vec::new();
+        let mut regrown = Vec::new();
         BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| -> Result<()> {
             // SAFETY: see load().
             unsafe { pg_sys::InvalidateSystemCaches() };
@@ -932,6 +967,12 @@ impl Decoder {
                 if catalog::relation_by_oid(pg_sys::Oid::from(*relid))?.is_none() {
                     // SAFETY: reads the shared WAL insert position.
                     gone.push((*relid, unsafe { pg_sys::GetXLogInsertRecPtr() }));
+                }
+            }
+            for (relid, copied) in &roots {
+                let oid = pg_sys::Oid::from(*relid);
+                if catalog::relation_by_oid(oid)?.is_some() && catalog::partition_tree(oid)?.signature != *copied {
+                    regrown.push(*relid);
                 }
             }
             for row in catalog::tables(mirror_id)?.iter().filter(|t| due.contains(&t.relid.to_u32())) {
@@ -942,8 +983,17 @@ impl Decoder {
             unsafe { pg_sys::InvalidateSystemCaches() };
             Ok(())
         }))?;
+        // This transaction read the current catalog: the invalidations its own cache reset raised
+        // (and any that came before) are accounted for.
+        ALL_INVALIDATED.with(|a| a.set(false));
         self.vanished.extend(gone);
         self.vanished.retain(|v| !due.contains(&v.0));
+        for relid in regrown {
+            self.request_reseed(relid, Reason::PartitionsChanged);
+        }
+        if !self.requests.is_empty() {
+            self.begin_holds(ctx)?;
+        }
         for relid in dropped {
             if let Some(t) = self.tables.get_mut(&relid) {
                 t.parked = Some(Error::new(ErrorKind::FeatureNotSupported, "the table was dropped"));
@@ -985,20 +1035,93 @@ impl Decoder {
     /// Called from the change callback with its arguments.
     unsafe fn on_change(&mut self, rel: pg_sys::Relation, change: *mut pg_sys::ReorderBufferChange) -> Result<()> {
         self.ordinal += 1;
-        if ALL_STALE.with(|a| a.replace(false)) {
-            STALE.with(|s| s.borrow_mut().extend(self.tables.keys().copied()));
-        }
         // SAFETY: rel is the open relation of the change.
         let relid = unsafe { (*rel).rd_id.to_u32() };
+        self.drop_stale_plans(relid);
         let pos = Position { commit_lsn: self.commit_lsn, ordinal: self.ordinal };
-        if self.all_tables && !self.known.contains(&relid) {
-            // A table this mirror of all tables has never seen: created after the mirror started.
-            // Whether it qualifies is decided with the current catalog when the reseed is recorded.
-            self.known.insert(relid);
-            self.requests.push((relid, Reason::NewTable));
-            return Ok(());
+        // SAFETY: as above; decoding's historic snapshot is set for catalog look-ups.
+        let ancestors = unsafe { self.route(rel, relid) };
+        if self.all_tables {
+            // The table a mirror of all tables would follow: a partition's topmost partitioned table.
+            let top = ancestors.last().copied().unwrap_or(relid);
+            if !self.known.contains(&top) {
+                // A table this mirror of all tables has never seen: created after the mirror started.
+                // Whether it qualifies is decided with the current catalog when the reseed is recorded.
+                self.known.insert(top);
+                self.requests.push((top, Reason::NewTable));
+                return Ok(());
+            }
         }
-        let Some(t) = self.tables.get_mut(&relid) else { return Ok(()) };
+        // The change belongs to the relation itself if it is mirrored, and to each mirrored
+        // partitioned table it is a partition of.
+        let owners: Vec<u32> =
+            std::iter::once(relid).chain(ancestors).filter(|r| self.tables.contains_key(r)).collect();
+        for owner in owners {
+            // SAFETY: the callback's own arguments.
+            unsafe { self.change_of(owner, rel, relid, change, pos)? };
+        }
+        Ok(())
+    }
+
+    /// After a relcache invalidation of `relid` (or of all relations): the conversion plans and
+    /// partition routes built from its old descriptor go.
+    fn drop_stale_plans(&mut self, relid: u32) {
+        if ALL_STALE.with(|a| a.replace(false)) {
+            STALE.with(|s| s.borrow_mut().clear());
+            self.routes.clear();
+            for t in self.tables.values_mut() {
+                t.plans.clear();
+            }
+        } else if STALE.with(|s| s.borrow_mut().remove(&relid)) {
+            self.routes.remove(&relid);
+            for t in self.tables.values_mut() {
+                t.plans.remove(&relid);
+            }
+        }
+    }
+
+    /// The partitioned tables `rel` is a partition of, nearest first (none if it is not a partition),
+    /// as of this point of the stream.
+    ///
+    /// # Safety
+    /// `rel` is the open relation of a change being replayed (historic snapshot set); main thread.
+    unsafe fn route(&mut self, rel: pg_sys::Relation, relid: u32) -> Vec<u32> {
+        // SAFETY: as required above: rd_rel is the relation's pg_class row; get_partition_ancestors
+        // reads pg_inherits in decoding's historic snapshot and returns a list of OIDs, freed here.
+        unsafe {
+            if !(*(*rel).rd_rel).relispartition {
+                return Vec::new();
+            }
+            if let Some(r) = self.routes.get(&relid) {
+                return r.clone();
+            }
+            let list = pg_sys::ffi::pg_guard_ffi_boundary(|| get_partition_ancestors(pg_sys::Oid::from(relid)));
+            let mut ancestors = Vec::new();
+            if !list.is_null() {
+                for i in 0..(*list).length as usize {
+                    ancestors.push((*(*list).elements.add(i)).oid_value.to_u32());
+                }
+                pg_sys::list_free(list);
+            }
+            self.routes.insert(relid, ancestors.clone());
+            ancestors
+        }
+    }
+
+    /// One decoded change of relation `relid` (`rel`), for mirrored table `owner`: the relation
+    /// itself or a partitioned table it is a partition of.
+    ///
+    /// # Safety
+    /// Called from the change callback with its arguments.
+    unsafe fn change_of(
+        &mut self,
+        owner: u32,
+        rel: pg_sys::Relation,
+        relid: u32,
+        change: *mut pg_sys::ReorderBufferChange,
+        pos: Position,
+    ) -> Result<()> {
+        let Some(t) = self.tables.get_mut(&owner) else { return Ok(()) };
         if t.parked.is_some()
             || t.reseeding
             || reseed::in_copy(t.seed.as_ref(), self.xid)
@@ -1010,11 +1133,11 @@ impl Decoder {
         match unsafe { ensure_plan(t, rel, relid) } {
             Ok(true) => {}
             Ok(false) => {
-                self.request_reseed(relid, Reason::ColumnsChanged);
+                self.request_reseed(owner, Reason::ColumnsChanged);
                 return Ok(());
             }
             Err(e) if e.kind.disposition() == Disposition::ParkTable => {
-                self.park(relid, e);
+                self.park(owner, e);
                 return Ok(());
             }
             Err(e) => return Err(e),
@@ -1023,7 +1146,7 @@ impl Decoder {
         // to change_cxt, reset below once the values are copied into Arrow builders.
         let r = unsafe {
             let old = pg_sys::MemoryContextSwitchTo(self.change_cxt);
-            let r = append_change(t, rel, change, pos);
+            let r = append_change(t, rel, relid, change, pos);
             pg_sys::MemoryContextSwitchTo(old);
             pg_sys::MemoryContextReset(self.change_cxt);
             r
@@ -1045,12 +1168,19 @@ impl Decoder {
                 Ok(())
             }
             Err(e) if e.kind.disposition() == Disposition::ParkTable => {
-                self.park(relid, e);
+                self.park(owner, e);
                 Ok(())
             }
             Err(e) => Err(e),
         }
     }
+}
+
+unsafe extern "C-unwind" {
+    /// catalog/partition.h (PostgreSQL 12 and later; not in pgrx's bindings): the partitioned tables
+    /// a partition belongs to, nearest first, as a List of OIDs allocated in the current context.
+    /// Called through pg_guard_ffi_boundary (it may raise an error).
+    fn get_partition_ancestors(relid: pg_sys::Oid) -> *mut pg_sys::List;
 }
 
 /// The transactions of `xids` (full ids) that are still in progress: still in the server's
@@ -1076,18 +1206,18 @@ fn count_file(t: &mut Table, f: &PublishedFile) {
     t.unrecorded.touched = true;
 }
 
-/// Makes sure `t` has a conversion plan for `rel` as it is at this point of the stream. Returns false
-/// when its columns (or key columns) are no longer those of its files: the table must be reseeded.
+/// Makes sure `t` has a conversion plan for the changes of `rel` (the table itself or one of its
+/// partitions) as it is at this point of the stream. Returns false when its columns (or key columns)
+/// are no longer those of the table's files: the table must be reseeded.
 ///
 /// # Safety
 /// `rel` is the open relation of a change being replayed; main thread.
 unsafe fn ensure_plan(t: &mut Table, rel: pg_sys::Relation, relid: u32) -> Result<bool> {
-    let stale = STALE.with(|s| s.borrow().contains(&relid));
-    if t.conv.is_some() && !stale {
+    if t.plans.contains_key(&relid) {
         return Ok(true);
     }
-    STALE.with(|s| s.borrow_mut().remove(&relid));
-    // SAFETY: a long-lived context for the plan's FmgrInfo (functions may cache data in fn_mcxt).
+    // SAFETY: a long-lived context for the plan's FmgrInfo (functions may cache data in fn_mcxt),
+    // owned by the Plan (deleted when it is dropped) or deleted here.
     unsafe {
         let cxt = pg_sys::AllocSetContextCreateInternal(
             pg_sys::TopMemoryContext,
@@ -1106,13 +1236,15 @@ unsafe fn ensure_plan(t: &mut Table, rel: pg_sys::Relation, relid: u32) -> Resul
                 return Err(e);
             }
         };
-        if conv.specs() != t.specs.as_slice() {
+        let now: Vec<String> = conv.specs().iter().map(|c| c.name.clone()).collect();
+        // A partition's columns may come in another order than its partitioned table's.
+        let Some(conv) = conv.arranged_as(&t.specs) else {
             pg_sys::MemoryContextDelete(cxt);
             let was: Vec<&str> = t.specs.iter().map(|c| c.name.as_str()).collect();
-            let now: Vec<&str> = conv.specs().iter().map(|c| c.name.as_str()).collect();
             pgrx::log!("azure_cdc: columns of \"{}.{}\" changed from {was:?} to {now:?}", t.schema, t.name);
             return Ok(false);
-        }
+        };
+        let plan = Plan { conv, cxt, key_atts: Vec::new() };
         let desc = (*rel).rd_att;
         let natts = (*desc).natts as usize;
         let attrs = (*desc).attrs.as_slice(natts);
@@ -1136,7 +1268,6 @@ unsafe fn ensure_plan(t: &mut Table, rel: pg_sys::Relation, relid: u32) -> Resul
         keys_sorted.sort();
         pk_names.sort();
         if !pk_names.is_empty() && pk_names != keys_sorted {
-            pg_sys::MemoryContextDelete(cxt);
             pgrx::log!(
                 "azure_cdc: primary key of \"{}.{}\" is now {pk_names:?}, files have {:?}",
                 t.schema,
@@ -1153,17 +1284,14 @@ unsafe fn ensure_plan(t: &mut Table, rel: pg_sys::Relation, relid: u32) -> Resul
             match found {
                 Some((i, a)) => key_atts.push((i, a.attlen, a.attbyval)),
                 None => {
-                    pg_sys::MemoryContextDelete(cxt);
                     pgrx::log!("azure_cdc: key column \"{k}\" of \"{}.{}\" is gone", t.schema, t.name);
                     return Ok(false);
                 }
             }
         }
-        if let Some((_, old_cxt)) = t.conv.take() {
-            pg_sys::MemoryContextDelete(old_cxt);
-        }
-        t.conv = Some((conv, cxt));
-        t.key_atts = key_atts;
+        let mut plan = plan;
+        plan.key_atts = key_atts;
+        t.plans.insert(relid, plan);
     }
     Ok(true)
 }
@@ -1196,10 +1324,14 @@ unsafe fn deform(buf: *mut pg_sys::ReorderBufferTupleBuf, desc: pg_sys::TupleDes
 unsafe fn append_change(
     t: &mut Table,
     rel: pg_sys::Relation,
+    relid: u32,
     change: *mut pg_sys::ReorderBufferChange,
     pos: Position,
 ) -> Result<usize> {
     use pg_sys::ReorderBufferChangeType as C;
+    let Some(plan) = t.plans.get_mut(&relid) else {
+        return Err(Error::new(ErrorKind::Internal, "no conversion plan"));
+    };
     // SAFETY: the caller guarantees a live change and relation.
     unsafe {
         let desc = (*rel).rd_att;
@@ -1229,7 +1361,7 @@ unsafe fn append_change(
                 fill_unchanged_toast(&mut new, old.as_ref(), desc)?;
                 let key_changed = match &old {
                     None => false,
-                    Some(o) => t.key_atts.iter().any(|&(i, len, byval)| {
+                    Some(o) => plan.key_atts.iter().any(|&(i, len, byval)| {
                         o.nulls[i] != new.nulls[i]
                             || (!o.nulls[i] && !datums_equal(o.values[i], new.values[i], len, byval))
                     }),
@@ -1256,9 +1388,6 @@ unsafe fn append_change(
             }
             _ => return Ok(0),
         }
-        let Some((conv, _)) = t.conv.as_mut() else {
-            return Err(Error::new(ErrorKind::Internal, "no conversion plan"));
-        };
         let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
         let before = t.builder.bytes();
         for (img, marker) in &rows {
@@ -1269,7 +1398,7 @@ unsafe fn append_change(
                     return Err(missing_toast(desc, i));
                 }
             }
-            conv.append_row(&img.values, &img.nulls, Some(*marker as i32), &mut t.builder)?;
+            plan.conv.append_row(&img.values, &img.nulls, Some(*marker as i32), &mut t.builder)?;
             t.rows_in_batch += 1;
         }
         let added = t.builder.bytes().saturating_sub(before);
@@ -1414,23 +1543,29 @@ unsafe extern "C-unwind" fn truncate_cb(
     _change: *mut pg_sys::ReorderBufferChange,
 ) {
     // SAFETY: relations holds nrelations open relations.
-    let relids: Vec<u32> = unsafe {
-        std::slice::from_raw_parts(relations, nrelations.max(0) as usize).iter().map(|r| (**r).rd_id.to_u32()).collect()
-    };
+    let relations = unsafe { std::slice::from_raw_parts(relations, nrelations.max(0) as usize) };
     DECODER.with(|d| {
         if let Some(d) = d.borrow_mut().as_mut() {
             d.ordinal += 1;
             let pos = Position { commit_lsn: d.commit_lsn, ordinal: d.ordinal };
-            for relid in relids {
-                let xid = d.xid;
-                let follows = d.tables.get(&relid).is_some_and(|t| {
-                    t.parked.is_none()
-                        && !t.reseeding
-                        && !reseed::in_copy(t.seed.as_ref(), xid)
-                        && !already_shipped(t.published, pos)
-                });
-                if follows {
-                    d.request_reseed(relid, Reason::Truncated);
+            for &rel in relations {
+                // SAFETY: an open relation of the change being replayed (historic snapshot set).
+                let relid = unsafe { (*rel).rd_id.to_u32() };
+                d.drop_stale_plans(relid);
+                // SAFETY: as above.
+                let ancestors = unsafe { d.route(rel, relid) };
+                // A truncated partition empties part of each mirrored partitioned table above it.
+                for owner in std::iter::once(relid).chain(ancestors) {
+                    let xid = d.xid;
+                    let follows = d.tables.get(&owner).is_some_and(|t| {
+                        t.parked.is_none()
+                            && !t.reseeding
+                            && !reseed::in_copy(t.seed.as_ref(), xid)
+                            && !already_shipped(t.published, pos)
+                    });
+                    if follows {
+                        d.request_reseed(owner, Reason::Truncated);
+                    }
                 }
             }
         }

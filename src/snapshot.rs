@@ -189,6 +189,8 @@ struct Outcome {
     rows: i64,
     files: Vec<PublishedFile>,
     parked: Option<Error>,
+    /// A partitioned table: the signature of the partition tree that was copied.
+    partitions: Option<String>,
 }
 
 /// Entry point of the snapshot worker. `arg` is the mirror's index in the shared registry.
@@ -319,7 +321,7 @@ fn record_outcome(mirror_id: i64, o: &Outcome) -> Result<()> {
     catalog::run(
         "UPDATE azure_cdc.mirror_tables SET state = $3, key_columns = $4, rows_replicated = $5, \
                 files_published = $6, bytes_published = $7, next_file_number = $6 + 1, \
-                last_completed_at = pg_catalog.clock_timestamp(), last_error = $8 \
+                last_completed_at = pg_catalog.clock_timestamp(), last_error = $8, partitions = $9 \
           WHERE mirror_id = $1 AND relid = $2",
         &[
             mirror_id.into(),
@@ -330,6 +332,7 @@ fn record_outcome(mirror_id: i64, o: &Outcome) -> Result<()> {
             files.into(),
             bytes.into(),
             error.clone().into(),
+            o.partitions.clone().into(),
         ],
     )?;
     match error {
@@ -580,7 +583,7 @@ fn snapshot_table(
     encoder: &Encoder,
 ) -> Result<Outcome> {
     let folder = names::table_folder(&t.schema, &t.table);
-    let mut outcome = Outcome { relid: t.relid, keys: Vec::new(), rows: 0, files: Vec::new(), parked: None };
+    let mut outcome = Outcome { relid: t.relid, keys: Vec::new(), rows: 0, files: Vec::new(), parked: None, partitions: None };
     // SAFETY: try_relation_open returns NULL instead of raising when the table is gone.
     let rel = unsafe { pg_sys::try_relation_open(t.relid, pg_sys::AccessShareLock as i32) };
     if rel.is_null() {
@@ -600,6 +603,12 @@ fn snapshot_table(
         // SAFETY: rel is open (checked above).
         let mut conv = unsafe { TupleConverter::new(rel)? };
         let mut builder = BatchBuilder::new(conv.specs())?;
+        // The partition tree in the snapshot the rows are read in.
+        let tree = catalog::partition_tree(t.relid)?;
+        // SAFETY: rel is open.
+        if unsafe { (*(*rel).rd_rel).relkind } == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char {
+            outcome.partitions = Some(tree.signature.clone());
+        }
         encoder.send(ToEncoder::Begin {
             folder: folder.clone(),
             schema: builder.schema(),
@@ -607,7 +616,7 @@ fn snapshot_table(
             max_file_bytes: crate::gucs::snapshot_file_bytes(),
         })?;
         // SAFETY: scanning an open heap relation in the transaction's snapshot on the main thread.
-        let scanned = unsafe { scan(rel, &mut conv, &mut builder, encoder, index, progress_slot, t.relid) };
+        let scanned = unsafe { scan(rel, &tree, &mut conv, &mut builder, encoder, index, progress_slot, t.relid) };
         match scanned {
             Ok(rows) => {
                 outcome.rows = rows;
@@ -640,8 +649,10 @@ fn snapshot_table(
 ///
 /// # Safety
 /// `rel` must be an open heap relation; main thread; inside the snapshot transaction.
+#[allow(clippy::too_many_arguments)]
 unsafe fn scan(
     rel: pg_sys::Relation,
+    tree: &catalog::PartitionTree,
     conv: &mut TupleConverter,
     builder: &mut BatchBuilder,
     encoder: &Encoder,
@@ -652,7 +663,7 @@ unsafe fn scan(
     // SAFETY: the caller's guarantees; the active snapshot is the snapshot transaction's.
     unsafe {
         let snapshot = pg_sys::GetActiveSnapshot();
-        let rows = crate::tuples::scan_heap(rel, snapshot, conv, builder, &mut |batch, rows| {
+        let rows = crate::tuples::scan_table(rel, snapshot, tree, conv, builder, &mut |batch, rows| {
             encoder.send(ToEncoder::Batch(batch))?;
             shmem::set_progress(index, progress_slot, relid.to_u32(), rows);
             Ok(!encoder.has_failed())

@@ -108,6 +108,24 @@ impl TupleConverter {
         &self.specs
     }
 
+    /// The same plan with its columns in the order of `specs` (a partition's columns in its
+    /// partitioned table's order: the two may differ in column order and dropped columns). None
+    /// unless both have exactly the same columns, by name and kind.
+    pub fn arranged_as(mut self, specs: &[ColumnSpec]) -> Option<Self> {
+        if specs.len() != self.specs.len() {
+            return None;
+        }
+        let mut plans: Vec<Option<ColumnPlan>> = self.plans.drain(..).map(Some).collect();
+        let mut arranged = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let i = self.specs.iter().position(|s| s == spec)?;
+            arranged.push(plans[i].take()?);
+        }
+        self.plans = arranged;
+        self.specs = specs.to_vec();
+        Some(self)
+    }
+
     /// Number of attributes of the tuple descriptor (the size of the deform arrays).
     pub fn natts(&self) -> usize {
         self.natts
@@ -257,6 +275,56 @@ fn to_utf8<'a>(bytes: &'a [u8], database_is_utf8: bool, column: &str) -> Result<
                 format!("column \"{column}\" is not valid UTF-8 after conversion: {e}"),
             )
         })
+    }
+}
+
+/// Scans table `rel` in `snapshot` as [`scan_heap`] does; a partitioned table is scanned partition
+/// by partition (`tree`, read in the same snapshot), each partition's rows converted into the
+/// partitioned table's columns. `on_batch` gets the rows scanned so far over all partitions. A
+/// partition that is not a heap table (a foreign table) cannot be copied: an error that parks the
+/// table. A partition dropped since `tree` was read is skipped.
+///
+/// # Safety
+/// As [`scan_heap`]; `conv` is planned for `rel`.
+pub unsafe fn scan_table(
+    rel: pg_sys::Relation,
+    snapshot: pg_sys::Snapshot,
+    tree: &crate::catalog::PartitionTree,
+    conv: &mut TupleConverter,
+    builder: &mut BatchBuilder,
+    on_batch: &mut dyn FnMut(RecordBatch, i64) -> Result<bool>,
+) -> Result<i64> {
+    // SAFETY: the caller's guarantees; each partition is opened (locked) for its scan and closed
+    // right after, keeping its lock to the end of the transaction as the partitioned table's.
+    unsafe {
+        if (*(*rel).rd_rel).relkind != pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char {
+            return scan_heap(rel, snapshot, conv, builder, on_batch);
+        }
+        let mut total: i64 = 0;
+        for (oid, relkind) in &tree.leaves {
+            if relkind != "r" {
+                let name = std::ffi::CStr::from_ptr(pg_sys::get_rel_name(*oid)).to_string_lossy().into_owned();
+                return Err(Error::new(
+                    ErrorKind::FeatureNotSupported,
+                    format!("partition \"{name}\" is not an ordinary table; its rows cannot be copied"),
+                )
+                .with_hint("Foreign-table partitions cannot be mirrored; detach the partition or mirror other tables."));
+            }
+            let part = pg_sys::try_relation_open(*oid, pg_sys::AccessShareLock as i32);
+            if part.is_null() {
+                continue;
+            }
+            let scanned = (|| -> Result<i64> {
+                let mut part_conv = TupleConverter::new(part)?.arranged_as(conv.specs()).ok_or_else(|| {
+                    Error::new(ErrorKind::Internal, "a partition's columns differ from its partitioned table's")
+                })?;
+                let base = total;
+                scan_heap(part, snapshot, &mut part_conv, builder, &mut |batch, rows| on_batch(batch, base + rows))
+            })();
+            pg_sys::relation_close(part, pg_sys::NoLock as i32);
+            total += scanned?;
+        }
+        Ok(total)
     }
 }
 

@@ -65,11 +65,12 @@ fn plan_table(t: &catalog::TableRow, snap: pg_sys::Snapshot) -> Result<Plan> {
         let mut conv = unsafe { TupleConverter::new(rel)? };
         let mut builder = BatchBuilder::new(conv.specs())?;
         let enc = RowEncoder::new(builder.schema(), &t.key_columns)?;
+        let tree = catalog::partition_tree(t.relid)?;
         let mut image = Image::default();
         let mut duplicate_keys = Vec::new();
         // SAFETY: an open heap relation and a registered snapshot, on the main thread.
         unsafe {
-            crate::tuples::scan_heap(rel, snap, &mut conv, &mut builder, &mut |batch, _| {
+            crate::tuples::scan_table(rel, snap, &tree, &mut conv, &mut builder, &mut |batch, _| {
                 duplicate_keys.extend(enc.add_source(&mut image, &batch)?);
                 Ok(true)
             })?;

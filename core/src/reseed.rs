@@ -47,6 +47,9 @@ pub enum Reason {
     Added,
     /// It was created while the mirror mirrors all tables of the database.
     NewTable,
+    /// A partitioned table whose partitions changed (attached, detached, created or dropped): rows
+    /// came or went without a change of their own in the stream.
+    PartitionsChanged,
 }
 
 impl Reason {
@@ -58,6 +61,7 @@ impl Reason {
             Reason::SlotLost => "the replication slot was lost",
             Reason::Added => "added by add_tables",
             Reason::NewTable => "a new table of a mirror of all tables",
+            Reason::PartitionsChanged => "its partitions changed",
         }
     }
 }

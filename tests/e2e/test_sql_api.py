@@ -26,7 +26,7 @@ def state(db):
         (("m", "{root}", ["v"]), "42809", "is a view"),
         (("m", "{root}", ["mv"]), "42809", "materialized view"),
         (("m", "{root}", ["u"]), "42809", "unlogged"),
-        (("m", "{root}", ["p"]), "42809", "partitioned"),
+        (("m", "{root}", ["tmp"]), "42809", "temporary"),
         (("m", "{root}", ["azure_cdc.mirrors"]), "42809", "system table"),
         (("m", "{root}", []), "22023", "no tables"),
         (("m", "{root}", None, '{"unknown": 1}'), "22023", "unknown option"),
@@ -40,7 +40,7 @@ def test_bad_arguments(db, cluster, args, sqlstate, words):
     db.sql("CREATE VIEW v AS SELECT 1 AS x")
     db.sql("CREATE MATERIALIZED VIEW mv AS SELECT 1 AS x")
     db.sql("CREATE UNLOGGED TABLE u (id int)")
-    db.sql("CREATE TABLE p (id int) PARTITION BY RANGE (id)")
+    db.sql("CREATE TEMPORARY TABLE tmp (id int PRIMARY KEY)")
     root = cluster.new_folder(db.name)
     args = tuple(a.replace("{root}", "file://" + root) if isinstance(a, str) else a for a in args)
     before = state(db)
