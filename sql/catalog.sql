@@ -52,6 +52,9 @@ CREATE TABLE azure_cdc.mirror_tables (
     -- transaction that attached it). Another tree now means rows came or went without changes of
     -- their own in the stream: the table is reseeded.
     partitions         text,
+    -- The columns its files carry now (attribute number, name, kind; JSON), as of its last copy
+    -- and the column changes the decoder followed since (see core/src/columns.rs).
+    columns            text,
     PRIMARY KEY (mirror_id, relid)
 );
 

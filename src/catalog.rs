@@ -33,6 +33,8 @@ pub struct TableRow {
     pub seed_snapshot: Option<String>,
     /// A partitioned table: the signature of its partition tree when it was last copied.
     pub partitions: Option<String>,
+    /// The columns its files carry ([`azure_cdc_core::columns::to_text`]), once it was copied.
+    pub columns: Option<String>,
 }
 
 const MIRROR_COLUMNS: &str = "mirror_id, mirror_name, target, state, slot_name::text, credential, all_tables";
@@ -101,7 +103,7 @@ pub fn tables(mirror_id: i64) -> Result<Vec<TableRow>> {
     Spi::connect(|c| {
         let t = c
             .select(
-                "SELECT relid, schema_name::text, table_name::text, state, key_columns::text[], seed_snapshot, partitions \
+                "SELECT relid, schema_name::text, table_name::text, state, key_columns::text[], seed_snapshot, partitions, columns \
                    FROM azure_cdc.mirror_tables \
                  WHERE mirror_id = $1 ORDER BY schema_name, table_name",
                 None,
@@ -119,6 +121,7 @@ pub fn tables(mirror_id: i64) -> Result<Vec<TableRow>> {
                     key_columns: r.get::<Vec<String>>(5).map_err(spi)?.ok_or_else(missing)?,
                     seed_snapshot: r.get::<String>(6).map_err(spi)?,
                     partitions: r.get::<String>(7).map_err(spi)?,
+                    columns: r.get::<String>(8).map_err(spi)?,
                 })
             })
             .collect()
@@ -378,7 +381,7 @@ pub fn insert_tables(mirror_id: i64, tables: &[(RelationInfo, Vec<String>)], sta
              ON CONFLICT (mirror_id, relid) DO UPDATE SET state = EXCLUDED.state, key_columns = EXCLUDED.key_columns, \
                     schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name, last_error = NULL, \
                     rows_replicated = 0, files_published = 0, bytes_published = 0, next_file_number = 1, \
-                    last_completed_at = NULL, seed_snapshot = NULL, partitions = NULL",
+                    last_completed_at = NULL, seed_snapshot = NULL, partitions = NULL, columns = NULL",
             &[
                 mirror_id.into(),
                 rel.relid.into(),

@@ -40,6 +40,7 @@ use azure_cdc_core::batch::{BatchBuilder, ColumnSpec};
 use azure_cdc_core::changes::{
     already_shipped, batch_due, change_columns, extend_runs, InFlight, Position, RowMarker, TxnRun,
 };
+use azure_cdc_core::columns::{self, Column, Evolution, NewColumnFacts};
 use azure_cdc_core::datafile::PublishedFile;
 use azure_cdc_core::error::Disposition;
 use azure_cdc_core::lifecycle::{MirrorState, TableEvent, TableState};
@@ -101,6 +102,11 @@ struct Table {
     /// A partitioned table: the signature of its partition tree when it was last copied
     /// ([`catalog::PartitionTree`]).
     partitions: Option<String>,
+    /// The columns its files carry, by attribute number: what a table's own descriptor in the
+    /// stream is compared with ([`azure_cdc_core::columns::evolve`]).
+    shipped: Vec<Column>,
+    /// Column changes the files followed, not yet recorded in the catalog (what changed, each).
+    columns_unrecorded: Vec<String>,
     builder: BatchBuilder,
     done: Vec<RecordBatch>,
     /// Position of the last change in the open batch.
@@ -327,15 +333,22 @@ fn recover_lost_slot(m: &catalog::MirrorRow, why: &str) -> Result<()> {
 fn open_table(t: &catalog::TableRow, reseeding: bool) -> Result<Table> {
     // SAFETY: try_relation_open returns NULL when the table is gone; the converter only reads the
     // descriptor of the open relation, which is closed right after.
-    let (specs, parked) = unsafe {
+    let (specs, now, parked) = unsafe {
         let rel = pg_sys::try_relation_open(t.relid, pg_sys::AccessShareLock as i32);
         if rel.is_null() {
-            (Vec::new(), Some(Error::new(ErrorKind::FeatureNotSupported, "the table no longer exists")))
+            (Vec::new(), Vec::new(), Some(Error::new(ErrorKind::FeatureNotSupported, "the table no longer exists")))
         } else {
-            let specs = TupleConverter::new(rel).map(|c| c.specs().to_vec());
+            let conv = TupleConverter::new(rel);
             pg_sys::relation_close(rel, pg_sys::AccessShareLock as i32);
-            (specs?, None)
+            let conv = conv?;
+            (conv.specs().to_vec(), conv.columns(), None)
         }
+    };
+    // The files' columns as recorded; a table copied by an earlier build has none recorded: its
+    // columns now stand in for them.
+    let shipped = match &t.columns {
+        Some(text) => columns::from_text(text)?,
+        None => now,
     };
     let builder = BatchBuilder::new(&change_columns(&specs))?;
     Ok(Table {
@@ -346,6 +359,8 @@ fn open_table(t: &catalog::TableRow, reseeding: bool) -> Result<Table> {
         specs,
         plans: HashMap::new(),
         partitions: t.partitions.clone(),
+        shipped,
+        columns_unrecorded: Vec::new(),
         builder,
         done: Vec::new(),
         last_in_batch: None,
@@ -716,7 +731,8 @@ impl Decoder {
     fn record_catalog(&mut self, mirror_id: i64, force: bool) -> Result<()> {
         let parked = self.tables.values().any(|t| t.parked.is_some() && !t.park_recorded);
         let touched = self.tables.values().any(|t| t.unrecorded.touched);
-        if !(parked || force || (touched && self.last_catalog_write.elapsed() >= CATALOG_EVERY)) {
+        let columns = self.tables.values().any(|t| !t.columns_unrecorded.is_empty());
+        if !(parked || force || columns || (touched && self.last_catalog_write.elapsed() >= CATALOG_EVERY)) {
             return Ok(());
         }
         self.last_catalog_write = Instant::now();
@@ -745,6 +761,15 @@ impl Decoder {
                     )?;
                     catalog::record_event(mirror_id, Some((&t.schema, &t.name)), "TableFailed", Some(&e.full_text()))?;
                     t.park_recorded = true;
+                }
+                if !t.columns_unrecorded.is_empty() {
+                    catalog::run(
+                        "UPDATE azure_cdc.mirror_tables SET columns = $3 WHERE mirror_id = $1 AND relid = $2",
+                        &[mirror_id.into(), pg_sys::Oid::from(*relid).into(), columns::to_text(&t.shipped).into()],
+                    )?;
+                    for what in std::mem::take(&mut t.columns_unrecorded) {
+                        catalog::record_event(mirror_id, Some((&t.schema, &t.name)), "ColumnsChanged", Some(&what))?;
+                    }
                 }
                 if t.unrecorded.touched {
                     let c = t.unrecorded;
@@ -1130,7 +1155,7 @@ impl Decoder {
             return Ok(());
         }
         // SAFETY: rel is the open relation of the change being replayed.
-        match unsafe { ensure_plan(t, rel, relid) } {
+        match unsafe { ensure_plan(t, rel, relid, relid == owner) } {
             Ok(true) => {}
             Ok(false) => {
                 self.request_reseed(owner, Reason::ColumnsChanged);
@@ -1142,6 +1167,19 @@ impl Decoder {
             }
             Err(e) => return Err(e),
         }
+        // Columns added or dropped (followed by ensure_plan): the open batch closes with the old
+        // columns, and the table's later files carry the new ones.
+        let changed =
+            t.plans.get(&relid).map(|p| p.conv.specs()).filter(|s| *s != t.specs.as_slice()).map(<[_]>::to_vec);
+        if let Some(specs) = changed {
+            if t.rows_in_batch > 0 {
+                self.close_batch(self.commit_lsn)?;
+            }
+            let Some(t) = self.tables.get_mut(&owner) else { return Ok(()) };
+            t.builder = BatchBuilder::new(&change_columns(&specs))?;
+            t.specs = specs;
+        }
+        let Some(t) = self.tables.get_mut(&owner) else { return Ok(()) };
         // SAFETY: the change's tuple data is valid during the callback; all memory this allocates goes
         // to change_cxt, reset below once the values are copied into Arrow builders.
         let r = unsafe {
@@ -1212,7 +1250,7 @@ fn count_file(t: &mut Table, f: &PublishedFile) {
 ///
 /// # Safety
 /// `rel` is the open relation of a change being replayed; main thread.
-unsafe fn ensure_plan(t: &mut Table, rel: pg_sys::Relation, relid: u32) -> Result<bool> {
+unsafe fn ensure_plan(t: &mut Table, rel: pg_sys::Relation, relid: u32, own: bool) -> Result<bool> {
     if t.plans.contains_key(&relid) {
         return Ok(true);
     }
@@ -1236,18 +1274,56 @@ unsafe fn ensure_plan(t: &mut Table, rel: pg_sys::Relation, relid: u32) -> Resul
                 return Err(e);
             }
         };
-        let now: Vec<String> = conv.specs().iter().map(|c| c.name.clone()).collect();
-        // A partition's columns may come in another order than its partitioned table's.
-        let Some(conv) = conv.arranged_as(&t.specs) else {
-            pg_sys::MemoryContextDelete(cxt);
-            let was: Vec<&str> = t.specs.iter().map(|c| c.name.as_str()).collect();
-            pgrx::log!("azure_cdc: columns of \"{}.{}\" changed from {was:?} to {now:?}", t.schema, t.name);
-            return Ok(false);
-        };
-        let plan = Plan { conv, cxt, key_atts: Vec::new() };
         let desc = (*rel).rd_att;
         let natts = (*desc).natts as usize;
         let attrs = (*desc).attrs.as_slice(natts);
+        let conv = if own {
+            // The table's own descriptor: columns added or dropped are followed by the files where
+            // the format can express it (see azure_cdc_core::columns).
+            let now = conv.columns();
+            let facts = |c: &Column| match attrs.get((c.attnum - 1) as usize) {
+                Some(a) => NewColumnFacts {
+                    has_missing_value: a.atthasmissing,
+                    filled_existing_rows: a.atthasdef
+                        || a.attidentity != 0
+                        || a.attgenerated != 0
+                        || pg_sys::getBaseType(a.atttypid) != a.atttypid,
+                },
+                None => NewColumnFacts { has_missing_value: true, filled_existing_rows: true },
+            };
+            match columns::evolve(&t.shipped, &now, &t.keys, facts) {
+                Evolution::Same => conv,
+                Evolution::Follow { dropped, added } => {
+                    let what = format!("added: {}; dropped: {}", list_or_none(&added), list_or_none(&dropped));
+                    pgrx::log!(
+                        "azure_cdc: columns of \"{}.{}\" changed ({what}); later files follow",
+                        t.schema,
+                        t.name
+                    );
+                    t.shipped = now;
+                    t.columns_unrecorded.push(what);
+                    conv
+                }
+                Evolution::Reseed(why) => {
+                    pg_sys::MemoryContextDelete(cxt);
+                    pgrx::log!("azure_cdc: columns of \"{}.{}\" changed: {why}", t.schema, t.name);
+                    return Ok(false);
+                }
+            }
+        } else {
+            // A partition: its columns in its partitioned table's order, or the table is reseeded.
+            let now: Vec<String> = conv.specs().iter().map(|c| c.name.clone()).collect();
+            match conv.arranged_as(&t.specs) {
+                Some(c) => c,
+                None => {
+                    pg_sys::MemoryContextDelete(cxt);
+                    let was: Vec<&str> = t.specs.iter().map(|c| c.name.as_str()).collect();
+                    pgrx::log!("azure_cdc: columns of \"{}.{}\" changed from {was:?} to {now:?}", t.schema, t.name);
+                    return Ok(false);
+                }
+            }
+        };
+        let plan = Plan { conv, cxt, key_atts: Vec::new() };
         // A primary key other than the key columns of the files (changed, or added to a table keyed
         // otherwise) is a new key: the folder must be rebuilt with it.
         let pk = pg_sys::RelationGetIndexAttrBitmap(rel, pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_PRIMARY_KEY);
@@ -1294,6 +1370,14 @@ unsafe fn ensure_plan(t: &mut Table, rel: pg_sys::Relation, relid: u32) -> Resul
         t.plans.insert(relid, plan);
     }
     Ok(true)
+}
+
+fn list_or_none(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
 }
 
 /// A deformed tuple image.

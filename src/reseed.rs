@@ -121,17 +121,17 @@ fn copy_one(
         let e = Error::new(ErrorKind::UndefinedTable, format!("table \"{}.{}\" no longer exists", t.schema, t.table));
         return record_failed(mirror_id, relid, name, &e);
     }
-    type Copied = (Vec<String>, i64, Vec<azure_cdc_core::datafile::PublishedFile>, Option<String>);
+    type Copied = (Vec<String>, i64, Vec<azure_cdc_core::datafile::PublishedFile>, Option<String>, String);
     let copied = (|| -> Result<Copied> {
         // SAFETY: rel is open (checked above).
         let mut conv = unsafe { TupleConverter::new(rel)? };
         let columns: Vec<String> = conv.specs().iter().map(|c| c.name.clone()).collect();
+        let file_columns = azure_cdc_core::columns::to_text(&conv.columns());
         let keys = keys_now(relid, &t.keys, &columns)?;
         // The partition tree in snapshot S, as the rows are.
         let tree = catalog::partition_tree(relid)?;
         // SAFETY: rel is open.
-        let partitioned =
-            unsafe { (*(*rel).rd_rel).relkind } == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char;
+        let partitioned = unsafe { (*(*rel).rd_rel).relkind } == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char;
         target.clear_table_folder(&folder)?;
         target.put_document(&folder, landing_zone::METADATA_FILE, landing_zone::table_metadata(&keys).as_bytes())?;
         let mut builder = BatchBuilder::new(conv.specs())?;
@@ -152,11 +152,11 @@ fn copy_one(
                 Ok(true)
             })?
         };
-        Ok((keys, rows, sink.close()?, partitioned.then_some(tree.signature)))
+        Ok((keys, rows, sink.close()?, partitioned.then_some(tree.signature), file_columns))
     })();
     // SAFETY: closing the relation opened above, keeping its lock to the end of the transaction.
     unsafe { pg_sys::relation_close(rel, pg_sys::NoLock as i32) };
-    let (keys, rows, files, partitions) = match copied {
+    let (keys, rows, files, partitions, file_columns) = match copied {
         Ok(c) => c,
         Err(e) if e.kind.disposition() == Disposition::ParkTable => {
             target.clear_table_folder(&folder)?;
@@ -169,7 +169,7 @@ fn copy_one(
     catalog::run(
         "UPDATE azure_cdc.mirror_tables SET state = $3, key_columns = $4, rows_replicated = $5, \
                 files_published = $6, bytes_published = $7, next_file_number = $6 + 1, seed_snapshot = $8, \
-                partitions = $9, last_completed_at = pg_catalog.clock_timestamp(), last_error = NULL \
+                partitions = $9, columns = $10, last_completed_at = pg_catalog.clock_timestamp(), last_error = NULL \
           WHERE mirror_id = $1 AND relid = $2",
         &[
             mirror_id.into(),
@@ -181,6 +181,7 @@ fn copy_one(
             bytes.into(),
             seed.into(),
             partitions.into(),
+            file_columns.into(),
         ],
     )?;
     catalog::record_event(

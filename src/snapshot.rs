@@ -191,6 +191,8 @@ struct Outcome {
     parked: Option<Error>,
     /// A partitioned table: the signature of the partition tree that was copied.
     partitions: Option<String>,
+    /// The columns of its files ([`azure_cdc_core::columns::to_text`]).
+    columns: Option<String>,
 }
 
 /// Entry point of the snapshot worker. `arg` is the mirror's index in the shared registry.
@@ -321,7 +323,7 @@ fn record_outcome(mirror_id: i64, o: &Outcome) -> Result<()> {
     catalog::run(
         "UPDATE azure_cdc.mirror_tables SET state = $3, key_columns = $4, rows_replicated = $5, \
                 files_published = $6, bytes_published = $7, next_file_number = $6 + 1, \
-                last_completed_at = pg_catalog.clock_timestamp(), last_error = $8, partitions = $9 \
+                last_completed_at = pg_catalog.clock_timestamp(), last_error = $8, partitions = $9, columns = $10 \
           WHERE mirror_id = $1 AND relid = $2",
         &[
             mirror_id.into(),
@@ -333,6 +335,7 @@ fn record_outcome(mirror_id: i64, o: &Outcome) -> Result<()> {
             bytes.into(),
             error.clone().into(),
             o.partitions.clone().into(),
+            o.columns.clone().into(),
         ],
     )?;
     match error {
@@ -583,7 +586,15 @@ fn snapshot_table(
     encoder: &Encoder,
 ) -> Result<Outcome> {
     let folder = names::table_folder(&t.schema, &t.table);
-    let mut outcome = Outcome { relid: t.relid, keys: Vec::new(), rows: 0, files: Vec::new(), parked: None, partitions: None };
+    let mut outcome = Outcome {
+        relid: t.relid,
+        keys: Vec::new(),
+        rows: 0,
+        files: Vec::new(),
+        parked: None,
+        partitions: None,
+        columns: None,
+    };
     // SAFETY: try_relation_open returns NULL instead of raising when the table is gone.
     let rel = unsafe { pg_sys::try_relation_open(t.relid, pg_sys::AccessShareLock as i32) };
     if rel.is_null() {
@@ -603,6 +614,7 @@ fn snapshot_table(
         // SAFETY: rel is open (checked above).
         let mut conv = unsafe { TupleConverter::new(rel)? };
         let mut builder = BatchBuilder::new(conv.specs())?;
+        outcome.columns = Some(azure_cdc_core::columns::to_text(&conv.columns()));
         // The partition tree in the snapshot the rows are read in.
         let tree = catalog::partition_tree(t.relid)?;
         // SAFETY: rel is open.

@@ -126,6 +126,19 @@ impl TupleConverter {
         Some(self)
     }
 
+    /// The columns as the landing zone's files carry them, with their attribute numbers.
+    pub fn columns(&self) -> Vec<azure_cdc_core::columns::Column> {
+        self.plans
+            .iter()
+            .zip(&self.specs)
+            .map(|(p, s)| azure_cdc_core::columns::Column {
+                attnum: p.attno as i32 + 1,
+                name: s.name.clone(),
+                kind: format!("{:?}", s.kind),
+            })
+            .collect()
+    }
+
     /// Number of attributes of the tuple descriptor (the size of the deform arrays).
     pub fn natts(&self) -> usize {
         self.natts
@@ -308,7 +321,9 @@ pub unsafe fn scan_table(
                     ErrorKind::FeatureNotSupported,
                     format!("partition \"{name}\" is not an ordinary table; its rows cannot be copied"),
                 )
-                .with_hint("Foreign-table partitions cannot be mirrored; detach the partition or mirror other tables."));
+                .with_hint(
+                    "Foreign-table partitions cannot be mirrored; detach the partition or mirror other tables.",
+                ));
             }
             let part = pg_sys::try_relation_open(*oid, pg_sys::AccessShareLock as i32);
             if part.is_null() {

@@ -18,6 +18,7 @@
 pub mod batch;
 pub mod changes;
 pub mod cloud;
+pub mod columns;
 pub mod datafile;
 pub mod error;
 pub mod health;

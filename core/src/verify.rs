@@ -121,14 +121,17 @@ impl RowEncoder {
         !self.key_idx.is_empty()
     }
 
-    /// The table's columns of `batch`, by name, in table order. A column missing or of another type
-    /// is an error: the two sides would not be comparable.
+    /// The table's columns of `batch`, by name, in table order. A column the file lacks is NULL in
+    /// its rows (the landing zone's rule: a file written before the column was added, or after it
+    /// was dropped); a column of another type is an error: the two sides would not be comparable.
+    /// Columns of the file the table no longer has are left out.
     fn project(&self, batch: &RecordBatch) -> Result<Vec<ArrayRef>> {
         let mut out = Vec::with_capacity(self.schema.fields().len());
         for f in self.schema.fields() {
-            let col = batch.column_by_name(f.name()).ok_or_else(|| {
-                Error::new(ErrorKind::DataConversion, format!("a data file lacks column \"{}\"", f.name()))
-            })?;
+            let Some(col) = batch.column_by_name(f.name()) else {
+                out.push(arrow_array::new_null_array(f.data_type(), batch.num_rows()));
+                continue;
+            };
             if col.data_type() != f.data_type() {
                 return Err(Error::new(
                     ErrorKind::DataConversion,
