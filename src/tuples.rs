@@ -316,7 +316,12 @@ pub unsafe fn scan_table(
         let mut total: i64 = 0;
         for (oid, relkind) in &tree.leaves {
             if relkind != "r" {
-                let name = std::ffi::CStr::from_ptr(pg_sys::get_rel_name(*oid)).to_string_lossy().into_owned();
+                let name = pg_sys::get_rel_name(*oid);
+                let name = if name.is_null() {
+                    oid.to_u32().to_string()
+                } else {
+                    std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+                };
                 return Err(Error::new(
                     ErrorKind::FeatureNotSupported,
                     format!("partition \"{name}\" is not an ordinary table; its rows cannot be copied"),
