@@ -1,5 +1,7 @@
--- Catalog of azure_cdc: what is mirrored, where, and how far. Written by the SQL API and the
--- background workers; read by the status functions. Nothing here is granted to PUBLIC.
+-- Catalog of azure_cdc: what is mirrored, where, and how far. It belongs to the extension: only the
+-- extension's own code writes it (src/catalog.rs, with the extension's rights and a pinned
+-- search_path). azure_cdc_admin may read mirrors, mirror_tables and events, and nothing more;
+-- nothing here is granted to PUBLIC.
 
 DO $$
 BEGIN
@@ -23,7 +25,9 @@ CREATE TABLE azure_cdc.mirrors (
                            CHECK (state IN ('Starting', 'Running', 'Failed', 'Paused', 'Stopped')),
     slot_name              name NOT NULL,
     consistent_lsn         pg_lsn,
-    created_by             name NOT NULL DEFAULT current_user,
+    -- The role that started the mirror: only it (or a member of it) and superusers control the
+    -- mirror, and its rights bound what the mirror's workers do (README "Security model").
+    owner                  oid NOT NULL,
     created_at             timestamptz NOT NULL DEFAULT pg_catalog.now(),
     snapshot_completed_at  timestamptz,
     stopped_at             timestamptz,
@@ -71,15 +75,14 @@ CREATE TABLE azure_cdc.events (
 );
 
 REVOKE ALL ON azure_cdc.mirrors, azure_cdc.mirror_tables, azure_cdc.events FROM PUBLIC;
-GRANT SELECT, INSERT, UPDATE, DELETE ON azure_cdc.mirrors, azure_cdc.mirror_tables TO azure_cdc_admin;
-GRANT SELECT, INSERT, DELETE ON azure_cdc.events TO azure_cdc_admin;
+GRANT SELECT ON azure_cdc.mirrors, azure_cdc.mirror_tables, azure_cdc.events TO azure_cdc_admin;
 
 -- Named options (keys, secrets, endpoints) for object-store targets. Readable by superusers only:
 -- azure_cdc_admin may name a credential in start_mirror but not read it (see src/credentials.rs).
 CREATE TABLE azure_cdc.credentials (
     credential_name  text PRIMARY KEY,
     options          jsonb NOT NULL,
-    created_by       name NOT NULL DEFAULT current_user,
+    created_by       name NOT NULL,
     created_at       timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 REVOKE ALL ON azure_cdc.credentials FROM PUBLIC;

@@ -4,10 +4,11 @@
 //! Control and status functions are for superusers and members of `azure_cdc_admin`; anyone else gets
 //! SQLSTATE 42501 with a hint naming the role. `check_prerequisites()` is open to every user, since
 //! "am I an admin?" is one of its checks. The functions run with the caller's rights (no SECURITY
-//! DEFINER): admins are granted the catalog tables, nobody else is.
+//! DEFINER); what they may do is decided in [`crate::privileges`], and they reach the catalog only
+//! through [`crate::catalog`], which alone writes it.
 
 use azure_cdc_core::cloud::CloudSettings;
-use azure_cdc_core::lifecycle::{MirrorState, TableEvent, TableState};
+use azure_cdc_core::lifecycle::{Event, MirrorState, TableEvent, TableState};
 use azure_cdc_core::names;
 use azure_cdc_core::prerequisites::{self, ServerFacts};
 use azure_cdc_core::target::TargetUrl;
@@ -19,29 +20,7 @@ use crate::catalog::{self, RelationInfo};
 use crate::errors::{spi, OrRaise};
 use crate::shmem::{self, Desired, Phase};
 
-pub const ADMIN_ROLE: &str = "azure_cdc_admin";
-
-/// Whether the current user is a superuser or has the privileges of azure_cdc_admin.
-pub fn caller_is_admin() -> bool {
-    // SAFETY: plain catalog lookups on the main thread inside a transaction; the role name is a valid
-    // NUL-terminated string; get_role_oid with missing_ok = true returns InvalidOid instead of raising.
-    unsafe {
-        if pg_sys::superuser() {
-            return true;
-        }
-        let role = pg_sys::get_role_oid(c"azure_cdc_admin".as_ptr(), true);
-        role != pg_sys::InvalidOid && pg_sys::has_privs_of_role(pg_sys::GetUserId(), role)
-    }
-}
-
-pub(crate) fn require_admin(function: &str) -> Result<()> {
-    if caller_is_admin() {
-        return Ok(());
-    }
-    Err(Error::new(ErrorKind::InsufficientPrivilege, format!("permission denied for function {function}"))
-        .with_detail("Only superusers and members of azure_cdc_admin can run this function.")
-        .with_hint(format!("A superuser can run: GRANT {ADMIN_ROLE} TO <user>;")))
-}
+use crate::privileges::{self, require_admin, Who, ADMIN_ROLE};
 
 pub(crate) fn database_oid() -> u32 {
     // SAFETY: MyDatabaseId is set once at connection start and only read here.
@@ -93,7 +72,8 @@ pub(crate) fn server_facts() -> Result<ServerFacts> {
         )
         .map_err(spi)?
         .unwrap_or(false),
-        caller_is_admin: caller_is_admin(),
+        caller_is_admin: privileges::caller_is_admin(),
+        caller_has_replication: privileges::has_replication(privileges::current_user()),
         caller_has_create_on_database: Spi::get_one::<bool>(
             "SELECT pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE')",
         )
@@ -146,19 +126,31 @@ fn unmirrorable(rel: &RelationInfo, all_tables: bool) -> Option<&'static str> {
     })
 }
 
-fn resolve_tables(tables: Option<Vec<Option<String>>>) -> Result<Vec<RelationInfo>> {
+/// The tables a mirror owned by `owner` takes: those listed (each must be one it may mirror, else
+/// the call fails), or with NULL every table it may mirror (the others are named in a NOTICE with the
+/// reason: not a table that can be mirrored, or one `owner` does not own).
+fn resolve_tables(tables: Option<Vec<Option<String>>>, owner: pg_sys::Oid) -> Result<Vec<RelationInfo>> {
     let Some(list) = tables else {
         // Mirror all data: every table that can be mirrored; the others are named with the reason.
-        let (tables, skipped): (Vec<RelationInfo>, Vec<RelationInfo>) =
-            catalog::user_relations()?.into_iter().partition(|r| unmirrorable(r, true).is_none());
-        if !skipped.is_empty() {
-            let list: Vec<String> = skipped
-                .iter()
-                .map(|r| format!("{}.{} ({})", r.schema, r.table, unmirrorable(r, true).unwrap_or("not a table")))
-                .collect();
-            pgrx::notice!("azure_cdc skips {} relation(s) that cannot be mirrored: {}", list.len(), list.join(", "));
+        let mut taken = Vec::new();
+        let mut skipped = Vec::new();
+        for r in catalog::user_relations()? {
+            if let Some(what) = unmirrorable(&r, true) {
+                skipped.push(format!("{}.{} ({what})", r.schema, r.table));
+            } else if let Some(why) = privileges::table_refusal(owner, r.relid)? {
+                skipped.push(format!("{}.{} ({why})", r.schema, r.table));
+            } else {
+                taken.push(r);
+            }
         }
-        return Ok(tables);
+        if !skipped.is_empty() {
+            pgrx::notice!(
+                "azure_cdc skips {} relation(s) that cannot be mirrored: {}",
+                skipped.len(),
+                skipped.join(", ")
+            );
+        }
+        return Ok(taken);
     };
     if list.is_empty() {
         return Err(Error::new(ErrorKind::InvalidParameter, "no tables given")
@@ -175,6 +167,9 @@ fn resolve_tables(tables: Option<Vec<Option<String>>>) -> Result<Vec<RelationInf
             return Err(Error::new(ErrorKind::WrongObjectType, format!("\"{}.{}\" is {what}", rel.schema, rel.table))
                 .with_hint("Only ordinary, permanent tables can be mirrored."));
         }
+        if let Some(e) = privileges::table_refusal_error(owner, rel.relid, &rel.schema, &rel.table, Who::Caller)? {
+            return Err(e);
+        }
         if !out.iter().any(|r| r.relid == rel.relid) {
             out.push(rel);
         }
@@ -188,7 +183,9 @@ fn prerequisite_error(facts: &ServerFacts) -> Option<Error> {
     let failed = checks.iter().find(|c| c.is_error())?;
     let kind = match failed.code {
         "MAX_FABRIC_MIRRORS_REACHED" => ErrorKind::ConfigurationLimit,
-        "USER_NOT_CDC_ADMIN" | "NO_CREATE_PRIVILEGE_ON_DATABASE" => ErrorKind::InsufficientPrivilege,
+        "USER_NOT_CDC_ADMIN" | "NO_CREATE_PRIVILEGE_ON_DATABASE" | "USER_WITHOUT_REPLICATION" => {
+            ErrorKind::InsufficientPrivilege
+        }
         _ => ErrorKind::PrerequisiteNotMet,
     };
     let hint = failed.detail.get("hint").and_then(|h| h.as_str()).unwrap_or_default().to_string();
@@ -206,7 +203,9 @@ fn start_mirror_impl(
     options: JsonB,
 ) -> Result<String> {
     require_admin("start_mirror")?;
+    privileges::require_replication("start_mirror")?;
     names::validate_mirror_name(mirror_name)?;
+    let owner = privileges::current_user();
     if let Some(m) = catalog::mirror_by_name(mirror_name)? {
         let mut e = Error::new(ErrorKind::DuplicateObject, format!("mirror \"{mirror_name}\" already exists"));
         if m.state == MirrorState::Stopped.as_str() {
@@ -216,7 +215,16 @@ fn start_mirror_impl(
         }
         return Err(e);
     }
+    let slot = names::slot_name(mirror_name);
+    if crate::slot::exists(&slot)? {
+        // Slot names are server-wide: another database's mirror of that name, or a slot someone
+        // else created, has it. It is never taken over (nor dropped later).
+        return Err(Error::new(ErrorKind::DuplicateObject, format!("replication slot \"{slot}\" already exists"))
+            .with_detail("A mirror's slot is named after the mirror, and slot names are unique on the whole server.")
+            .with_hint("Choose another mirror name."));
+    }
     let url = TargetUrl::parse(target)?;
+    privileges::check_local_target(&url, owner, Who::Caller)?;
     for (other, other_target) in catalog::active_targets()? {
         if TargetUrl::parse(&other_target).is_ok_and(|o| o.overlaps(&url)) {
             return Err(Error::new(
@@ -243,7 +251,7 @@ fn start_mirror_impl(
         _ => return Err(Error::new(ErrorKind::InvalidParameter, "options must be a JSON object")),
     };
     let all_tables = tables.is_none();
-    let rels = resolve_tables(tables)?;
+    let rels = resolve_tables(tables, owner)?;
     if let Some(e) = prerequisite_error(&server_facts()?) {
         return Err(e);
     }
@@ -265,7 +273,6 @@ fn start_mirror_impl(
     })?;
     drop(t);
 
-    let slot = names::slot_name(mirror_name);
     let with_keys = keys_and_identity(rels)?;
     let id = catalog::insert_mirror(
         mirror_name,
@@ -274,9 +281,15 @@ fn start_mirror_impl(
         options,
         credential.as_deref(),
         &slot,
+        owner,
         &with_keys,
     )?;
-    catalog::record_event(id, None, "Started", Some(&format!("{} table(s) to {}", with_keys.len(), url.to_url())))?;
+    catalog::record_event(
+        id,
+        None,
+        Event::Started,
+        Some(&format!("{} table(s) to {}, owner {}", with_keys.len(), url.to_url(), privileges::role_name(owner))),
+    )?;
     let database = database_oid();
     let Some(index) = shmem::reserve(database, id, Desired::Reserved, Phase::Snapshot) else {
         return Err(Error::new(ErrorKind::ConfigurationLimit, "all mirror places of the server are in use")
@@ -356,23 +369,23 @@ fn wait_for_workers_gone(index: usize, mirror_name: &str) -> Result<()> {
 fn stop_mirror_impl(mirror_name: &str) -> Result<String> {
     require_admin("stop_mirror")?;
     let m = catalog::mirror_by_name(mirror_name)?.ok_or_else(|| unknown_mirror(mirror_name))?;
+    privileges::require_mirror_owner(mirror_name, m.owner)?;
     if m.state == MirrorState::Stopped.as_str() {
         return Ok(format!("mirror \"{mirror_name}\" is already stopped"));
     }
+    privileges::require_replication("stop_mirror")?;
     let entry = shmem::find(database_oid(), m.id);
     if let Some(index) = entry {
         stop_workers(index, mirror_name)?;
     }
-    catalog::run(
-        "UPDATE azure_cdc.mirrors SET state = 'Stopped', stopped_at = pg_catalog.now() WHERE mirror_id = $1",
-        &[m.id.into()],
-    )?;
-    catalog::run(
-        "UPDATE azure_cdc.mirror_tables SET state = $2 WHERE mirror_id = $1",
-        &[m.id.into(), TableState::Stopped.as_str().into()],
-    )?;
-    let dropped = crate::slot::drop_if_exists(&m.slot_name)?;
-    catalog::record_event(m.id, None, "Stopped", Some(&format!("was {}; files kept in {}", m.state, m.target)))?;
+    let dropped = match crate::slot::find_mirror_slot(&m.name, &m.slot_name)? {
+        crate::slot::SlotFound::Other(why) => {
+            pgrx::notice!("replication slot \"{}\" is not this mirror's ({why}); it is left as it is", m.slot_name);
+            false
+        }
+        _ => crate::slot::drop_mirror_slot(&m.name, &m.slot_name)?,
+    };
+    catalog::mirror_stopped(m.id, &format!("was {}; files kept in {}", m.state, m.target))?;
     if let Some(index) = entry {
         register_xact_callback(PgXactCallbackEvent::Commit, move || shmem::release(index));
     }
@@ -398,11 +411,12 @@ fn stop_mirror(mirror_name: &str) -> String {
 fn drop_mirror_impl(mirror_name: &str) -> Result<String> {
     require_admin("drop_mirror")?;
     let m = catalog::mirror_by_name(mirror_name)?.ok_or_else(|| unknown_mirror(mirror_name))?;
+    privileges::require_mirror_owner(mirror_name, m.owner)?;
     if m.state != MirrorState::Stopped.as_str() {
         return Err(Error::new(ErrorKind::ObjectInUse, format!("mirror \"{mirror_name}\" is not stopped"))
             .with_hint(format!("Stop it first: SELECT azure_cdc.stop_mirror('{mirror_name}');")));
     }
-    catalog::run("DELETE FROM azure_cdc.mirrors WHERE mirror_id = $1", &[m.id.into()])?;
+    catalog::delete_mirror(m.id)?;
     Ok(format!("mirror \"{mirror_name}\" removed from the catalog; its files are kept in {}", m.target))
 }
 
@@ -415,6 +429,7 @@ fn drop_mirror(mirror_name: &str) -> String {
 fn pause_mirror_impl(mirror_name: &str) -> Result<String> {
     require_admin("pause_mirror")?;
     let m = catalog::mirror_by_name(mirror_name)?.ok_or_else(|| unknown_mirror(mirror_name))?;
+    privileges::require_mirror_owner(mirror_name, m.owner)?;
     let state = MirrorState::parse(&m.state)?;
     if !state.wants_workers() {
         return Err(Error::new(ErrorKind::ObjectInUse, format!("mirror \"{mirror_name}\" is {}", m.state))
@@ -423,8 +438,7 @@ fn pause_mirror_impl(mirror_name: &str) -> Result<String> {
     if let Some(index) = shmem::find(database_oid(), m.id) {
         stop_workers(index, mirror_name)?;
     }
-    catalog::run("UPDATE azure_cdc.mirrors SET state = 'Paused' WHERE mirror_id = $1", &[m.id.into()])?;
-    catalog::record_event(m.id, None, "Paused", Some(&format!("was {}", state.as_str())))?;
+    catalog::mirror_paused(m.id, state)?;
     Ok(format!(
         "mirror \"{mirror_name}\" paused; its slot {} keeps the WAL until resume_mirror('{mirror_name}')",
         m.slot_name
@@ -442,6 +456,8 @@ fn pause_mirror(mirror_name: &str) -> String {
 fn resume_mirror_impl(mirror_name: &str) -> Result<String> {
     require_admin("resume_mirror")?;
     let m = catalog::mirror_by_name(mirror_name)?.ok_or_else(|| unknown_mirror(mirror_name))?;
+    privileges::require_mirror_owner(mirror_name, m.owner)?;
+    privileges::require_replication("resume_mirror")?;
     let before = MirrorState::parse(&m.state)?;
     if !matches!(before, MirrorState::Failed | MirrorState::Paused) {
         return Err(Error::new(
@@ -450,21 +466,15 @@ fn resume_mirror_impl(mirror_name: &str) -> Result<String> {
         )
         .with_hint("resume_mirror resumes a paused mirror, or one its target stopped."));
     }
-    // Prove the target again before the workers try: a cause that is still there is reported here.
+    // The owner's standing and the target are checked again before the workers try: a cause that
+    // is still there is reported here.
+    privileges::owner_standing(m.owner)?;
     let url = TargetUrl::parse(&m.target)?;
+    privileges::check_local_target(&url, m.owner, Who::Owner)?;
     crate::credentials::open_target(&url, m.credential.as_deref(), CloudSettings::probe())?.probe()?;
-    let completed = Spi::get_one_with_args::<bool>(
-        "SELECT snapshot_completed_at IS NOT NULL FROM azure_cdc.mirrors WHERE mirror_id = $1",
-        &[m.id.into()],
-    )
-    .map_err(spi)?
-    .unwrap_or(false);
+    let completed = catalog::snapshot_completed(m.id)?;
     let state = MirrorState::resumed(completed);
-    catalog::run(
-        "UPDATE azure_cdc.mirrors SET state = $2, last_error = NULL, last_error_code = NULL WHERE mirror_id = $1",
-        &[m.id.into(), state.as_str().into()],
-    )?;
-    catalog::record_event(m.id, None, "Resumed", Some(&format!("from {}, as {}", before.as_str(), state.as_str())))?;
+    catalog::mirror_resumed(m.id, before, state)?;
     let phase = if completed { Phase::Snapshotted } else { Phase::Snapshot };
     let database = database_oid();
     let index = match shmem::find(database, m.id) {
@@ -549,6 +559,7 @@ fn tables_changed_after_commit(mirror_id: i64) {
 fn mirror_for_tables(function: &str, mirror_name: &str) -> Result<(catalog::MirrorRow, MirrorState)> {
     require_admin(function)?;
     let m = catalog::mirror_by_name(mirror_name)?.ok_or_else(|| unknown_mirror(mirror_name))?;
+    privileges::require_mirror_owner(mirror_name, m.owner)?;
     let state = MirrorState::parse(&m.state)?;
     if matches!(state, MirrorState::Starting | MirrorState::Stopped) {
         return Err(Error::new(ErrorKind::PrerequisiteNotMet, format!("mirror \"{mirror_name}\" is {}", m.state))
@@ -568,7 +579,7 @@ fn table_states(mirror_id: i64) -> Result<std::collections::HashMap<pg_sys::Oid,
 
 fn add_tables_impl(mirror_name: &str, tables: Vec<Option<String>>) -> Result<String> {
     let (m, state) = mirror_for_tables("add_tables", mirror_name)?;
-    let rels = resolve_tables(Some(tables))?;
+    let rels = resolve_tables(Some(tables), m.owner)?;
     let states = table_states(m.id)?;
     let mut new = Vec::new();
     for rel in rels {
@@ -581,15 +592,7 @@ fn add_tables_impl(mirror_name: &str, tables: Vec<Option<String>>) -> Result<Str
         }
     }
     let with_keys = keys_and_identity(new)?;
-    catalog::insert_tables(m.id, &with_keys, TableState::Reseeding.as_str())?;
-    for (rel, _) in &with_keys {
-        catalog::record_event(
-            m.id,
-            Some((&rel.schema, &rel.table)),
-            "ReseedRequested",
-            Some(azure_cdc_core::reseed::Reason::Added.as_str()),
-        )?;
-    }
+    catalog::tables_added(m.id, &with_keys, azure_cdc_core::reseed::Reason::Added.as_str())?;
     tables_changed_after_commit(m.id);
     let when = if state == MirrorState::Running { "after commit" } else { "when the mirror is resumed" };
     Ok(format!(
@@ -626,17 +629,7 @@ fn remove_tables_impl(mirror_name: &str, tables: Vec<Option<String>>) -> Result<
                 ))
             }
             Some(s) => {
-                let next = s.on(TableEvent::Stopped)?;
-                catalog::run(
-                    "UPDATE azure_cdc.mirror_tables SET state = $3 WHERE mirror_id = $1 AND relid = $2",
-                    &[m.id.into(), rel.relid.into(), next.as_str().into()],
-                )?;
-                catalog::record_event(
-                    m.id,
-                    Some((&rel.schema, &rel.table)),
-                    "TableRemoved",
-                    Some("by remove_tables; its files are kept"),
-                )?;
+                catalog::table_removed(m.id, &rel, s.on(TableEvent::Stopped)?)?;
                 removed.push(format!("{}.{}", rel.schema, rel.table));
             }
         }
@@ -657,31 +650,25 @@ fn resync_table_impl(mirror_name: &str, table_name: &str) -> Result<String> {
     let (m, mirror_state) = mirror_for_tables("resync_table", mirror_name)?;
     let rel = catalog::resolve_relation(table_name)?
         .ok_or_else(|| Error::new(ErrorKind::UndefinedTable, format!("relation \"{table_name}\" does not exist")))?;
-    let state = Spi::get_one_with_args::<String>(
-        "SELECT (SELECT state FROM azure_cdc.mirror_tables WHERE mirror_id = $1 AND relid = $2)",
-        &[m.id.into(), rel.relid.into()],
-    )
-    .map_err(spi)?
-    .ok_or_else(|| {
+    let state = catalog::table_state(m.id, rel.relid)?.ok_or_else(|| {
         Error::new(
             ErrorKind::UndefinedTable,
             format!("table \"{}.{}\" is not mirrored by \"{mirror_name}\"", rel.schema, rel.table),
         )
         .with_hint("See azure_cdc.get_all_tables_mirror_status() for the mirror's tables.")
     })?;
-    let next = TableState::parse(&state)?.on(TableEvent::ReseedRequested).map_err(|_| {
-        Error::new(ErrorKind::PrerequisiteNotMet, format!("table \"{}.{}\" is {state}", rel.schema, rel.table))
+    state.on(TableEvent::ReseedRequested).map_err(|_| {
+        Error::new(ErrorKind::PrerequisiteNotMet, format!("table \"{}.{}\" is {}", rel.schema, rel.table, state.as_str()))
             .with_hint("Only a Replicating, Reseeding or Failed table can be copied again.")
     })?;
-    catalog::run(
-        "UPDATE azure_cdc.mirror_tables SET state = $3, last_error = NULL WHERE mirror_id = $1 AND relid = $2",
-        &[m.id.into(), rel.relid.into(), next.as_str().into()],
-    )?;
-    catalog::record_event(
+    if let Some(e) = privileges::table_refusal_error(m.owner, rel.relid, &rel.schema, &rel.table, Who::Caller)? {
+        return Err(e);
+    }
+    catalog::reseed_requested(
         m.id,
-        Some((&rel.schema, &rel.table)),
-        "ReseedRequested",
-        Some(azure_cdc_core::reseed::Reason::Requested.as_str()),
+        rel.relid,
+        azure_cdc_core::reseed::Reason::Requested.as_str(),
+        &[state],
     )?;
     tables_changed_after_commit(m.id);
     let when = if mirror_state == MirrorState::Running { "after commit" } else { "when the mirror is resumed" };
@@ -717,7 +704,7 @@ type StatusRow = (
 fn status_rows() -> Result<Vec<StatusRow>> {
     require_admin("get_all_tables_mirror_status")?;
     let database = database_oid();
-    Spi::connect(|c| {
+    crate::catalog::read(|| Spi::connect(|c| {
         let t = c
             .select(
                 "SELECT m.mirror_name, t.schema_name::text, t.table_name::text, t.state, t.rows_replicated, \
@@ -784,7 +771,7 @@ fn status_rows() -> Result<Vec<StatusRow>> {
             ));
         }
         Ok(rows)
-    })
+    }))
 }
 
 /// One row per mirrored table: mirror, schema, table, state (Snapshotting, Replicating, Reseeding,

@@ -7,8 +7,9 @@
 //!   included: only superusers can read it. `create_credential` and `drop_credential` are for
 //!   superusers.
 //! - A mirror records only the credential's name. Admins may name a credential in `start_mirror`
-//!   (they then write where it grants access) but never read it: the options are read here as the
-//!   bootstrap superuser, for the length of one query, the way a SECURITY DEFINER function would.
+//!   (they then write where it grants access) but never read it: the options are read through the
+//!   catalog module with the extension's rights and a pinned search path, for one fixed query
+//!   (`crate::privileges::as_extension`), the way a SECURITY DEFINER function would.
 //! - `list_credentials()` shows names, option names, and the values of options that are not secret.
 //! - Errors that come back from a store pass through a redactor that removes the credential's
 //!   values and URL query strings before they reach a message, a catalog row or the log.
@@ -21,7 +22,7 @@ use azure_cdc_core::{Error, ErrorKind, Result};
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
-use crate::errors::{spi, OrRaise};
+use crate::errors::OrRaise;
 
 /// Blocks every signal in the calling thread. Run first by every thread of an object-store runtime,
 /// so that PostgreSQL's signal handlers only ever run on the main thread.
@@ -34,39 +35,12 @@ fn block_signals() {
     }
 }
 
-/// Runs `f` as the bootstrap superuser (the owner of the extension's catalog), then switches back.
-/// An error inside `f` aborts the transaction, which restores the user as well.
-fn as_superuser<T>(f: impl FnOnce() -> T) -> T {
-    let mut user = pg_sys::InvalidOid;
-    let mut context = 0;
-    // SAFETY: main thread inside a transaction; the saved user and context are restored below, and by
-    // transaction abort should `f` raise an error.
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(
-            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
-            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-        );
-    }
-    let r = f();
-    // SAFETY: as above.
-    unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
-    r
-}
-
 /// The options of credential `name`; empty for None.
 pub fn options_of(name: Option<&str>) -> Result<CredentialOptions> {
     let Some(name) = name else { return Ok(CredentialOptions::new()) };
-    let found = as_superuser(|| {
-        Spi::get_one_with_args::<JsonB>(
-            "SELECT options FROM azure_cdc.credentials WHERE credential_name = $1",
-            &[name.into()],
-        )
-    });
-    match found {
-        Ok(Some(JsonB(v))) => options_from_json(&v),
-        Ok(None) | Err(pgrx::spi::SpiError::InvalidPosition) => Err(unknown_credential(name)),
-        Err(e) => Err(spi(e)),
+    match crate::catalog::credential_options(name)? {
+        Some(v) => options_from_json(&v),
+        None => Err(unknown_credential(name)),
     }
 }
 
@@ -156,15 +130,7 @@ fn create_credential_impl(name: &str, options: JsonB) -> Result<String> {
                 .with_hint(format!("Known options: {}.", known.join(", "))));
         }
     }
-    let replaced = Spi::get_one_with_args::<bool>(
-        "INSERT INTO azure_cdc.credentials AS c (credential_name, options) VALUES ($1, $2) \
-         ON CONFLICT (credential_name) DO UPDATE \
-            SET options = EXCLUDED.options, created_by = current_user, created_at = pg_catalog.now() \
-         RETURNING c.xmax <> 0",
-        &[name.into(), JsonB(options.0).into()],
-    )
-    .map_err(spi)?
-    .unwrap_or(false);
+    let replaced = crate::catalog::upsert_credential(name, options.0, crate::privileges::current_user())?;
     Ok(format!(
         "credential \"{name}\" {} with {} option{}",
         if replaced { "replaced" } else { "created" },
@@ -183,20 +149,7 @@ fn create_credential(credential_name: &str, options: JsonB) -> String {
 
 fn drop_credential_impl(name: &str) -> Result<String> {
     require_superuser("drop_credential")?;
-    let users: Vec<String> = Spi::connect(|c| {
-        let t = c
-            .select(
-                "SELECT mirror_name FROM azure_cdc.mirrors WHERE credential = $1 AND state <> 'Stopped' ORDER BY 1",
-                None,
-                &[name.into()],
-            )
-            .map_err(spi)?;
-        let mut v = Vec::new();
-        for r in t {
-            v.push(r.get::<String>(1).map_err(spi)?.unwrap_or_default());
-        }
-        Ok::<_, Error>(v)
-    })?;
+    let users = crate::catalog::mirrors_using_credential(name)?;
     if !users.is_empty() {
         return Err(Error::new(
             ErrorKind::ObjectInUse,
@@ -204,13 +157,7 @@ fn drop_credential_impl(name: &str) -> Result<String> {
         )
         .with_hint("Stop those mirrors first."));
     }
-    let deleted = Spi::get_one_with_args::<i64>(
-        "WITH d AS (DELETE FROM azure_cdc.credentials WHERE credential_name = $1 RETURNING 1) SELECT count(*) FROM d",
-        &[name.into()],
-    )
-    .map_err(spi)?
-    .unwrap_or(0);
-    if deleted == 0 {
+    if !crate::catalog::delete_credential(name)? {
         return Err(unknown_credential(name));
     }
     Ok(format!("credential \"{name}\" dropped"))
@@ -225,41 +172,18 @@ fn drop_credential(credential_name: &str) -> String {
 type CredentialRow = (String, Vec<String>, JsonB, Vec<String>, Option<pgrx::datum::TimestampWithTimeZone>);
 
 fn list_credentials_impl() -> Result<Vec<CredentialRow>> {
-    crate::api::require_admin("list_credentials")?;
-    let rows = as_superuser(|| {
-        Spi::connect(|c| {
-            let t = c
-                .select(
-                    "SELECT c.credential_name, c.options, c.created_at, \
-                            ARRAY(SELECT m.mirror_name FROM azure_cdc.mirrors m \
-                                   WHERE m.credential = c.credential_name ORDER BY 1) \
-                       FROM azure_cdc.credentials c ORDER BY 1",
-                    None,
-                    &[],
-                )
-                .map_err(spi)?;
-            let mut out = Vec::new();
-            for r in t {
-                let name: String = r.get(1).map_err(spi)?.unwrap_or_default();
-                let JsonB(options) = r.get::<JsonB>(2).map_err(spi)?.unwrap_or(JsonB(serde_json::json!({})));
-                let options = options_from_json(&options)?;
-                let shown: serde_json::Map<String, serde_json::Value> = options
-                    .iter()
-                    .filter(|(k, _)| cloud::option_is_public(k))
-                    .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-                    .collect();
-                out.push((
-                    name,
-                    options.keys().cloned().collect(),
-                    JsonB(serde_json::Value::Object(shown)),
-                    r.get::<Vec<String>>(4).map_err(spi)?.unwrap_or_default(),
-                    r.get(3).map_err(spi)?,
-                ));
-            }
-            Ok::<_, Error>(out)
-        })
-    })?;
-    Ok(rows)
+    crate::privileges::require_admin("list_credentials")?;
+    let mut out = Vec::new();
+    for (name, options, used_by, created_at) in crate::catalog::credentials()? {
+        let options = options_from_json(&options)?;
+        let shown: serde_json::Map<String, serde_json::Value> = options
+            .iter()
+            .filter(|(k, _)| cloud::option_is_public(k))
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        out.push((name, options.keys().cloned().collect(), JsonB(serde_json::Value::Object(shown)), used_by, created_at));
+    }
+    Ok(out)
 }
 
 /// One row per credential: its name, the names of its options, the values of the options that are

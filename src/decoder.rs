@@ -54,6 +54,7 @@ use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
 
 use crate::catalog;
+use crate::privileges::{self, Who};
 use crate::shmem::{self, StreamStats};
 use crate::tuples::{datums_equal, is_unchanged_toast, TupleConverter};
 use crate::worker;
@@ -156,6 +157,8 @@ struct Counters {
 struct Decoder {
     index: usize,
     mirror_id: i64,
+    /// The mirror's owner: tables it may not mirror are parked or left out.
+    owner: pg_sys::Oid,
     tables: HashMap<u32, Table>,
     /// A reseed in progress: the slot is not confirmed past its hold point.
     hold: Option<Hold>,
@@ -223,11 +226,16 @@ fn load(mirror_id: i64) -> Result<Option<Loaded>> {
         if MirrorState::parse(&m.state)? != MirrorState::Running {
             return Ok(None);
         }
-        let wal_status = Spi::get_one_with_args::<String>(
-            "SELECT (SELECT COALESCE(wal_status, 'unknown') FROM pg_catalog.pg_replication_slots WHERE slot_name = $1)",
-            &[m.slot_name.as_str().into()],
-        )
-        .map_err(crate::errors::spi)?;
+        // The owner's rights bound the mirror: checked again at every start.
+        privileges::owner_standing(m.owner)?;
+        privileges::check_local_target(&TargetUrl::parse(&m.target)?, m.owner, Who::Owner)?;
+        let wal_status = catalog::read(|| {
+            Spi::get_one_with_args::<String>(
+                "SELECT (SELECT COALESCE(wal_status, 'unknown') FROM pg_catalog.pg_replication_slots WHERE slot_name = $1)",
+                &[m.slot_name.as_str().into()],
+            )
+            .map_err(crate::errors::spi)
+        })?;
         if let Some(lost) = match wal_status.as_deref() {
             Some("lost") => Some("was invalidated: WAL it had not read was removed (max_slot_wal_keep_size)"),
             None => Some("is missing"),
@@ -247,7 +255,14 @@ fn load(mirror_id: i64) -> Result<Option<Loaded>> {
                 mark_dropped(mirror_id, &t)?;
                 continue;
             }
-            tables.insert(t.relid.to_u32(), open_table(&t, state == TableState::Reseeding)?);
+            let mut table = open_table(&t, state == TableState::Reseeding)?;
+            // A table the owner may no longer mirror is parked (its later changes are not published).
+            if let Some(e) = privileges::table_refusal_error(m.owner, t.relid, &t.schema, &t.table, Who::Owner)? {
+                table.reseeding = false;
+                table.parked = Some(e);
+                table.park_recorded = false;
+            }
+            tables.insert(t.relid.to_u32(), table);
         }
         // SAFETY: drop catalog entries this transaction built from the current catalog, so that
         // decoding builds its own from the historic snapshots.
@@ -258,18 +273,9 @@ fn load(mirror_id: i64) -> Result<Option<Loaded>> {
 
 /// Records a table whose source was dropped: state Dropped, its files kept (in a transaction).
 fn mark_dropped(mirror_id: i64, t: &catalog::TableRow) -> Result<()> {
-    let state = TableState::parse(&t.state)?.on(TableEvent::Dropped)?;
+    TableState::parse(&t.state)?.on(TableEvent::Dropped)?;
     pgrx::log!("azure_cdc: table \"{}.{}\" was dropped; its files are kept", t.schema, t.table);
-    catalog::run(
-        "UPDATE azure_cdc.mirror_tables SET state = $3 WHERE mirror_id = $1 AND relid = $2",
-        &[mirror_id.into(), t.relid.into(), state.as_str().into()],
-    )?;
-    catalog::record_event(
-        mirror_id,
-        Some((&t.schema, &t.table)),
-        "Dropped",
-        Some("the source table was dropped; its files are kept"),
-    )
+    catalog::table_dropped(mirror_id, t.relid, (&t.schema, &t.table))
 }
 
 /// What [`load`] found.
@@ -288,7 +294,7 @@ fn recover_lost_slot(m: &catalog::MirrorRow, why: &str) -> Result<()> {
         m.name,
         m.slot_name
     );
-    BackgroundWorker::transaction(|| crate::slot::drop_if_exists(&m.slot_name))?;
+    BackgroundWorker::transaction(|| crate::slot::drop_mirror_slot(&m.name, &m.slot_name))?;
     // SAFETY: a fresh transaction that has read nothing, as create_with_snapshot requires; the
     // snapshot it adopts is not used (the reseed takes its own); the commit persists nothing else.
     let lsn = unsafe {
@@ -300,32 +306,8 @@ fn recover_lost_slot(m: &catalog::MirrorRow, why: &str) -> Result<()> {
     };
     crate::slot::release();
     BackgroundWorker::transaction(|| {
-        let n = Spi::get_one_with_args::<i64>(
-            "WITH t AS (UPDATE azure_cdc.mirror_tables SET state = 'Reseeding', last_error = NULL \
-                         WHERE mirror_id = $1 AND state IN ('Replicating', 'Reseeding') \
-                         RETURNING schema_name, table_name), \
-                  e AS (INSERT INTO azure_cdc.events (mirror_name, schema_name, table_name, event, detail) \
-                        SELECT m.mirror_name, t.schema_name, t.table_name, 'ReseedRequested', $2 \
-                          FROM t, azure_cdc.mirrors m WHERE m.mirror_id = $1 RETURNING 1) \
-             SELECT pg_catalog.count(*) FROM e",
-            &[m.id.into(), Reason::SlotLost.as_str().into()],
-        )
-        .map_err(crate::errors::spi)?
-        .unwrap_or(0);
-        catalog::run(
-            "UPDATE azure_cdc.mirrors SET consistent_lsn = $2::pg_lsn WHERE mirror_id = $1",
-            &[m.id.into(), crate::slot::lsn_text(lsn).into()],
-        )?;
-        catalog::record_event(
-            m.id,
-            None,
-            "SlotLost",
-            Some(&format!(
-                "replication slot \"{}\" {why}; created again at {}; {n} table(s) reseeded",
-                m.slot_name,
-                crate::slot::lsn_text(lsn)
-            )),
-        )
+        catalog::slot_recreated(m.id, &m.slot_name, why, &crate::slot::lsn_text(lsn), Reason::SlotLost.as_str())
+            .map(|_| ())
     })
 }
 
@@ -378,6 +360,8 @@ fn open_table(t: &catalog::TableRow, reseeding: bool) -> Result<Table> {
 
 /// The copy step of a reseed, made between two passes.
 struct PendingCopy {
+    /// The mirror's owner: a table it may no longer mirror is parked instead of copied.
+    owner: pg_sys::Oid,
     tables: Vec<crate::reseed::ToCopy>,
     /// Transactions running when the hold began: the copy's snapshot must see them all.
     must_see: Vec<u64>,
@@ -470,6 +454,7 @@ fn decode(index: usize, mirror_id: i64, change_cxt: pg_sys::MemoryContext) -> Re
         *d.borrow_mut() = Some(Decoder {
             index,
             mirror_id,
+            owner: mirror.owner,
             tables,
             hold: None,
             requests: Vec::new(),
@@ -557,7 +542,7 @@ fn decode(index: usize, mirror_id: i64, change_cxt: pg_sys::MemoryContext) -> Re
             // SAFETY: ctx is this pass's context, not used after this.
             unsafe { close_pass(ctx) };
             pgrx::log!("azure_cdc: mirror {mirror_id}: copying {} reseeded table(s)", copy.tables.len());
-            crate::reseed::copy_tables(mirror_id, index, &copy.target, &copy.tables, &copy.must_see)?;
+            crate::reseed::copy_tables(mirror_id, copy.owner, index, &copy.target, &copy.tables, &copy.must_see)?;
             return Ok(Next::Rewind);
         }
         if !read_any {
@@ -744,50 +729,28 @@ impl Decoder {
             // under the historic snapshots of decoding.
             unsafe { pg_sys::InvalidateSystemCaches() };
             if clear_error {
-                catalog::run(
-                    "WITH c AS (UPDATE azure_cdc.mirrors SET last_error = NULL, last_error_code = NULL \
-                                 WHERE mirror_id = $1 AND last_error IS NOT NULL RETURNING mirror_name) \
-                     INSERT INTO azure_cdc.events (mirror_name, event, detail) \
-                     SELECT mirror_name, 'Recovered', 'changes are published again' FROM c",
-                    &[mirror_id.into()],
-                )?;
+                catalog::mirror_recovered(mirror_id)?;
             }
             for (relid, t) in tables.iter_mut() {
+                let relid = pg_sys::Oid::from(*relid);
                 if let (Some(e), false) = (&t.parked, t.park_recorded) {
-                    let state = TableState::Replicating.on(TableEvent::Failed)?;
-                    catalog::run(
-                        "UPDATE azure_cdc.mirror_tables SET state = $3, last_error = $4 WHERE mirror_id = $1 AND relid = $2",
-                        &[mirror_id.into(), pg_sys::Oid::from(*relid).into(), state.as_str().into(), e.full_text().into()],
-                    )?;
-                    catalog::record_event(mirror_id, Some((&t.schema, &t.name)), "TableFailed", Some(&e.full_text()))?;
+                    TableState::Replicating.on(TableEvent::Failed)?;
+                    catalog::table_failed(mirror_id, relid, (&t.schema, &t.name), &e.full_text())?;
                     t.park_recorded = true;
                 }
                 if !t.columns_unrecorded.is_empty() {
-                    catalog::run(
-                        "UPDATE azure_cdc.mirror_tables SET columns = $3 WHERE mirror_id = $1 AND relid = $2",
-                        &[mirror_id.into(), pg_sys::Oid::from(*relid).into(), columns::to_text(&t.shipped).into()],
+                    let what = std::mem::take(&mut t.columns_unrecorded);
+                    catalog::table_columns_followed(
+                        mirror_id,
+                        relid,
+                        (&t.schema, &t.name),
+                        &columns::to_text(&t.shipped),
+                        &what,
                     )?;
-                    for what in std::mem::take(&mut t.columns_unrecorded) {
-                        catalog::record_event(mirror_id, Some((&t.schema, &t.name)), "ColumnsChanged", Some(&what))?;
-                    }
                 }
                 if t.unrecorded.touched {
                     let c = t.unrecorded;
-                    catalog::run(
-                        "UPDATE azure_cdc.mirror_tables SET rows_replicated = rows_replicated + $3, \
-                                files_published = files_published + $4, bytes_published = bytes_published + $5, \
-                                next_file_number = GREATEST(next_file_number, $6), \
-                                last_completed_at = pg_catalog.clock_timestamp() \
-                          WHERE mirror_id = $1 AND relid = $2",
-                        &[
-                            mirror_id.into(),
-                            pg_sys::Oid::from(*relid).into(),
-                            c.rows.into(),
-                            c.files.into(),
-                            c.bytes.into(),
-                            c.next_number.into(),
-                        ],
-                    )?;
+                    catalog::add_table_counters(mirror_id, relid, c.rows, c.files, c.bytes, c.next_number)?;
                     t.unrecorded = Counters::default();
                 }
             }
@@ -807,36 +770,43 @@ impl Decoder {
     fn begin_holds(&mut self, ctx: *mut pg_sys::LogicalDecodingContext) -> Result<()> {
         let requests = std::mem::take(&mut self.requests);
         let mirror_id = self.mirror_id;
+        let owner = self.owner;
         let (reseeding, running) = BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
             // SAFETY: see load(): catalog entries built under decoding's historic snapshots must not
             // be used here, nor the ones built here by decoding.
             unsafe { pg_sys::InvalidateSystemCaches() };
             let r = (|| -> Result<(Vec<catalog::TableRow>, String)> {
                 for (relid, reason) in &requests {
+                    let oid = pg_sys::Oid::from(*relid);
                     if *reason == Reason::NewTable {
-                        let oid = pg_sys::Oid::from(*relid);
                         if let Some(rel) = catalog::relation_by_oid(oid)?.filter(catalog::joins_all_tables) {
+                            // A mirror of all tables takes only tables its owner may mirror.
+                            if let Some(why) = privileges::table_refusal(owner, oid)? {
+                                pgrx::log!("azure_cdc: new table \"{}.{}\" is not mirrored: {why}", rel.schema, rel.table);
+                                catalog::table_skipped(
+                                    mirror_id,
+                                    (&rel.schema, &rel.table),
+                                    &format!("a new table the mirror's owner may not mirror: {why}"),
+                                )?;
+                                continue;
+                            }
                             let keys = catalog::key_columns(oid)?;
-                            let name = (rel.schema.clone(), rel.table.clone());
-                            catalog::insert_tables(mirror_id, &[(rel, keys)], TableState::Reseeding.as_str())?;
-                            catalog::record_event(
-                                mirror_id,
-                                Some((&name.0, &name.1)),
-                                "ReseedRequested",
-                                Some(reason.as_str()),
-                            )?;
+                            catalog::tables_added(mirror_id, &[(rel, keys)], reason.as_str())?;
                         }
                         continue;
                     }
-                    catalog::run(
-                        "WITH t AS (UPDATE azure_cdc.mirror_tables SET state = 'Reseeding', last_error = NULL                                      WHERE mirror_id = $1 AND relid = $2 AND state IN ('Replicating', 'Reseeding')                                      RETURNING schema_name, table_name)                          INSERT INTO azure_cdc.events (mirror_name, schema_name, table_name, event, detail)                          SELECT m.mirror_name, t.schema_name, t.table_name, 'ReseedRequested', $3                            FROM t, azure_cdc.mirrors m WHERE m.mirror_id = $1",
-                        &[mirror_id.into(), pg_sys::Oid::from(*relid).into(), reason.as_str().into()],
+                    catalog::reseed_requested(
+                        mirror_id,
+                        oid,
+                        reason.as_str(),
+                        &[TableState::Replicating, TableState::Reseeding],
                     )?;
                 }
                 let tables = catalog::tables(mirror_id)?;
-                let running = Spi::get_one::<String>("SELECT pg_catalog.pg_current_snapshot()::text")
-                    .map_err(crate::errors::spi)?
-                    .unwrap_or_default();
+                let running = catalog::read(|| {
+                    Spi::get_one::<String>("SELECT pg_catalog.pg_current_snapshot()::text").map_err(crate::errors::spi)
+                })?
+                .unwrap_or_default();
                 Ok((tables, running))
             })();
             // SAFETY: as above.
@@ -942,7 +912,7 @@ impl Decoder {
             })
             .collect();
         let must_see = self.hold.as_ref().map(|h| h.running_at_hold.clone()).unwrap_or_default();
-        Ok(PendingCopy { tables: list, must_see, target: self.target.clone() })
+        Ok(PendingCopy { owner: self.owner, tables: list, must_see, target: self.target.clone() })
     }
 
     /// After relcache invalidations, between records:
@@ -982,16 +952,26 @@ impl Decoder {
             return Ok(());
         }
         let mirror_id = self.mirror_id;
+        let owner = self.owner;
         let mut gone = Vec::new();
         let mut dropped = Vec::new();
         let mut regrown = Vec::new();
+        let mut refused = Vec::new();
         BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| -> Result<()> {
             // SAFETY: see load().
             unsafe { pg_sys::InvalidateSystemCaches() };
             for relid in &candidates {
-                if catalog::relation_by_oid(pg_sys::Oid::from(*relid))?.is_none() {
+                let oid = pg_sys::Oid::from(*relid);
+                match catalog::relation_by_oid(oid)? {
                     // SAFETY: reads the shared WAL insert position.
-                    gone.push((*relid, unsafe { pg_sys::GetXLogInsertRecPtr() }));
+                    None => gone.push((*relid, unsafe { pg_sys::GetXLogInsertRecPtr() })),
+                    // A table whose owner or row-level security changed: the mirror's owner may no
+                    // longer be allowed to mirror it.
+                    Some(rel) => {
+                        if let Some(e) = privileges::table_refusal_error(owner, oid, &rel.schema, &rel.table, Who::Owner)? {
+                            refused.push((*relid, e));
+                        }
+                    }
                 }
             }
             for (relid, copied) in &roots {
@@ -1015,6 +995,9 @@ impl Decoder {
         self.vanished.retain(|v| !due.contains(&v.0));
         for relid in regrown {
             self.request_reseed(relid, Reason::PartitionsChanged);
+        }
+        for (relid, e) in refused {
+            self.park(relid, e);
         }
         if !self.requests.is_empty() {
             self.begin_holds(ctx)?;
@@ -1045,6 +1028,7 @@ impl Decoder {
             if t.parked.is_none() {
                 pgrx::warning!("azure_cdc: table \"{}.{}\" parked: {}", t.schema, t.name, e.full_text());
                 t.parked = Some(e);
+                t.park_recorded = false;
                 t.builder.abandon();
                 t.done.clear();
                 t.last_in_batch = None;

@@ -14,7 +14,9 @@ fn sqlstate(kind: ErrorKind) -> PgSqlErrorCode {
         ErrorKind::UndefinedObject => ERRCODE_UNDEFINED_OBJECT,
         ErrorKind::UndefinedTable => ERRCODE_UNDEFINED_TABLE,
         ErrorKind::WrongObjectType => ERRCODE_WRONG_OBJECT_TYPE,
-        ErrorKind::InsufficientPrivilege => ERRCODE_INSUFFICIENT_PRIVILEGE,
+        ErrorKind::InsufficientPrivilege | ErrorKind::OwnerPrivilege | ErrorKind::TablePrivilege => {
+            ERRCODE_INSUFFICIENT_PRIVILEGE
+        }
         ErrorKind::PrerequisiteNotMet => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
         ErrorKind::ConfigurationLimit => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
         ErrorKind::ObjectInUse => ERRCODE_OBJECT_IN_USE,

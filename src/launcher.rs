@@ -185,21 +185,19 @@ impl Launcher {
             if !e.in_use || e.desired == Desired::Stop {
                 if let Some(r) = self.running.remove(&index) {
                     let _ = r.worker.terminate().wait_for_shutdown();
-                } else if shmem::pid_alive(e.worker_pid) {
+                } else if shmem::worker_alive(e.worker_pid, e.database) {
                     // A worker registered by an earlier launcher process.
-                    // SAFETY: sending SIGTERM to a process this extension started.
-                    unsafe { libc::kill(e.worker_pid, libc::SIGTERM) };
+                    shmem::terminate_worker(e.worker_pid, e.database);
                     continue;
                 }
                 // Helpers of a snapshot worker that ended without terminating them.
-                for pid in e.helper_pids.iter().copied().filter(|p| shmem::pid_alive(*p)) {
-                    // SAFETY: as above.
-                    unsafe { libc::kill(pid, libc::SIGTERM) };
+                for pid in e.helper_pids {
+                    shmem::terminate_worker(pid, e.database);
                 }
                 shmem::REGISTRY.exclusive().entries[index].worker_registered = false;
                 continue;
             }
-            if e.desired != Desired::Run || mine || shmem::pid_alive(e.worker_pid) {
+            if e.desired != Desired::Run || mine || shmem::worker_alive(e.worker_pid, e.database) {
                 continue;
             }
             if self.retry_at.get(&index).is_some_and(|t| Instant::now() < *t) {
@@ -263,6 +261,8 @@ pub extern "C-unwind" fn azure_cdc_scout_main(arg: pg_sys::Datum) {
     let database = arg.value() as u32;
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(database)), None);
     BackgroundWorker::transaction(|| {
+        // Before any query: nothing the database's settings name may be reached.
+        crate::privileges::pin_worker_settings();
         let installed =
             Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'azure_cdc')")
                 .ok()

@@ -23,6 +23,7 @@ mod decoder;
 mod errors;
 mod gucs;
 mod launcher;
+mod privileges;
 mod reseed;
 mod shmem;
 mod slot;

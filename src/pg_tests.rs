@@ -71,6 +71,39 @@ fn catalog_tables_grant_nothing_to_public() {
             AND a.grantee = 'azure_cdc_admin'::regrole AND a.privilege_type = 'SELECT'",
     );
     assert_eq!(admin_grants, 3, "mirrors, mirror_tables, events");
+    // The catalog belongs to the extension: admins read it, never write it.
+    let admin_writes = count(
+        "SELECT count(*) FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a \
+          WHERE c.relnamespace = 'azure_cdc'::regnamespace \
+            AND a.grantee = 'azure_cdc_admin'::regrole AND a.privilege_type <> 'SELECT'",
+    );
+    assert_eq!(admin_writes, 0, "azure_cdc_admin may only read the catalog");
+}
+
+#[pg_test]
+fn admins_cannot_write_the_catalog() {
+    Spi::run("CREATE ROLE azure_cdc_writer").unwrap();
+    Spi::run("GRANT azure_cdc_admin TO azure_cdc_writer").unwrap();
+    Spi::run("SET LOCAL ROLE azure_cdc_writer").unwrap();
+    for call in [
+        "INSERT INTO azure_cdc.mirrors (mirror_name, target, all_tables, slot_name, owner) \
+         VALUES ('x', 'file:///tmp/x', true, 'azure_cdc_x', 10)",
+        "UPDATE azure_cdc.mirrors SET target = 'file:///tmp/y'",
+        "DELETE FROM azure_cdc.mirrors",
+        "INSERT INTO azure_cdc.mirror_tables (mirror_id, relid, schema_name, table_name) VALUES (1, 1260, 'pg_catalog', 'pg_authid')",
+        "UPDATE azure_cdc.mirror_tables SET key_columns = '{rolname}'",
+        "DELETE FROM azure_cdc.mirror_tables",
+        "INSERT INTO azure_cdc.events (mirror_name, event) VALUES ('x', 'Forged')",
+        "DELETE FROM azure_cdc.events",
+        "TRUNCATE azure_cdc.events",
+        "SELECT * FROM azure_cdc.credentials",
+    ] {
+        let (code, message, _) = error_of(call).unwrap_or_else(|| panic!("{call} succeeded"));
+        assert_eq!(code, PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE, "{call}: {message}");
+    }
+    // Reading is what admins are granted.
+    assert_eq!(count("SELECT count(*) FROM azure_cdc.events"), 0);
+    Spi::run("RESET ROLE").unwrap();
 }
 
 #[pg_test]
@@ -157,6 +190,7 @@ fn prerequisites_report_every_check() {
         "USER_NOT_CDC_ADMIN",
         "NO_CREATE_PRIVILEGE_ON_DATABASE",
         "OUTPUT_PLUGIN_NOT_ALLOWED",
+        "USER_WITHOUT_REPLICATION",
     ] {
         assert!(codes.contains(&code), "{code} missing from {codes:?}");
     }
@@ -203,7 +237,7 @@ fn non_admins_are_refused_with_a_hint_naming_the_role() {
     // membership is enough
     Spi::run("GRANT azure_cdc_admin TO azure_cdc_test_user").unwrap();
     Spi::run("SET LOCAL ROLE azure_cdc_test_user").unwrap();
-    assert!(crate::api::caller_is_admin());
+    assert!(crate::privileges::caller_is_admin());
     Spi::run("RESET ROLE").unwrap();
 }
 
@@ -310,3 +344,115 @@ fn numeric_decoding_matches_numeric_out() {
     }
 }
 
+
+/// An admin who is not a superuser: member of azure_cdc_admin, CREATE on the database, REPLICATION,
+/// writing server files, as the README tells an operator to set one up for a local folder.
+fn operator_role(name: &str) {
+    Spi::run(&format!("CREATE ROLE {name} REPLICATION")).unwrap();
+    Spi::run(&format!("GRANT azure_cdc_admin, pg_write_server_files TO {name}")).unwrap();
+    Spi::run(&format!("DO $$ BEGIN EXECUTE format('GRANT CREATE ON DATABASE %I TO {name}', current_database()); END $$")).unwrap();
+}
+
+#[pg_test]
+fn a_mirror_needs_replication_ownership_and_a_folder_outside_the_server() {
+    operator_role("azure_cdc_op");
+    Spi::run("CREATE ROLE azure_cdc_other").unwrap();
+    Spi::run("CREATE TABLE public.theirs (id int PRIMARY KEY)").unwrap();
+    Spi::run("ALTER TABLE public.theirs OWNER TO azure_cdc_other").unwrap();
+    Spi::run("CREATE TABLE public.mine (id int PRIMARY KEY)").unwrap();
+    Spi::run("ALTER TABLE public.mine OWNER TO azure_cdc_op").unwrap();
+    Spi::run("CREATE TABLE public.forced (id int PRIMARY KEY)").unwrap();
+    Spi::run("ALTER TABLE public.forced OWNER TO azure_cdc_op").unwrap();
+    Spi::run("ALTER TABLE public.forced ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY").unwrap();
+    let data_dir = Spi::get_one::<String>("SELECT current_setting('data_directory')").unwrap().unwrap();
+    let t = target("own");
+    Spi::run("SET LOCAL ROLE azure_cdc_op").unwrap();
+    use PgSqlErrorCode::*;
+    for (call, code, says) in [
+        (format!("SELECT azure_cdc.start_mirror('m', '{t}', ARRAY['public.theirs'])"), ERRCODE_INSUFFICIENT_PRIVILEGE, "does not own it"),
+        (format!("SELECT azure_cdc.start_mirror('m', '{t}', ARRAY['public.forced'])"), ERRCODE_INSUFFICIENT_PRIVILEGE, "row-level security"),
+        (format!("SELECT azure_cdc.start_mirror('m', 'file://{data_dir}/pg_replslot/x', ARRAY['public.mine'])"), ERRCODE_INSUFFICIENT_PRIVILEGE, "data directory"),
+        (format!("SELECT azure_cdc.start_mirror('m', 'file://{data_dir}/pg_wal/x', ARRAY['public.mine'])"), ERRCODE_INSUFFICIENT_PRIVILEGE, "of the server"),
+        (format!("SELECT azure_cdc.start_mirror('m', 'file://{data_dir}', ARRAY['public.mine'])"), ERRCODE_INSUFFICIENT_PRIVILEGE, "data directory"),
+    ] {
+        let (got, message, _) = error_of(&call).unwrap_or_else(|| panic!("{call} succeeded"));
+        assert_eq!(got, code, "{call}: {message}");
+        assert!(message.contains(says), "{call}: {message}");
+        nothing_created();
+    }
+    assert!(!std::path::Path::new(&format!("{data_dir}/pg_replslot/x")).exists());
+    // A mirror of all tables takes only the tables the caller may mirror.
+    let msg = Spi::get_one::<String>(&format!("SELECT azure_cdc.start_mirror('m', '{t}')")).unwrap().unwrap();
+    assert!(msg.contains("of 1 table "), "{msg}");
+    assert_eq!(
+        Spi::get_one::<String>("SELECT string_agg(table_name, ',') FROM azure_cdc.mirror_tables").unwrap().unwrap(),
+        "mine"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM azure_cdc.mirrors WHERE owner = 'azure_cdc_op'::regrole"),
+        1,
+        "the mirror records its owner"
+    );
+    Spi::run("RESET ROLE").unwrap();
+    let _ = std::fs::remove_dir(t.trim_start_matches("file://"));
+}
+
+#[pg_test]
+fn an_admin_without_replication_or_server_files_is_refused() {
+    Spi::run("CREATE ROLE azure_cdc_norepl").unwrap();
+    Spi::run("GRANT azure_cdc_admin, pg_write_server_files TO azure_cdc_norepl").unwrap();
+    Spi::run("DO $$ BEGIN EXECUTE format('GRANT CREATE ON DATABASE %I TO azure_cdc_norepl', current_database()); END $$").unwrap();
+    Spi::run("CREATE ROLE azure_cdc_nofiles REPLICATION").unwrap();
+    Spi::run("GRANT azure_cdc_admin TO azure_cdc_nofiles").unwrap();
+    Spi::run("DO $$ BEGIN EXECUTE format('GRANT CREATE ON DATABASE %I TO azure_cdc_nofiles', current_database()); END $$").unwrap();
+    Spi::run("CREATE TABLE public.t (id int PRIMARY KEY)").unwrap();
+    Spi::run("GRANT ALL ON public.t TO PUBLIC").unwrap();
+    let t = target("norepl");
+    for (role, says) in [("azure_cdc_norepl", "REPLICATION"), ("azure_cdc_nofiles", "pg_write_server_files")] {
+        Spi::run(&format!("ALTER TABLE public.t OWNER TO {role}")).unwrap();
+        Spi::run(&format!("SET LOCAL ROLE {role}")).unwrap();
+        let (code, message, hint) =
+            error_of(&format!("SELECT azure_cdc.start_mirror('m', '{t}', ARRAY['public.t'])")).unwrap();
+        assert_eq!(code, PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE, "{role}: {message}");
+        assert!(hint.unwrap_or_default().contains(says), "{role}: {message}");
+        let status = Spi::get_one::<String>(
+            "SELECT status FROM azure_cdc.check_prerequisites() WHERE code = 'USER_WITHOUT_REPLICATION'",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(status, if role == "azure_cdc_norepl" { "ERROR" } else { "OK" });
+        Spi::run("RESET ROLE").unwrap();
+        nothing_created();
+    }
+    assert!(!std::path::Path::new(t.trim_start_matches("file://")).exists());
+}
+
+#[pg_test]
+fn only_the_owner_controls_a_mirror() {
+    operator_role("azure_cdc_alice");
+    operator_role("azure_cdc_carol");
+    Spi::run("CREATE TABLE public.a (id int PRIMARY KEY)").unwrap();
+    Spi::run("ALTER TABLE public.a OWNER TO azure_cdc_alice").unwrap();
+    let t = target("owner");
+    Spi::run("SET LOCAL ROLE azure_cdc_alice").unwrap();
+    Spi::run(&format!("SELECT azure_cdc.start_mirror('m', '{t}', ARRAY['public.a'])")).unwrap();
+    Spi::run("RESET ROLE").unwrap();
+    Spi::run("SET LOCAL ROLE azure_cdc_carol").unwrap();
+    for call in [
+        "SELECT azure_cdc.stop_mirror('m')",
+        "SELECT azure_cdc.drop_mirror('m')",
+        "SELECT azure_cdc.pause_mirror('m')",
+        "SELECT azure_cdc.resume_mirror('m')",
+        "SELECT azure_cdc.resync_table('m', 'public.a')",
+        "SELECT azure_cdc.add_tables('m', ARRAY['public.a'])",
+        "SELECT azure_cdc.remove_tables('m', ARRAY['public.a'])",
+    ] {
+        let (code, message, _) = error_of(call).unwrap_or_else(|| panic!("{call} succeeded"));
+        assert_eq!(code, PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE, "{call}: {message}");
+        assert!(message.contains("must be owner of mirror"), "{call}: {message}");
+    }
+    // Every admin sees every mirror's status.
+    assert_eq!(count("SELECT count(*) FROM azure_cdc.list_mirrors() WHERE owner = 'azure_cdc_alice'"), 1);
+    Spi::run("RESET ROLE").unwrap();
+    let _ = std::fs::remove_dir(t.trim_start_matches("file://"));
+}

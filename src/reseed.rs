@@ -16,7 +16,7 @@ use azure_cdc_core::batch::BatchBuilder;
 use azure_cdc_core::datafile::TableFileSink;
 use azure_cdc_core::error::Disposition;
 use azure_cdc_core::landing_zone;
-use azure_cdc_core::lifecycle::{TableEvent, TableState};
+use azure_cdc_core::lifecycle::{Event, TableEvent, TableState};
 use azure_cdc_core::names;
 use azure_cdc_core::reseed::{sees_all, snapshot_text};
 use azure_cdc_core::target::Target;
@@ -41,6 +41,7 @@ pub struct ToCopy {
 /// transaction of `must_see` (one that had committed but not yet left the process array).
 pub fn copy_tables(
     mirror_id: i64,
+    owner: pg_sys::Oid,
     index: usize,
     target: &Arc<Target>,
     tables: &[ToCopy],
@@ -70,7 +71,7 @@ pub fn copy_tables(
         let seed = snapshot_text(&visibility);
         pgrx::log!("azure_cdc: reseed copy in snapshot {seed}");
         for t in tables {
-            copy_one(mirror_id, index, target, t, snap, &seed)?;
+            copy_one(mirror_id, owner, index, target, t, snap, &seed)?;
         }
         Ok(true)
     })();
@@ -104,8 +105,10 @@ fn keys_now(relid: pg_sys::Oid, recorded: &[String], columns: &[String]) -> Resu
     Ok(Vec::new())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn copy_one(
     mirror_id: i64,
+    owner: pg_sys::Oid,
     index: usize,
     target: &Arc<Target>,
     t: &ToCopy,
@@ -114,11 +117,19 @@ fn copy_one(
 ) -> Result<()> {
     let relid = pg_sys::Oid::from(t.relid);
     let folder = names::table_folder(&t.schema, &t.table);
-    let name = Some((t.schema.as_str(), t.table.as_str()));
+    let name = (t.schema.as_str(), t.table.as_str());
     // SAFETY: try_relation_open returns NULL instead of raising when the table is gone.
     let rel = unsafe { pg_sys::try_relation_open(relid, pg_sys::AccessShareLock as i32) };
     if rel.is_null() {
         let e = Error::new(ErrorKind::UndefinedTable, format!("table \"{}.{}\" no longer exists", t.schema, t.table));
+        return record_failed(mirror_id, relid, name, &e);
+    }
+    // The mirror's owner must (still) own the table: one it may not mirror is parked, uncopied.
+    let refused = crate::privileges::table_refusal_error(owner, relid, &t.schema, &t.table, crate::privileges::Who::Owner);
+    if !matches!(refused, Ok(None)) {
+        // SAFETY: closing the relation opened above, keeping its lock to the end of the transaction.
+        unsafe { pg_sys::relation_close(rel, pg_sys::NoLock as i32) };
+        let e = refused?.unwrap_or_else(|| Error::new(ErrorKind::Internal, "no refusal"));
         return record_failed(mirror_id, relid, name, &e);
     }
     type Copied = (Vec<String>, i64, Vec<azure_cdc_core::datafile::PublishedFile>, Option<String>, String);
@@ -164,40 +175,31 @@ fn copy_one(
         }
         Err(e) => return Err(e),
     };
-    let state = TableState::Reseeding.on(TableEvent::SnapshotPublished)?;
+    TableState::Reseeding.on(TableEvent::SnapshotPublished)?;
     let bytes: i64 = files.iter().map(|f| f.bytes as i64).sum();
-    catalog::run(
-        "UPDATE azure_cdc.mirror_tables SET state = $3, key_columns = $4, rows_replicated = $5, \
-                files_published = $6, bytes_published = $7, next_file_number = $6 + 1, seed_snapshot = $8, \
-                partitions = $9, columns = $10, last_completed_at = pg_catalog.clock_timestamp(), last_error = NULL \
-          WHERE mirror_id = $1 AND relid = $2",
-        &[
-            mirror_id.into(),
-            relid.into(),
-            state.as_str().into(),
-            keys.into(),
-            rows.into(),
-            (files.len() as i64).into(),
-            bytes.into(),
-            seed.into(),
-            partitions.into(),
-            file_columns.into(),
-        ],
+    catalog::table_copied(
+        mirror_id,
+        relid,
+        &catalog::CopiedTable {
+            keys,
+            rows,
+            files: files.len() as i64,
+            bytes,
+            seed_snapshot: Some(seed.to_string()),
+            partitions,
+            columns: Some(file_columns),
+        },
     )?;
     catalog::record_event(
         mirror_id,
-        name,
-        "Reseeded",
+        Some(name),
+        Event::Reseeded,
         Some(&format!("{rows} rows in {} snapshot file(s); changes follow from snapshot {seed}", files.len())),
     )
 }
 
-fn record_failed(mirror_id: i64, relid: pg_sys::Oid, name: Option<(&str, &str)>, e: &Error) -> Result<()> {
-    let state = TableState::Reseeding.on(TableEvent::Failed)?;
+fn record_failed(mirror_id: i64, relid: pg_sys::Oid, name: (&str, &str), e: &Error) -> Result<()> {
+    TableState::Reseeding.on(TableEvent::Failed)?;
     pgrx::warning!("azure_cdc: reseed of a table parked it: {}", e.full_text());
-    catalog::run(
-        "UPDATE azure_cdc.mirror_tables SET state = $3, last_error = $4 WHERE mirror_id = $1 AND relid = $2",
-        &[mirror_id.into(), relid.into(), state.as_str().into(), e.full_text().into()],
-    )?;
-    catalog::record_event(mirror_id, name, "TableFailed", Some(&e.full_text()))
+    catalog::table_failed(mirror_id, relid, name, &e.full_text())
 }

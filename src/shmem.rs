@@ -197,10 +197,29 @@ pub fn progress_of(database: u32, mirror_id: i64, relid: u32) -> Option<i64> {
         .map(|p| p.rows)
 }
 
-/// Whether a process with this pid exists.
-pub fn pid_alive(pid: i32) -> bool {
-    // SAFETY: kill with signal 0 only checks for existence and permission.
-    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+/// Whether `pid` is a live process of this server connected to `database`. The pids azure_cdc keeps
+/// are its workers' own, recorded by themselves and cleared however they exit
+/// ([`crate::worker::register_pid`]); this check also keeps a pid that some other process has taken
+/// since from ever counting as (or being signalled as) a worker.
+pub fn worker_alive(pid: i32, database: u32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: BackendPidGetProc takes ProcArrayLock and returns the PGPROC of a process attached to
+    // this server's process array, or NULL; PGPROCs live in shared memory for the postmaster's life.
+    unsafe {
+        let p = pg_sys::BackendPidGetProc(pid);
+        !p.is_null() && (*p).databaseId.to_u32() == database
+    }
+}
+
+/// Asks worker `pid` of a mirror of `database` to stop (SIGTERM: it exits at its next interrupt
+/// check), if [`worker_alive`] says it is one.
+pub fn terminate_worker(pid: i32, database: u32) {
+    if worker_alive(pid, database) {
+        // SAFETY: signals a process of this server that runs azure_cdc's worker code for this mirror.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
 }
 
 /// Whether any worker of entry `index` may still be running.
@@ -210,7 +229,9 @@ pub fn workers_may_run(index: usize) -> bool {
 
 /// [`workers_may_run`] for an entry already read.
 pub fn workers_may_run_entry(e: &MirrorEntry) -> bool {
-    e.worker_registered || pid_alive(e.worker_pid) || e.helper_pids.iter().any(|p| pid_alive(*p))
+    e.worker_registered
+        || worker_alive(e.worker_pid, e.database)
+        || e.helper_pids.iter().any(|p| worker_alive(*p, e.database))
 }
 
 /// Claims the next table of the current snapshot attempt, if any is left.

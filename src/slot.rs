@@ -45,17 +45,75 @@ pub fn exists(name: &str) -> Result<bool> {
     Ok(unsafe { !pg_sys::SearchNamedReplicationSlot(c.as_ptr(), true).is_null() })
 }
 
-/// Drops the slot if it exists and no process uses it. Returns whether a slot was dropped.
-pub fn drop_if_exists(name: &str) -> Result<bool> {
-    if !exists(name)? {
-        return Ok(false);
+/// Whose the slot of that name is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotFound {
+    /// No slot of that name.
+    Missing,
+    /// A logical slot of this database decoded with azure_cdc: the mirror's own.
+    Mine,
+    /// Something else has the name (why it is not the mirror's).
+    Other(String),
+}
+
+/// Whether the slot the catalog records for mirror `mirror_name` is the one azure_cdc creates for
+/// it: named after the mirror, logical, of this database, decoded by azure_cdc (in a transaction).
+pub fn find_mirror_slot(mirror_name: &str, slot: &str) -> Result<SlotFound> {
+    if slot != azure_cdc_core::names::slot_name(mirror_name) {
+        return Ok(SlotFound::Other(format!("\"{slot}\" is not the slot name of mirror \"{mirror_name}\"")));
     }
-    let c = c_name(name)?;
-    // SAFETY: called on the main thread without a slot acquired (MyReplicationSlot is NULL in a backend
-    // or in a worker between transactions); nowait = true raises an error instead of waiting if another
-    // process holds the slot, which the pgrx guard turns into a Rust panic / PostgreSQL error.
-    unsafe { pg_sys::ReplicationSlotDrop(c.as_ptr(), true) };
-    Ok(true)
+    let row = crate::catalog::read(|| {
+        pgrx::spi::Spi::connect(|c| {
+            let t = c
+                .select(
+                    "SELECT slot_type, plugin::text, database = pg_catalog.current_database() \
+                       FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+                    None,
+                    &[slot.into()],
+                )
+                .map_err(crate::errors::spi)?;
+            match t.into_iter().next() {
+                None => Ok(None),
+                Some(r) => Ok(Some((
+                    r.get::<String>(1).map_err(crate::errors::spi)?.unwrap_or_default(),
+                    r.get::<String>(2).map_err(crate::errors::spi)?.unwrap_or_default(),
+                    r.get::<bool>(3).map_err(crate::errors::spi)?.unwrap_or(false),
+                ))),
+            }
+        })
+    })?;
+    Ok(match row {
+        None => SlotFound::Missing,
+        Some((kind, _, _)) if kind != "logical" => SlotFound::Other(format!("\"{slot}\" is a {kind} slot")),
+        Some((_, _, false)) => SlotFound::Other(format!("\"{slot}\" belongs to another database")),
+        Some((_, plugin, _)) if plugin.as_bytes() != PLUGIN.to_bytes() => {
+            SlotFound::Other(format!("\"{slot}\" is decoded by output plugin \"{plugin}\""))
+        }
+        Some(_) => SlotFound::Mine,
+    })
+}
+
+/// Drops the mirror's slot if it exists, is the mirror's own ([`find_mirror_slot`]) and no process
+/// uses it. A slot of that name that is not the mirror's is never dropped: the error says whose it
+/// looks like. Returns whether a slot was dropped.
+pub fn drop_mirror_slot(mirror_name: &str, slot: &str) -> Result<bool> {
+    match find_mirror_slot(mirror_name, slot)? {
+        SlotFound::Missing => Ok(false),
+        SlotFound::Other(why) => Err(Error::new(
+            ErrorKind::ObjectInUse,
+            format!("replication slot \"{slot}\" is not the slot of mirror \"{mirror_name}\": {why}"),
+        )
+        .with_hint("azure_cdc never drops a slot it did not create for the mirror; drop or rename that slot, or use another mirror name.")),
+        SlotFound::Mine => {
+            let c = c_name(slot)?;
+            // SAFETY: called on the main thread without a slot acquired (MyReplicationSlot is NULL in
+            // a backend, or in a worker between transactions); nowait = true raises an error instead of
+            // waiting if another process holds the slot, which the pgrx guard turns into a Rust panic /
+            // PostgreSQL error.
+            unsafe { pg_sys::ReplicationSlotDrop(c.as_ptr(), true) };
+            Ok(true)
+        }
+    }
 }
 
 /// Creates the slot and makes the current transaction use the snapshot of its consistent point.
@@ -118,6 +176,14 @@ pub unsafe fn open_decoding(name: &str) -> Result<*mut pg_sys::LogicalDecodingCo
     unsafe {
         pg_sys::CheckLogicalDecodingRequirements();
         pg_sys::ReplicationSlotAcquire(c.as_ptr(), true);
+        if (*pg_sys::MyReplicationSlot).data.database != pg_sys::MyDatabaseId {
+            pg_sys::ReplicationSlotRelease();
+            return Err(Error::new(
+                ErrorKind::ObjectInUse,
+                format!("replication slot \"{name}\" belongs to another database"),
+            )
+            .with_hint("azure_cdc decodes only the slot it created for the mirror."));
+        }
         let plugin = std::ffi::CStr::from_ptr((*pg_sys::MyReplicationSlot).data.plugin.data.as_ptr());
         if plugin != PLUGIN {
             let found = plugin.to_string_lossy().into_owned();

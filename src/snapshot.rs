@@ -43,6 +43,7 @@ use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
 
 use crate::catalog::{self, MirrorRow, TableRow};
+use crate::privileges::{self, Who};
 use crate::shmem::{self, Phase};
 use crate::tuples::TupleConverter;
 use crate::worker;
@@ -185,6 +186,8 @@ fn encoder_loop(
 /// What happened to one table in this attempt.
 struct Outcome {
     relid: pg_sys::Oid,
+    schema: String,
+    table: String,
     keys: Vec<String>,
     rows: i64,
     files: Vec<PublishedFile>,
@@ -222,8 +225,12 @@ fn prepare(mirror_id: i64) -> Result<Option<(MirrorRow, Vec<TableRow>, Arc<Targe
         if MirrorState::parse(&m.state)? != MirrorState::Starting {
             return Ok(None);
         }
-        crate::slot::drop_if_exists(&m.slot_name)?;
+        // The owner's rights bound the mirror: checked again at every start.
+        privileges::owner_standing(m.owner)?;
+        // A slot left by an earlier attempt of this mirror (never one that is not the mirror's).
+        crate::slot::drop_mirror_slot(&m.name, &m.slot_name)?;
         let url = TargetUrl::parse(&m.target)?;
+        privileges::check_local_target(&url, m.owner, Who::Owner)?;
         let target = Arc::new(crate::credentials::open_target(
             &url,
             m.credential.as_deref(),
@@ -250,11 +257,7 @@ fn prepare(mirror_id: i64) -> Result<Option<(MirrorRow, Vec<TableRow>, Arc<Targe
                 state.on(TableEvent::SnapshotRestarted)?;
             }
         }
-        catalog::run(
-            "UPDATE azure_cdc.mirror_tables SET state = 'Snapshotting', rows_replicated = 0, files_published = 0, \
-                    bytes_published = 0, next_file_number = 1, last_completed_at = NULL WHERE mirror_id = $1",
-            &[mirror_id.into()],
-        )?;
+        catalog::snapshot_restarted(mirror_id)?;
         Ok(Some((m, tables, target)))
     })
 }
@@ -314,41 +317,27 @@ impl Drop for Helpers {
 
 /// Records the outcome of one table (in the current transaction).
 fn record_outcome(mirror_id: i64, o: &Outcome) -> Result<()> {
-    let (state, error) = match &o.parked {
-        Some(e) => (TableState::Snapshotting.on(TableEvent::Failed)?, Some(e.full_text())),
-        None => (TableState::Snapshotting.on(TableEvent::SnapshotPublished)?, None),
-    };
-    let files = o.files.len() as i64;
-    let bytes: i64 = o.files.iter().map(|f| f.bytes as i64).sum();
-    catalog::run(
-        "UPDATE azure_cdc.mirror_tables SET state = $3, key_columns = $4, rows_replicated = $5, \
-                files_published = $6, bytes_published = $7, next_file_number = $6 + 1, \
-                last_completed_at = pg_catalog.clock_timestamp(), last_error = $8, partitions = $9, columns = $10 \
-          WHERE mirror_id = $1 AND relid = $2",
-        &[
-            mirror_id.into(),
-            o.relid.into(),
-            state.as_str().into(),
-            o.keys.clone().into(),
-            o.rows.into(),
-            files.into(),
-            bytes.into(),
-            error.clone().into(),
-            o.partitions.clone().into(),
-            o.columns.clone().into(),
-        ],
-    )?;
-    match error {
+    match &o.parked {
         Some(e) => {
-            let (schema, table) = Spi::get_two_with_args::<String, String>(
-                "SELECT schema_name::text, table_name::text FROM azure_cdc.mirror_tables WHERE mirror_id = $1 AND relid = $2",
-                &[mirror_id.into(), o.relid.into()],
-            )
-            .map_err(crate::errors::spi)?;
-            let t = schema.as_deref().zip(table.as_deref());
-            catalog::record_event(mirror_id, t, "TableFailed", Some(&e))
+            TableState::Snapshotting.on(TableEvent::Failed)?;
+            catalog::table_failed(mirror_id, o.relid, (&o.schema, &o.table), &e.full_text())
         }
-        None => Ok(()),
+        None => {
+            TableState::Snapshotting.on(TableEvent::SnapshotPublished)?;
+            catalog::table_copied(
+                mirror_id,
+                o.relid,
+                &catalog::CopiedTable {
+                    keys: o.keys.clone(),
+                    rows: o.rows,
+                    files: o.files.len() as i64,
+                    bytes: o.files.iter().map(|f| f.bytes as i64).sum(),
+                    seed_snapshot: None,
+                    partitions: o.partitions.clone(),
+                    columns: o.columns.clone(),
+                },
+            )
+        }
     }
 }
 
@@ -358,6 +347,7 @@ fn copy_claimed_tables(
     progress_slot: usize,
     tables: &[TableRow],
     target: &Arc<Target>,
+    owner: pg_sys::Oid,
 ) -> Result<Vec<Outcome>> {
     let encoder = Encoder::start(target.clone())?;
     let mut outcomes = Vec::new();
@@ -365,7 +355,7 @@ fn copy_claimed_tables(
         let t = tables
             .get(i)
             .ok_or_else(|| Error::new(ErrorKind::Internal, "snapshot workers disagree on the table list"))?;
-        outcomes.push(snapshot_table(index, progress_slot, t, target, &encoder)?);
+        outcomes.push(snapshot_table(index, progress_slot, t, target, &encoder, owner)?);
     }
     Ok(outcomes)
 }
@@ -375,7 +365,8 @@ fn copy_claimed_tables(
 fn end_stale_helpers(index: usize) -> Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let pids: Vec<i32> = shmem::entry(index).helper_pids.iter().copied().filter(|p| shmem::pid_alive(*p)).collect();
+        let e = shmem::entry(index);
+        let pids: Vec<i32> = e.helper_pids.iter().copied().filter(|p| shmem::worker_alive(*p, e.database)).collect();
         if pids.is_empty() {
             return Ok(());
         }
@@ -386,8 +377,7 @@ fn end_stale_helpers(index: usize) -> Result<()> {
             ));
         }
         for p in pids {
-            // SAFETY: signalling a snapshot helper of this mirror (recorded in the registry) to stop.
-            unsafe { libc::kill(p, libc::SIGTERM) };
+            shmem::terminate_worker(p, e.database);
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
         pg_sys::check_for_interrupts!();
@@ -436,7 +426,7 @@ fn run(index: usize, mirror_id: i64) -> Result<()> {
     }
     let wanted = (crate::gucs::MAX_SNAPSHOT_WORKERS.get().max(1) as usize - 1).min(tables.len().saturating_sub(1));
     let mut helpers = Helpers::start(index, wanted);
-    let outcomes = copy_claimed_tables(index, 0, &tables, &target)?;
+    let outcomes = copy_claimed_tables(index, 0, &tables, &target, mirror.owner)?;
     helpers.wait();
     let e = shmem::entry(index);
     if e.helper_failed || outcomes.len() + e.helpers_committed as usize != tables.len() {
@@ -455,18 +445,7 @@ fn run(index: usize, mirror_id: i64) -> Result<()> {
     for o in &outcomes {
         record_outcome(mirror_id, o)?;
     }
-    catalog::run(
-        "UPDATE azure_cdc.mirrors SET state = 'Running', consistent_lsn = $2::pg_lsn, \
-                snapshot_completed_at = pg_catalog.clock_timestamp(), last_error = NULL, last_error_code = NULL \
-          WHERE mirror_id = $1",
-        &[mirror_id.into(), crate::slot::lsn_text(lsn).into()],
-    )?;
-    catalog::record_event(
-        mirror_id,
-        None,
-        "SnapshotPublished",
-        Some(&format!("consistent point {}; the mirror is Running", crate::slot::lsn_text(lsn))),
-    )?;
+    catalog::mirror_snapshot_published(mirror_id, &crate::slot::lsn_text(lsn))?;
     // SAFETY: pops the snapshot pushed above and commits on the main thread.
     unsafe {
         pg_sys::PopActiveSnapshot();
@@ -499,12 +478,11 @@ pub extern "C-unwind" fn azure_cdc_snapshot_helper_main(arg: pg_sys::Datum) {
     if !entry.in_use {
         return;
     }
-    // SAFETY: MyProcPid is set at process start.
-    shmem::REGISTRY.exclusive().entries[index].helper_pids[slot] = unsafe { pg_sys::MyProcPid };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(entry.database)), None);
+    worker::register_pid(index, Some(slot));
     let mirror_id = entry.mirror_id;
     let result = worker::catching(|| {
-        BackgroundWorker::transaction(|| crate::tuples::pin_output_settings(false))?;
+        worker::pin_settings()?;
         helper_run(index, slot, mirror_id)
     });
     shmem::set_progress(index, slot, 0, 0);
@@ -556,7 +534,7 @@ fn helper_run(index: usize, slot: usize, mirror_id: i64) -> Result<usize> {
     if tables.len() != shmem::entry(index).tables_total as usize {
         return Err(Error::new(ErrorKind::Internal, "snapshot workers disagree on the table list"));
     }
-    let outcomes = copy_claimed_tables(index, slot, &tables, &target)?;
+    let outcomes = copy_claimed_tables(index, slot, &tables, &target, mirror.owner)?;
     // SAFETY: the scans are done; the helper writes its tables' outcomes and commits.
     unsafe { pg_sys::XactReadOnly = false };
     for o in &outcomes {
@@ -584,10 +562,13 @@ fn snapshot_table(
     t: &TableRow,
     target: &Arc<Target>,
     encoder: &Encoder,
+    owner: pg_sys::Oid,
 ) -> Result<Outcome> {
     let folder = names::table_folder(&t.schema, &t.table);
     let mut outcome = Outcome {
         relid: t.relid,
+        schema: t.schema.clone(),
+        table: t.table.clone(),
         keys: Vec::new(),
         rows: 0,
         files: Vec::new(),
@@ -601,6 +582,18 @@ fn snapshot_table(
         outcome.parked =
             Some(Error::new(ErrorKind::DataConversion, format!("table \"{}.{}\" no longer exists", t.schema, t.table)));
         return Ok(outcome);
+    }
+    // The mirror's owner must (still) own the table: a table it may not mirror is parked, uncopied.
+    match privileges::table_refusal_error(owner, t.relid, &t.schema, &t.table, Who::Owner) {
+        Ok(None) => {}
+        refused => {
+            // SAFETY: closing the relation opened above, keeping its lock to the end of the transaction.
+            unsafe { pg_sys::relation_close(rel, pg_sys::NoLock as i32) };
+            let e = refused?.unwrap_or_else(|| Error::new(ErrorKind::Internal, "no refusal"));
+            pgrx::warning!("azure_cdc: table \"{}.{}\" parked: {}", t.schema, t.table, e.full_text());
+            outcome.parked = Some(e);
+            return Ok(outcome);
+        }
     }
     let result = (|| -> Result<()> {
         // The keys recorded by start_mirror (before it may have set REPLICA IDENTITY FULL, which would

@@ -41,12 +41,14 @@ struct MirrorView {
     last_error_code: Option<String>,
     failed_tables: Vec<(String, String)>,
     keyless_tables: Vec<String>,
+    /// The role that started the mirror and controls it.
+    owner: String,
 }
 
 /// The live figures of a mirror's decoder, if one runs.
 fn live_stream(mirror_id: i64) -> (Option<StreamStats>, Option<i32>) {
     match shmem::find(crate::api::database_oid(), mirror_id).map(shmem::entry) {
-        Some(e) if shmem::pid_alive(e.worker_pid) => {
+        Some(e) if shmem::worker_alive(e.worker_pid, e.database) => {
             ((e.phase == Phase::Snapshotted).then_some(e.stream), Some(e.worker_pid))
         }
         _ => (None, None),
@@ -54,10 +56,10 @@ fn live_stream(mirror_id: i64) -> (Option<StreamStats>, Option<i32>) {
 }
 
 fn mirror_views(function: &str) -> Result<Vec<MirrorView>> {
-    crate::api::require_admin(function)?;
+    crate::privileges::require_admin(function)?;
     // SAFETY: reads the clock.
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
-    Spi::connect(|c| {
+    crate::catalog::read(|| Spi::connect(|c| {
         let t = c
             .select(
                 "SELECT m.mirror_id, m.mirror_name, m.state, m.target, m.credential, \
@@ -73,7 +75,8 @@ fn mirror_views(function: &str) -> Result<Vec<MirrorView>> {
                         ARRAY(SELECT pg_catalog.format('%s.%s', t.schema_name, t.table_name) \
                                 FROM azure_cdc.mirror_tables t WHERE t.mirror_id = m.mirror_id \
                                  AND t.state IN ('Snapshotting', 'Replicating') \
-                                 AND pg_catalog.cardinality(t.key_columns) = 0 ORDER BY 1) \
+                                 AND pg_catalog.cardinality(t.key_columns) = 0 ORDER BY 1), \
+                        pg_catalog.pg_get_userbyid(m.owner)::text \
                    FROM azure_cdc.mirrors m \
                    LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name = m.slot_name \
                    LEFT JOIN pg_catalog.pg_stat_replication_slots st ON st.slot_name = m.slot_name \
@@ -151,15 +154,17 @@ fn mirror_views(function: &str) -> Result<Vec<MirrorView>> {
                 last_error_code: r.get(13).map_err(spi)?,
                 failed_tables,
                 keyless_tables,
+                owner: r.get(17).map_err(spi)?.unwrap_or_default(),
             });
         }
         Ok(out)
-    })
+    }))
 }
 
 /// One row per mirror of this database. `state`: Starting (snapshot), Running, Running with warning
 /// (an error being retried, a parked table or a table without keys), Stopping (a stop or pause waits
-/// for the workers to exit), Paused, Failed, Stopped.
+/// for the workers to exit), Paused, Failed, Stopped. `owner`: the role that started the mirror and
+/// controls it.
 /// `target` is the URL (credentials are never in it), `credential` the credential's name. Slot
 /// figures: `confirmed_lsn`, `lag_bytes` (WAL since then), `wal_retained_bytes` (WAL the slot keeps,
 /// from its restart LSN), `wal_status` and `safe_wal_bytes` (WAL that can still be written before
@@ -195,6 +200,7 @@ fn list_mirrors() -> TableIterator<
         name!(worker_pid, Option<i32>),
         name!(last_error, Option<String>),
         name!(last_error_code, Option<String>),
+        name!(owner, String),
     ),
 > {
     let rows = mirror_views("list_mirrors").or_raise();
@@ -223,6 +229,7 @@ fn list_mirrors() -> TableIterator<
             m.worker_pid,
             m.last_error,
             m.last_error_code,
+            m.owner,
         )
     }))
 }
@@ -249,7 +256,7 @@ $$;
 
 /// The problems of the server and of this database's mirrors.
 fn problems(mirror: Option<&str>) -> Result<Vec<Problem>> {
-    crate::api::require_admin("get_health_status")?;
+    crate::privileges::require_admin("get_health_status")?;
     let mut out = Vec::new();
     if mirror.is_none() {
         let mut facts = crate::api::server_facts()?;
@@ -407,7 +414,7 @@ fn metric_rows() -> Result<Vec<MetricRow>> {
         put("azure_cdc_tables", Some(m.tables as f64));
         put("azure_cdc_tables_failed", Some(m.tables_failed as f64));
     }
-    Spi::connect(|c| {
+    crate::catalog::read(|| Spi::connect(|c| {
         let t = c
             .select(
                 "SELECT m.mirror_name, t.schema_name::text, t.table_name::text, t.rows_replicated, t.files_published, \
@@ -440,5 +447,5 @@ fn metric_rows() -> Result<Vec<MetricRow>> {
             ));
         }
         Ok(out)
-    })
+    }))
 }

@@ -6,6 +6,7 @@
 //! alive) until `append_row` returns.
 
 use std::borrow::Cow;
+use std::ffi::CStr;
 
 use azure_cdc_core::arrow_array::RecordBatch;
 use azure_cdc_core::batch::{BatchBuilder, ColumnSpec, Value};
@@ -46,12 +47,29 @@ pub fn pin_output_settings(local: bool) -> Result<()> {
 const F_ARRAY_TO_JSON: u32 = 3153;
 const F_ROW_TO_JSON: u32 = 3155;
 
+thread_local! {
+    /// Set while a value is turned into JSON by code the type's owner may have written (a cast to
+    /// json); still set if that code raised an error, for [`take_failed_json_conversion`].
+    static IN_JSON_CONVERSION: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// What a JSON conversion that raised an error was converting ("column … of table …"), if the last
+/// error came from one. Its message is the type owner's code's and may quote the value: callers
+/// that record errors where others read them (a worker's `last_error`) say what failed instead.
+pub fn take_failed_json_conversion() -> Option<String> {
+    IN_JSON_CONVERSION.with(|c| c.borrow_mut().take())
+}
+
 /// How to convert the tuples of one relation.
 pub struct TupleConverter {
     plans: Vec<ColumnPlan>,
     specs: Vec<ColumnSpec>,
     natts: usize,
     utf8: bool,
+    /// The relation's owner: JSON conversions (which may run its types' casts) run as this role.
+    owner: pg_sys::Oid,
+    /// The relation's name, for errors.
+    relname: String,
 }
 
 impl TupleConverter {
@@ -100,7 +118,9 @@ impl TupleConverter {
                 specs.push(ColumnSpec { name, kind });
             }
             let utf8 = pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32;
-            Ok(TupleConverter { plans, specs, natts, utf8 })
+            let owner = (*(*rel).rd_rel).relowner;
+            let relname = CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()).to_string_lossy().into_owned();
+            Ok(TupleConverter { plans, specs, natts, utf8, owner, relname })
         }
     }
 
@@ -191,7 +211,16 @@ impl TupleConverter {
                         let Some(info) = plan.output.as_mut() else {
                             return Err(Error::new(ErrorKind::Internal, "column without a JSON function"));
                         };
-                        let json = pg_sys::FunctionCall1Coll(info, pg_sys::InvalidOid, d);
+                        // array_to_json / row_to_json call a cast to json that the owner of an element
+                        // or field type may have written: it runs as the table's owner, restricted.
+                        IN_JSON_CONVERSION.with(|c| {
+                            *c.borrow_mut() =
+                                Some(format!("column \"{}\" of table \"{}\"", self.specs[i].name, self.relname))
+                        });
+                        let json = crate::privileges::as_table_owner(self.owner, || {
+                            pg_sys::FunctionCall1Coll(info, pg_sys::InvalidOid, d)
+                        });
+                        IN_JSON_CONVERSION.with(|c| c.borrow_mut().take());
                         let s = to_utf8(varlena_bytes(json), self.utf8, &self.specs[i].name)?;
                         builder.append(i, Value::Text(&s))?
                     }

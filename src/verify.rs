@@ -94,12 +94,14 @@ fn wait_until_published(mirror_name: &str, slot: &str, upto: u64, wait_seconds: 
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait_seconds.max(0) as u64);
     let upto_text = crate::slot::lsn_text(upto);
     loop {
-        let (state, done) = Spi::get_two_with_args::<String, bool>(
-            "SELECT m.state, s.confirmed_flush_lsn >= $2::pg_lsn FROM azure_cdc.mirrors m \
-               LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name = m.slot_name WHERE m.mirror_name = $1",
-            &[mirror_name.into(), upto_text.as_str().into()],
-        )
-        .map_err(spi)?;
+        let (state, done) = crate::catalog::read(|| {
+            Spi::get_two_with_args::<String, bool>(
+                "SELECT m.state, s.confirmed_flush_lsn >= $2::pg_lsn FROM azure_cdc.mirrors m \
+                   LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name = m.slot_name WHERE m.mirror_name = $1",
+                &[mirror_name.into(), upto_text.as_str().into()],
+            )
+            .map_err(spi)
+        })?;
         if done == Some(true) {
             return Ok(());
         }
@@ -122,7 +124,7 @@ fn wait_until_published(mirror_name: &str, slot: &str, upto: u64, wait_seconds: 
 }
 
 fn verify_impl(function: &str, mirror_name: &str, table: Option<&str>, wait_seconds: i32) -> Result<Vec<VerifyRow>> {
-    crate::api::require_admin(function)?;
+    crate::privileges::require_admin(function)?;
     // Values are converted as the mirror's workers convert them (see tuples::OUTPUT_SETTINGS).
     crate::tuples::pin_output_settings(true)?;
     let m = catalog::mirror_by_name(mirror_name)?.ok_or_else(|| crate::api::unknown_mirror(mirror_name))?;
@@ -139,10 +141,9 @@ fn verify_impl(function: &str, mirror_name: &str, table: Option<&str>, wait_seco
         }
     }
     if let Some(name) = table {
-        let relid = Spi::get_one_with_args::<pg_sys::Oid>("SELECT pg_catalog.to_regclass($1)::oid", &[name.into()])
-            .map_err(spi)?
+        let rel = catalog::resolve_relation(name)?
             .ok_or_else(|| Error::new(ErrorKind::UndefinedTable, format!("table \"{name}\" does not exist")))?;
-        tables.retain(|t| t.relid == relid);
+        tables.retain(|t| t.relid == rel.relid);
         if tables.is_empty() {
             return Err(Error::new(
                 ErrorKind::UndefinedObject,
@@ -150,7 +151,18 @@ fn verify_impl(function: &str, mirror_name: &str, table: Option<&str>, wait_seco
             )
             .with_hint("get_all_tables_mirror_status() shows the mirror's tables and their states; only Replicating tables are verified."));
         }
+        if !crate::privileges::may_read_table(rel.relid) {
+            return Err(Error::new(
+                ErrorKind::InsufficientPrivilege,
+                format!("permission denied for table \"{}.{}\"", rel.schema, rel.table),
+            )
+            .with_detail("verify_table compares a table only for a caller who may SELECT all of it (every column, no row-level security)."));
+        }
     }
+    // verify_mirror compares the tables the caller may read; the others get a row that says so and
+    // shows nothing of them.
+    let (tables, unreadable): (Vec<catalog::TableRow>, Vec<catalog::TableRow>) =
+        tables.into_iter().partition(|t| crate::privileges::may_read_table(t.relid));
     // 1. One snapshot for every table, and the WAL position after it.
     // SAFETY: main thread inside a transaction; the snapshot is registered (copied) and unregistered
     // below, also on the error path (the transaction's resource owner releases it on abort).
@@ -166,7 +178,23 @@ fn verify_impl(function: &str, mirror_name: &str, table: Option<&str>, wait_seco
     // 3. Replay and compare.
     let url = TargetUrl::parse(&m.target)?;
     let target = crate::credentials::open_target(&url, m.credential.as_deref(), crate::credentials::worker_settings())?;
-    let mut rows = Vec::with_capacity(plans.len());
+    let mut rows = Vec::with_capacity(plans.len() + unreadable.len());
+    for t in unreadable {
+        rows.push((
+            m.name.clone(),
+            t.schema,
+            t.table,
+            "SKIPPED".to_string(),
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            Vec::new(),
+            "permission denied: the caller may not SELECT all of this table, so it is not compared".to_string(),
+        ));
+    }
     for p in plans {
         let mut replayer = Replayer::new(&p.enc, &vis);
         for n in target.data_file_numbers(&p.folder)? {
@@ -243,7 +271,8 @@ fn verify_table(
     TableIterator::new(verify_impl("verify_table", mirror_name, Some(table_name), wait_seconds).or_raise())
 }
 
-/// `verify_table` for every Replicating table of the mirror, all in one snapshot.
+/// `verify_table` for every Replicating table of the mirror, all in one snapshot. A table the caller
+/// may not SELECT whole is not compared: its row says SKIPPED and shows nothing of it.
 #[pg_extern]
 fn verify_mirror(
     mirror_name: &str,

@@ -1,8 +1,10 @@
 //! What every background worker of a mirror (snapshot worker, snapshot helper, decoder) does the same
-//! way: install PostgreSQL's signal handlers, turn a PostgreSQL error inside an attempt into an
-//! [`Error`], check that the extension is still installed, and end a failed attempt — record the
-//! error where users can read it, release the slot, exit non-zero so that the launcher retries with
-//! back-off. Main thread of a worker; calls PostgreSQL.
+//! way: install PostgreSQL's signal handlers, pin its settings over what the database or a role sets
+//! (search path first: see [`crate::privileges`]), keep its pid in the registry exactly while it
+//! runs, turn a PostgreSQL error inside an attempt into an [`Error`], check that the extension is
+//! still installed, and end a failed attempt — record the error where users can read it, release the
+//! slot, exit non-zero so that the launcher retries with back-off. Main thread of a worker; calls
+//! PostgreSQL.
 
 use azure_cdc_core::{Error, ErrorKind, Result};
 use pgrx::bgworkers::BackgroundWorker;
@@ -45,8 +47,13 @@ pub fn start(arg: pg_sys::Datum, what: &str) -> Option<(usize, MirrorEntry)> {
         return None;
     }
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(entry.database)), None);
-    // SAFETY: MyProcPid is set at process start.
-    shmem::set_worker_pid(index, unsafe { pg_sys::MyProcPid });
+    register_pid(index, None);
+    // Before any query: nothing the database's or a role's settings name may be reached.
+    if let Err(e) = pin_settings() {
+        pgrx::warning!("azure_cdc: could not fix the worker's settings: {}", e.full_text());
+        shmem::set_worker_pid(index, 0);
+        return None;
+    }
     if !extension_installed() {
         pgrx::warning!(
             "azure_cdc: the extension was dropped from this database; mirror {} {what} and its slot, if any, is left for an administrator to drop",
@@ -56,12 +63,59 @@ pub fn start(arg: pg_sys::Datum, what: &str) -> Option<(usize, MirrorEntry)> {
         shmem::release(index);
         return None;
     }
-    if let Err(e) = BackgroundWorker::transaction(|| crate::tuples::pin_output_settings(false)) {
-        pgrx::warning!("azure_cdc: could not fix the output settings: {}", e.full_text());
-        shmem::set_worker_pid(index, 0);
-        return None;
-    }
     Some((index, entry))
+}
+
+/// Pins the worker's settings (own transaction): the search path and the others of
+/// [`crate::privileges::pin_worker_settings`], then the output settings values are converted with.
+pub fn pin_settings() -> Result<()> {
+    BackgroundWorker::transaction(|| {
+        crate::privileges::pin_worker_settings();
+        crate::tuples::pin_output_settings(false)
+    })
+}
+
+/// Records this worker's pid in entry `index` of the registry (as the mirror's worker, or as snapshot
+/// helper `helper`), and clears it again however the process exits (an error, a FATAL such as
+/// termination), so that no pid is left behind for the launcher to signal after the process is gone.
+pub fn register_pid(index: usize, helper: Option<usize>) {
+    // SAFETY: MyProcPid is set at process start.
+    let pid = unsafe { pg_sys::MyProcPid };
+    let arg = index | (helper.unwrap_or(0) << 8) | (usize::from(helper.is_some()) << 16);
+    {
+        let mut r = shmem::REGISTRY.exclusive();
+        let e = &mut r.entries[index];
+        match helper {
+            Some(slot) => e.helper_pids[slot] = pid,
+            None => e.worker_pid = pid,
+        }
+    }
+    // SAFETY: registers a callback PostgreSQL runs on this process's exit, before shared memory is
+    // detached; the argument is plain data.
+    unsafe { pg_sys::before_shmem_exit(Some(forget_pid), pg_sys::Datum::from(arg)) };
+}
+
+/// Clears the pid [`register_pid`] recorded, if it is still this process's.
+#[pg_guard]
+unsafe extern "C-unwind" fn forget_pid(_code: std::ffi::c_int, arg: pg_sys::Datum) {
+    let arg = arg.value();
+    let index = arg & 0xff;
+    let slot = (arg >> 8) & 0xff;
+    let helper = (arg >> 16) & 1 == 1;
+    // SAFETY: MyProcPid is set at process start.
+    let me = unsafe { pg_sys::MyProcPid };
+    if index >= crate::gucs::MAX_FABRIC_MIRRORS_LIMIT as usize || slot >= shmem::MAX_PROGRESS {
+        return;
+    }
+    let mut r = shmem::REGISTRY.exclusive();
+    let e = &mut r.entries[index];
+    if helper {
+        if e.helper_pids[slot] == me {
+            e.helper_pids[slot] = 0;
+        }
+    } else if e.worker_pid == me {
+        e.worker_pid = 0;
+    }
 }
 
 /// Runs one attempt, turning a PostgreSQL error (or a panic) raised inside it into an [`Error`], so
@@ -69,11 +123,21 @@ pub fn start(arg: pg_sys::Datum, what: &str) -> Option<(usize, MirrorEntry)> {
 pub fn catching<T>(f: impl FnOnce() -> Result<T> + std::panic::UnwindSafe) -> Result<T> {
     PgTryBuilder::new(f)
         .catch_others(|caught| {
-            let message = match &caught {
+            let (message, code) = match &caught {
                 pg_sys::panic::CaughtError::PostgresError(r)
                 | pg_sys::panic::CaughtError::ErrorReport(r)
-                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
+                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => (r.message().to_string(), r.sql_error_code()),
             };
+            // An error raised by a type owner's cast to JSON may quote the value: its text goes to the
+            // server log only; what users read names the table and column.
+            if let Some(what) = crate::tuples::take_failed_json_conversion() {
+                pgrx::log!("azure_cdc: converting a value of {what} to JSON failed: {message}");
+                return Err(Error::new(
+                    ErrorKind::Internal,
+                    format!("converting a value of {what} to JSON failed ({code:?}); the server log has its message"),
+                )
+                .with_hint("The conversion calls the cast to json of the column's type (or of a type inside it); fix that cast or the value."));
+            }
             Err(Error::new(ErrorKind::Internal, message))
         })
         .execute()
@@ -105,26 +169,12 @@ pub fn exit_after_failure(mirror_id: i64, what: &str, e: &Error) -> ! {
     let text = e.full_text();
     let recorded = catching(|| {
         BackgroundWorker::transaction(|| -> Result<()> {
-            catalog::run(
-                "UPDATE azure_cdc.mirrors SET last_error = $2, last_error_code = $4, \
-                        state = CASE WHEN $3 AND state IN ('Starting', 'Running') THEN 'Failed' ELSE state END \
-                  WHERE mirror_id = $1",
-                &[
-                    mirror_id.into(),
-                    text.as_str().into(),
-                    permanent.into(),
-                    azure_cdc_core::health::error_code(e.kind).into(),
-                ],
-            )?;
-            catalog::record_event(
+            catalog::mirror_attempt_failed(
                 mirror_id,
-                None,
-                if permanent { "Failed" } else { "Error" },
-                Some(&format!("{what}: {text}")),
-            )?;
-            catalog::run(
-                "UPDATE azure_cdc.mirror_tables SET last_error = $2 WHERE mirror_id = $1 AND state = 'Snapshotting'",
-                &[mirror_id.into(), text.as_str().into()],
+                what,
+                &text,
+                azure_cdc_core::health::error_code(e.kind),
+                permanent,
             )
         })
     });

@@ -44,6 +44,28 @@ pub enum Value<'a> {
     Uuid(&'a [u8; 16]),
 }
 
+impl Value<'_> {
+    /// The name of the value's kind (for error texts, which never carry values).
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Value::Null => "null",
+            Value::Bool(_) => "boolean",
+            Value::Int16(_) => "int16",
+            Value::Int32(_) => "int32",
+            Value::Int64(_) => "int64",
+            Value::Float32(_) => "float32",
+            Value::Float64(_) => "float64",
+            Value::Numeric(_) => "numeric",
+            Value::Text(_) => "text",
+            Value::Bytes(_) => "binary",
+            Value::PgDate(_) => "date",
+            Value::PgTime(_) => "time",
+            Value::PgTimestamp(_) => "timestamp",
+            Value::Uuid(_) => "uuid",
+        }
+    }
+}
+
 /// A column of the landing zone: its name and how it is carried.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ColumnSpec {
@@ -106,8 +128,11 @@ impl ColumnBuilder {
 
     /// Appends one value; returns the number of payload bytes it added.
     fn append(&mut self, v: Value<'_>, column: &str) -> Result<usize> {
-        let mismatch =
-            |v: &Value<'_>| Error::new(ErrorKind::Internal, format!("column \"{column}\" cannot take value {v:?}"));
+        // Names the kind of value, never the value itself: error texts reach users who may not read
+        // the table.
+        let mismatch = |v: &Value<'_>| {
+            Error::new(ErrorKind::Internal, format!("column \"{column}\" cannot take a {} value", v.kind_name()))
+        };
         Ok(match (self, v) {
             (ColumnBuilder::Bool(b), Value::Null) => {
                 b.append_null();

@@ -21,6 +21,12 @@ pub enum ErrorKind {
     WrongObjectType,
     /// The caller lacks a privilege (42501).
     InsufficientPrivilege,
+    /// The mirror's owner no longer holds a right the mirror needs (azure_cdc_admin, REPLICATION,
+    /// writing server files for a local folder), or the role is gone (42501). Stops the mirror.
+    OwnerPrivilege,
+    /// The mirror's owner may no longer mirror one table (it does not own it, or row-level security
+    /// applies to it) (42501). Parks the table.
+    TablePrivilege,
     /// A server prerequisite is not met (55000).
     PrerequisiteNotMet,
     /// A configured limit is reached (53400).
@@ -70,7 +76,7 @@ impl ErrorKind {
             ErrorKind::UndefinedObject => "42704",
             ErrorKind::UndefinedTable => "42P01",
             ErrorKind::WrongObjectType => "42809",
-            ErrorKind::InsufficientPrivilege => "42501",
+            ErrorKind::InsufficientPrivilege | ErrorKind::OwnerPrivilege | ErrorKind::TablePrivilege => "42501",
             ErrorKind::PrerequisiteNotMet => "55000",
             ErrorKind::ConfigurationLimit => "53400",
             ErrorKind::ObjectInUse => "55006",
@@ -88,12 +94,15 @@ impl ErrorKind {
     /// What a background worker does with an error of this kind.
     pub fn disposition(self) -> Disposition {
         match self {
-            ErrorKind::DataConversion | ErrorKind::FeatureNotSupported => Disposition::ParkTable,
+            ErrorKind::DataConversion | ErrorKind::FeatureNotSupported | ErrorKind::TablePrivilege => {
+                Disposition::ParkTable
+            }
             ErrorKind::TargetIo | ErrorKind::Internal | ErrorKind::ObjectInUse => Disposition::Retry,
             ErrorKind::TargetAuthentication
             | ErrorKind::TargetPermission
             | ErrorKind::TargetMissing
-            | ErrorKind::SlotInvalidated => Disposition::StopMirror,
+            | ErrorKind::SlotInvalidated
+            | ErrorKind::OwnerPrivilege => Disposition::StopMirror,
             _ => Disposition::ReportToCaller,
         }
     }
@@ -216,6 +225,12 @@ mod tests {
         assert_eq!(ErrorKind::TargetIo.disposition(), Disposition::Retry);
         assert_eq!(ErrorKind::InvalidName.disposition(), Disposition::ReportToCaller);
         assert_eq!(ErrorKind::TargetPermission.disposition(), Disposition::StopMirror);
+        assert_eq!(ErrorKind::TablePrivilege.disposition(), Disposition::ParkTable);
+        assert_eq!(ErrorKind::OwnerPrivilege.disposition(), Disposition::StopMirror);
+        assert_eq!(ErrorKind::InsufficientPrivilege.disposition(), Disposition::ReportToCaller);
+        for k in [ErrorKind::OwnerPrivilege, ErrorKind::TablePrivilege] {
+            assert_eq!(k.sqlstate(), ErrorKind::InsufficientPrivilege.sqlstate(), "{k:?} is a privilege error");
+        }
     }
 
     #[test]

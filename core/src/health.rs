@@ -88,6 +88,7 @@ pub fn error_code(kind: ErrorKind) -> &'static str {
         ErrorKind::TargetMissing => "CDC_ERR_TARGET_NOT_FOUND",
         ErrorKind::TargetIo => "CDC_ERR_TARGET_UNREACHABLE",
         ErrorKind::SlotInvalidated => "CDC_ERR_SLOT_INVALIDATED",
+        ErrorKind::OwnerPrivilege => "CDC_ERR_OWNER_PRIVILEGE",
         _ => "CDC_ERR_WORKER_FAILED",
     }
 }
@@ -100,6 +101,7 @@ fn known_code(code: &str) -> Option<&'static str> {
         "CDC_ERR_TARGET_NOT_FOUND",
         "CDC_ERR_TARGET_UNREACHABLE",
         "CDC_ERR_SLOT_INVALIDATED",
+        "CDC_ERR_OWNER_PRIVILEGE",
         "CDC_ERR_WORKER_FAILED",
     ]
     .into_iter()
@@ -129,6 +131,8 @@ pub fn mirror_problems(f: &MirrorFacts) -> Vec<Problem> {
         let code = f.last_error_code.as_deref().and_then(known_code).unwrap_or("CDC_ERR_WORKER_FAILED");
         let hint = if code == "CDC_ERR_SLOT_INVALIDATED" {
             "The server removed WAL the mirror had not read. Run SELECT azure_cdc.resume_mirror(...): the slot is created again and every table reseeded; consider a larger max_slot_wal_keep_size."
+        } else if code == "CDC_ERR_OWNER_PRIVILEGE" {
+            "Give the mirror's owner back what it lacks (see the message), then run SELECT azure_cdc.resume_mirror(...); or stop the mirror."
         } else {
             "Fix the cause (credential, permission, container), then run SELECT azure_cdc.resume_mirror(...)."
         };

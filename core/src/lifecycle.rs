@@ -180,6 +180,82 @@ impl MirrorState {
     }
 }
 
+/// What the events table (`azure_cdc.events`) records, newest last. Only the extension writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// `start_mirror` recorded the mirror.
+    Started,
+    /// The initial snapshot is published; the mirror is Running.
+    SnapshotPublished,
+    /// A worker's attempt failed; it is retried with back-off.
+    Error,
+    /// The mirror stopped for good (the target refused it, or its owner lost a right it needs).
+    Failed,
+    /// Publishing works again after an error.
+    Recovered,
+    /// `remove_tables` took the table out of the mirror.
+    TableRemoved,
+    /// The source table was dropped; its files are kept.
+    Dropped,
+    /// Columns were added or dropped and later files follow them.
+    ColumnsChanged,
+    /// The table was parked (Failed) with its error.
+    TableFailed,
+    /// A table of a mirror of all tables was left out (its owner is not the mirror's owner).
+    TableSkipped,
+    /// The table is to be copied again, with why.
+    ReseedRequested,
+    /// The table's new copy is published.
+    Reseeded,
+    /// The slot was invalidated or dropped; it was created again and every table reseeded.
+    SlotLost,
+    Paused,
+    Resumed,
+    Stopped,
+}
+
+impl Event {
+    pub const ALL: [Event; 16] = [
+        Event::Started,
+        Event::SnapshotPublished,
+        Event::Error,
+        Event::Failed,
+        Event::Recovered,
+        Event::TableRemoved,
+        Event::Dropped,
+        Event::ColumnsChanged,
+        Event::TableFailed,
+        Event::TableSkipped,
+        Event::ReseedRequested,
+        Event::Reseeded,
+        Event::SlotLost,
+        Event::Paused,
+        Event::Resumed,
+        Event::Stopped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Event::Started => "Started",
+            Event::SnapshotPublished => "SnapshotPublished",
+            Event::Error => "Error",
+            Event::Failed => "Failed",
+            Event::Recovered => "Recovered",
+            Event::TableRemoved => "TableRemoved",
+            Event::Dropped => "Dropped",
+            Event::ColumnsChanged => "ColumnsChanged",
+            Event::TableFailed => "TableFailed",
+            Event::TableSkipped => "TableSkipped",
+            Event::ReseedRequested => "ReseedRequested",
+            Event::Reseeded => "Reseeded",
+            Event::SlotLost => "SlotLost",
+            Event::Paused => "Paused",
+            Event::Resumed => "Resumed",
+            Event::Stopped => "Stopped",
+        }
+    }
+}
+
 /// Back-off before restarting a worker that failed `failures` times in a row: 1 s doubling to 5 min.
 pub fn restart_backoff_secs(failures: u32) -> u64 {
     let exp = failures.saturating_sub(1).min(9);
@@ -241,6 +317,8 @@ mod tests {
         assert!(MirrorState::Paused.is_active() && !MirrorState::Paused.wants_workers());
         assert_eq!(MirrorState::resumed(false), MirrorState::Starting);
         assert_eq!(MirrorState::resumed(true), MirrorState::Running);
+        let names: std::collections::HashSet<&str> = Event::ALL.iter().map(|e| e.as_str()).collect();
+        assert_eq!(names.len(), Event::ALL.len(), "event names are distinct");
     }
 
     #[test]

@@ -69,19 +69,20 @@ pub fn decode(payload: &[u8]) -> Result<Numeric> {
 
 impl Numeric {
     /// The value times 10^scale as an i128, if it is finite, has no digits beyond `scale` and fits in
-    /// `precision` decimal digits. Never rounds.
+    /// `precision` decimal digits. Never rounds. Errors never carry the value: their texts reach
+    /// users who may not read the table.
     pub fn to_scaled_i128(&self, precision: u8, scale: i8) -> Result<i128> {
         let Numeric::Finite { negative, weight, digits, .. } = self else {
             return Err(Error::new(
                 ErrorKind::DataConversion,
-                format!("numeric value {} cannot be written to a decimal({precision},{scale}) column", self.to_text()),
+                format!("a NaN or infinite numeric value cannot be written to a decimal({precision},{scale}) column"),
             )
             .with_hint("NaN and infinity have no decimal representation in the landing zone."));
         };
         let overflow = || {
             Error::new(
                 ErrorKind::DataConversion,
-                format!("numeric value {} does not fit decimal({precision},{scale})", self.to_text()),
+                format!("a numeric value does not fit decimal({precision},{scale})"),
             )
         };
         // Each base-10000 digit i stands for digit * 10^(4*(weight-i)); scaled by 10^scale.

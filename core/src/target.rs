@@ -602,6 +602,47 @@ fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("sync folder", dir, &e))
 }
 
+/// The folder a local target really writes to: `path` with every symbolic link in its longest
+/// existing ancestor resolved (the part below does not exist yet, so it cannot be a link when the
+/// check is made). `path` is absolute and has no `.` or `..` (as [`TargetUrl::parse`] makes it).
+pub fn resolve_local_path(path: &Path) -> std::io::Result<PathBuf> {
+    let mut existing = path.to_path_buf();
+    let mut rest: Vec<std::ffi::OsString> = Vec::new();
+    loop {
+        match fs::canonicalize(&existing) {
+            Ok(real) => {
+                let mut out = real;
+                for c in rest.iter().rev() {
+                    out.push(c);
+                }
+                return Ok(out);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let Some(name) = existing.file_name().map(|n| n.to_os_string()) else { return Err(e) };
+                rest.push(name);
+                if !existing.pop() {
+                    return Err(e);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A server folder a local target must keep out of: the data directory, its WAL folder, a
+/// tablespace. `what` names it in errors; `path` is resolved ([`resolve_local_path`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtectedFolder {
+    pub what: String,
+    pub path: PathBuf,
+}
+
+/// The first protected folder a local target (resolved) lies in, or that lies in it. Either way the
+/// mirror would write, rebuild or delete folders among the server's own files.
+pub fn protected_overlap<'a>(target: &Path, protected: &'a [ProtectedFolder]) -> Option<&'a ProtectedFolder> {
+    protected.iter().find(|p| target.starts_with(&p.path) || p.path.starts_with(target))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -616,6 +657,32 @@ pub(crate) mod tests {
         ));
         let _ = fs::remove_dir_all(&d);
         d
+    }
+
+    #[test]
+    fn local_targets_resolve_links_and_keep_out_of_server_folders() {
+        let base = temp_dir("protected");
+        let data = base.join("data");
+        fs::create_dir_all(data.join("pg_wal")).unwrap();
+        fs::create_dir_all(base.join("elsewhere")).unwrap();
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(&data, base.join("link")).unwrap();
+        let real = |p: &Path| resolve_local_path(p).unwrap();
+        let protected = vec![ProtectedFolder { what: "the data directory".into(), path: real(&data) }];
+        // A folder that does not exist yet resolves below its existing ancestor.
+        assert_eq!(real(&base.join("elsewhere/new/deeper")), real(&base.join("elsewhere")).join("new/deeper"));
+        assert!(protected_overlap(&real(&base.join("elsewhere/mirror")), &protected).is_none());
+        for inside in [data.join("pg_replslot/x"), data.join("new"), data.clone()] {
+            assert!(protected_overlap(&real(&inside), &protected).is_some(), "{inside:?}");
+        }
+        // The data directory inside the target (a rebuilt or cleared folder could reach it).
+        assert!(protected_overlap(&real(&base), &protected).is_some());
+        // Through a symbolic link to the data directory.
+        #[cfg(unix)]
+        assert!(protected_overlap(&real(&base.join("link/pg_wal/m")), &protected).is_some());
+        // A sibling whose name starts like the data directory is not inside it.
+        assert!(protected_overlap(&real(&base.join("data2/m")), &protected).is_none());
+        fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
