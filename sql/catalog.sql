@@ -3,10 +3,36 @@
 -- search_path). azure_cdc_admin may read mirrors, mirror_tables and events, and nothing more;
 -- nothing here is granted to PUBLIC.
 
+-- The schema that holds the catalog must be the installing superuser's. A schema named azure_cdc
+-- that someone else created beforehand would be reused by CREATE EXTENSION, and its owner could
+-- replace the catalog tables that the extension reads and writes with raised rights.
+DO $$
+DECLARE
+    owner_name name;
+    owner_super boolean;
+BEGIN
+    SELECT r.rolname, r.rolsuper INTO owner_name, owner_super
+      FROM pg_catalog.pg_namespace n JOIN pg_catalog.pg_roles r ON r.oid = n.nspowner
+     WHERE n.nspname = 'azure_cdc';
+    IF NOT owner_super THEN
+        RAISE EXCEPTION 'schema azure_cdc belongs to role %, not to a superuser', owner_name
+            USING ERRCODE = '42501',
+                  HINT = 'Its owner could replace the extension''s catalog. Drop or rename that schema, then run CREATE EXTENSION azure_cdc again.';
+    END IF;
+END
+$$;
+
+-- The role whose members control mirrors. One that exists already is used as it is, unless it
+-- carries attributes its members could take on with SET ROLE.
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'azure_cdc_admin') THEN
         CREATE ROLE azure_cdc_admin NOLOGIN;
+    ELSIF EXISTS (SELECT 1 FROM pg_catalog.pg_roles
+                   WHERE rolname = 'azure_cdc_admin' AND (rolsuper OR rolreplication OR rolbypassrls)) THEN
+        RAISE EXCEPTION 'role azure_cdc_admin exists with SUPERUSER, REPLICATION or BYPASSRLS'
+            USING ERRCODE = '42501',
+                  HINT = 'Every member of azure_cdc_admin could take those on; remove them (ALTER ROLE azure_cdc_admin NOSUPERUSER NOREPLICATION NOBYPASSRLS) and run CREATE EXTENSION azure_cdc again.';
     END IF;
 END
 $$;
@@ -62,8 +88,9 @@ CREATE TABLE azure_cdc.mirror_tables (
     PRIMARY KEY (mirror_id, relid)
 );
 
--- What happened to mirrors and tables, newest last: state changes, errors, recoveries. Kept to the
--- newest 10000 events (older ones are deleted as new ones are recorded).
+-- What happened to mirrors and tables, newest last: state changes, errors, recoveries. An audit
+-- trail: only the extension writes it. Kept to the newest 10000 events of each mirror (older ones
+-- are deleted as new ones are recorded).
 CREATE TABLE azure_cdc.events (
     event_id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     occurred_at  timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
@@ -73,6 +100,8 @@ CREATE TABLE azure_cdc.events (
     event        text NOT NULL,
     detail       text
 );
+-- Each mirror keeps its newest 10000 events (trimmed as it records one).
+CREATE INDEX events_by_mirror ON azure_cdc.events (mirror_name, event_id);
 
 REVOKE ALL ON azure_cdc.mirrors, azure_cdc.mirror_tables, azure_cdc.events FROM PUBLIC;
 GRANT SELECT ON azure_cdc.mirrors, azure_cdc.mirror_tables, azure_cdc.events TO azure_cdc_admin;

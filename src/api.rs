@@ -73,7 +73,6 @@ pub(crate) fn server_facts() -> Result<ServerFacts> {
         .map_err(spi)?
         .unwrap_or(false),
         caller_is_admin: privileges::caller_is_admin(),
-        caller_has_replication: privileges::has_replication(privileges::current_user()),
         caller_has_create_on_database: Spi::get_one::<bool>(
             "SELECT pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE')",
         )
@@ -183,9 +182,7 @@ fn prerequisite_error(facts: &ServerFacts) -> Option<Error> {
     let failed = checks.iter().find(|c| c.is_error())?;
     let kind = match failed.code {
         "MAX_FABRIC_MIRRORS_REACHED" => ErrorKind::ConfigurationLimit,
-        "USER_NOT_CDC_ADMIN" | "NO_CREATE_PRIVILEGE_ON_DATABASE" | "USER_WITHOUT_REPLICATION" => {
-            ErrorKind::InsufficientPrivilege
-        }
+        "USER_NOT_CDC_ADMIN" | "NO_CREATE_PRIVILEGE_ON_DATABASE" => ErrorKind::InsufficientPrivilege,
         _ => ErrorKind::PrerequisiteNotMet,
     };
     let hint = failed.detail.get("hint").and_then(|h| h.as_str()).unwrap_or_default().to_string();
@@ -203,7 +200,6 @@ fn start_mirror_impl(
     options: JsonB,
 ) -> Result<String> {
     require_admin("start_mirror")?;
-    privileges::require_replication("start_mirror")?;
     names::validate_mirror_name(mirror_name)?;
     let owner = privileges::current_user();
     if let Some(m) = catalog::mirror_by_name(mirror_name)? {
@@ -373,7 +369,6 @@ fn stop_mirror_impl(mirror_name: &str) -> Result<String> {
     if m.state == MirrorState::Stopped.as_str() {
         return Ok(format!("mirror \"{mirror_name}\" is already stopped"));
     }
-    privileges::require_replication("stop_mirror")?;
     let entry = shmem::find(database_oid(), m.id);
     if let Some(index) = entry {
         stop_workers(index, mirror_name)?;
@@ -457,7 +452,6 @@ fn resume_mirror_impl(mirror_name: &str) -> Result<String> {
     require_admin("resume_mirror")?;
     let m = catalog::mirror_by_name(mirror_name)?.ok_or_else(|| unknown_mirror(mirror_name))?;
     privileges::require_mirror_owner(mirror_name, m.owner)?;
-    privileges::require_replication("resume_mirror")?;
     let before = MirrorState::parse(&m.state)?;
     if !matches!(before, MirrorState::Failed | MirrorState::Paused) {
         return Err(Error::new(

@@ -64,8 +64,43 @@ fn mirror_from(row: &pgrx::spi::SpiHeapTupleData) -> Result<MirrorRow> {
     })
 }
 
-/// Runs a read of the catalog with the extension's rights (see the module header).
+thread_local! {
+    /// Set once this process has found the catalog's schema to be the extension's, owned by a
+    /// superuser (only a superuser could change that afterwards).
+    static CATALOG_TRUSTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Refuses a catalog whose schema is not the extension's own schema owned by a superuser: a schema
+/// created by someone else before `CREATE EXTENSION` (which the installation script refuses) would
+/// let its owner replace the catalog tables that the extension reads and writes with raised rights.
+fn catalog_trusted() -> Result<()> {
+    if CATALOG_TRUSTED.with(|c| c.get()) {
+        return Ok(());
+    }
+    let ok = as_extension(|| {
+        Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension e \
+                              JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace \
+                              JOIN pg_catalog.pg_roles r ON r.oid = n.nspowner \
+                             WHERE e.extname = 'azure_cdc' AND n.nspname = 'azure_cdc' AND r.rolsuper)",
+        )
+        .map_err(spi)
+    })?
+    .unwrap_or(false);
+    if !ok {
+        return Err(Error::new(
+            ErrorKind::InsufficientPrivilege,
+            "the catalog of azure_cdc is not in the extension's own schema owned by a superuser",
+        )
+        .with_hint("A superuser must drop the extension, drop or rename schema azure_cdc, and create the extension again."));
+    }
+    CATALOG_TRUSTED.with(|c| c.set(true));
+    Ok(())
+}
+
+/// Runs a query of the catalog with the extension's rights (see the module header).
 pub fn read<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    catalog_trusted()?;
     as_extension(f)
 }
 
@@ -376,7 +411,7 @@ pub fn insert_mirror(
     owner: pg_sys::Oid,
     tables: &[(RelationInfo, Vec<String>)],
 ) -> Result<i64> {
-    let id = as_extension(|| {
+    let id = read(|| {
         Spi::connect_mut(|c| {
             c.update(
                 "INSERT INTO azure_cdc.mirrors (mirror_name, target, all_tables, options, slot_name, credential, owner) \
@@ -428,12 +463,29 @@ pub fn insert_tables(mirror_id: i64, tables: &[(RelationInfo, Vec<String>)], sta
 
 /// Runs one catalog-writing statement with the extension's rights.
 fn run(query: &str, args: &[pgrx::datum::DatumWithOid]) -> Result<()> {
-    as_extension(|| Spi::connect_mut(|c| c.update(query, None, args).map(|_| ()).map_err(spi)))
+    read(|| Spi::connect_mut(|c| c.update(query, None, args).map(|_| ()).map_err(spi)))
+}
+
+/// Runs an UPDATE of `mirror_tables` that returns (schema, table) of the rows it changed.
+fn updated_tables(query: &str, args: &[pgrx::datum::DatumWithOid]) -> Result<Vec<(String, String)>> {
+    read(|| {
+        Spi::connect_mut(|c| {
+            let t = c.update(query, None, args).map_err(spi)?;
+            let mut out = Vec::new();
+            for r in t {
+                out.push((
+                    r.get::<String>(1).map_err(spi)?.unwrap_or_default(),
+                    r.get::<String>(2).map_err(spi)?.unwrap_or_default(),
+                ));
+            }
+            Ok(out)
+        })
+    })
 }
 
 /// Runs one catalog-writing statement that returns one count.
 fn run_counting(query: &str, args: &[pgrx::datum::DatumWithOid]) -> Result<i64> {
-    as_extension(|| Spi::get_one_with_args::<i64>(query, args).map(|n| n.unwrap_or(0)).map_err(spi))
+    read(|| Spi::get_one_with_args::<i64>(query, args).map(|n| n.unwrap_or(0)).map_err(spi))
 }
 
 /// Mirrored tables (for a partitioned table: its partitions) that can store values out of line (they
@@ -472,21 +524,25 @@ pub fn set_replica_identity_full(schema: &str, table: &str) -> Result<()> {
     alter_table_as_caller("SELECT pg_catalog.format('ALTER TABLE %I.%I REPLICA IDENTITY FULL', $1::text, $2::text)", &[schema, table])
 }
 
-/// The number of events `azure_cdc.events` keeps.
+/// The number of events `azure_cdc.events` keeps per mirror.
 pub const EVENTS_KEPT: i64 = 10_000;
 
-/// Records an event of mirror `mirror_id` (and of one of its tables), and trims the oldest events
-/// beyond [`EVENTS_KEPT`]. In the caller's transaction.
+/// Records an event of mirror `mirror_id` (and of one of its tables), and trims that mirror's
+/// oldest events beyond [`EVENTS_KEPT`]: one mirror's events never push out another's. Every event
+/// is written here. In the caller's transaction. (The statement's own insert is not visible to its
+/// DELETE: the newest `EVENTS_KEPT - 1` events before it stay, with it.)
 pub fn record_event(mirror_id: i64, table: Option<(&str, &str)>, event: Event, detail: Option<&str>) -> Result<()> {
     let (schema, name) = match table {
         Some((s, t)) => (Some(s), Some(t)),
         None => (None, None),
     };
     run(
-        "WITH e AS (INSERT INTO azure_cdc.events (mirror_name, schema_name, table_name, event, detail) \
-                    SELECT mirror_name, $2::name, $3::name, $4, $5 FROM azure_cdc.mirrors WHERE mirror_id = $1 \
-                    RETURNING event_id) \
-         DELETE FROM azure_cdc.events WHERE event_id <= (SELECT pg_catalog.max(event_id) FROM e) - $6",
+        "WITH m AS (SELECT mirror_name FROM azure_cdc.mirrors WHERE mirror_id = $1), \
+              e AS (INSERT INTO azure_cdc.events (mirror_name, schema_name, table_name, event, detail) \
+                    SELECT mirror_name, $2::name, $3::name, $4, $5 FROM m RETURNING event_id) \
+         DELETE FROM azure_cdc.events WHERE mirror_name = (SELECT mirror_name FROM m) AND event_id < \
+                (SELECT o.event_id FROM azure_cdc.events o WHERE o.mirror_name = (SELECT mirror_name FROM m) \
+                  ORDER BY o.event_id DESC OFFSET $6 - 2 LIMIT 1)",
         &[mirror_id.into(), schema.into(), name.into(), event.as_str().into(), detail.into(), EVENTS_KEPT.into()],
     )
 }
@@ -582,33 +638,30 @@ pub fn mirror_attempt_failed(mirror_id: i64, what: &str, text: &str, code: &str,
 
 /// Publishing works again: an error an earlier attempt recorded is over.
 pub fn mirror_recovered(mirror_id: i64) -> Result<()> {
-    run(
+    let cleared = run_counting(
         "WITH c AS (UPDATE azure_cdc.mirrors SET last_error = NULL, last_error_code = NULL \
-                     WHERE mirror_id = $1 AND last_error IS NOT NULL RETURNING mirror_name) \
-         INSERT INTO azure_cdc.events (mirror_name, event, detail) \
-         SELECT mirror_name, $2, 'changes are published again' FROM c",
-        &[mirror_id.into(), Event::Recovered.as_str().into()],
-    )
+                     WHERE mirror_id = $1 AND last_error IS NOT NULL RETURNING 1) \
+         SELECT pg_catalog.count(*) FROM c",
+        &[mirror_id.into()],
+    )?;
+    if cleared > 0 {
+        record_event(mirror_id, None, Event::Recovered, Some("changes are published again"))?;
+    }
+    Ok(())
 }
 
 /// The mirror's slot was created again at `lsn` after it was lost (`why`): every table that was
 /// replicating is reseeded. Returns how many.
 pub fn slot_recreated(mirror_id: i64, slot: &str, why: &str, lsn: &str, reason: &str) -> Result<i64> {
-    let n = run_counting(
-        "WITH t AS (UPDATE azure_cdc.mirror_tables SET state = $3, last_error = NULL \
-                     WHERE mirror_id = $1 AND state IN ($4, $3) RETURNING schema_name, table_name), \
-              e AS (INSERT INTO azure_cdc.events (mirror_name, schema_name, table_name, event, detail) \
-                    SELECT m.mirror_name, t.schema_name, t.table_name, $5, $2 \
-                      FROM t, azure_cdc.mirrors m WHERE m.mirror_id = $1 RETURNING 1) \
-         SELECT pg_catalog.count(*) FROM e",
-        &[
-            mirror_id.into(),
-            reason.into(),
-            TableState::Reseeding.as_str().into(),
-            TableState::Replicating.as_str().into(),
-            Event::ReseedRequested.as_str().into(),
-        ],
+    let reseeded = updated_tables(
+        "UPDATE azure_cdc.mirror_tables SET state = $2, last_error = NULL \
+          WHERE mirror_id = $1 AND state IN ($3, $2) RETURNING schema_name::text, table_name::text",
+        &[mirror_id.into(), TableState::Reseeding.as_str().into(), TableState::Replicating.as_str().into()],
     )?;
+    for (schema, table) in &reseeded {
+        record_event(mirror_id, Some((schema, table)), Event::ReseedRequested, Some(reason))?;
+    }
+    let n = reseeded.len() as i64;
     run(
         "UPDATE azure_cdc.mirrors SET consistent_lsn = $2::pg_lsn WHERE mirror_id = $1",
         &[mirror_id.into(), lsn.into()],
@@ -677,23 +730,15 @@ pub fn table_removed(mirror_id: i64, rel: &RelationInfo, state: TableState) -> R
 /// it was.
 pub fn reseed_requested(mirror_id: i64, relid: pg_sys::Oid, reason: &str, from: &[TableState]) -> Result<bool> {
     let from: Vec<String> = from.iter().map(|s| s.as_str().to_string()).collect();
-    let n = run_counting(
-        "WITH t AS (UPDATE azure_cdc.mirror_tables SET state = $4, last_error = NULL \
-                     WHERE mirror_id = $1 AND relid = $2 AND state = ANY ($5) RETURNING schema_name, table_name), \
-              e AS (INSERT INTO azure_cdc.events (mirror_name, schema_name, table_name, event, detail) \
-                    SELECT m.mirror_name, t.schema_name, t.table_name, $6, $3 \
-                      FROM t, azure_cdc.mirrors m WHERE m.mirror_id = $1 RETURNING 1) \
-         SELECT pg_catalog.count(*) FROM e",
-        &[
-            mirror_id.into(),
-            relid.into(),
-            reason.into(),
-            TableState::Reseeding.as_str().into(),
-            from.into(),
-            Event::ReseedRequested.as_str().into(),
-        ],
+    let updated = updated_tables(
+        "UPDATE azure_cdc.mirror_tables SET state = $3, last_error = NULL \
+          WHERE mirror_id = $1 AND relid = $2 AND state = ANY ($4) RETURNING schema_name::text, table_name::text",
+        &[mirror_id.into(), relid.into(), TableState::Reseeding.as_str().into(), from.into()],
     )?;
-    Ok(n > 0)
+    for (schema, table) in &updated {
+        record_event(mirror_id, Some((schema, table)), Event::ReseedRequested, Some(reason))?;
+    }
+    Ok(!updated.is_empty())
 }
 
 /// A table was parked (Failed) with `error` (a text without table values).
@@ -788,22 +833,21 @@ pub fn add_table_counters(mirror_id: i64, relid: pg_sys::Oid, rows: i64, files: 
 
 /// The options of a credential (JSON), if it exists.
 pub fn credential_options(name: &str) -> Result<Option<serde_json::Value>> {
-    let found = read(|| {
-        Spi::get_one_with_args::<pgrx::JsonB>(
+    read(|| {
+        match Spi::get_one_with_args::<pgrx::JsonB>(
             "SELECT options FROM azure_cdc.credentials WHERE credential_name = $1",
             &[name.into()],
-        )
-        .map_err(spi)
-    });
-    match found {
-        Ok(v) => Ok(v.map(|j| j.0)),
-        Err(e) => Err(e),
-    }
+        ) {
+            Ok(v) => Ok(v.map(|j| j.0)),
+            Err(pgrx::spi::SpiError::InvalidPosition) => Ok(None),
+            Err(e) => Err(spi(e)),
+        }
+    })
 }
 
 /// Creates or replaces a credential; returns whether it replaced one. `by` is the superuser doing it.
 pub fn upsert_credential(name: &str, options: serde_json::Value, by: pg_sys::Oid) -> Result<bool> {
-    as_extension(|| {
+    read(|| {
         Spi::get_one_with_args::<bool>(
             "INSERT INTO azure_cdc.credentials AS c (credential_name, options, created_by) \
                   VALUES ($1, $2, pg_catalog.pg_get_userbyid($3)) \

@@ -378,7 +378,14 @@ enum Next {
 
 fn run(index: usize, mirror_id: i64) -> Result<()> {
     // SAFETY: once per process, on the main thread, before decoding starts.
-    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(relcache_changed), pg_sys::Datum::from(0usize)) };
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(Some(relcache_changed), pg_sys::Datum::from(0usize));
+        pg_sys::CacheRegisterSyscacheCallback(
+            pg_sys::SysCacheIdentifier::CASTSOURCETARGET as i32,
+            Some(casts_changed),
+            pg_sys::Datum::from(0usize),
+        );
+    }
     // SAFETY: a memory context under TopMemoryContext, alive as long as the process.
     let change_cxt = unsafe {
         pg_sys::AllocSetContextCreateInternal(
@@ -1130,6 +1137,7 @@ impl Decoder {
         change: *mut pg_sys::ReorderBufferChange,
         pos: Position,
     ) -> Result<()> {
+        let mirror_owner = self.owner;
         let Some(t) = self.tables.get_mut(&owner) else { return Ok(()) };
         if t.parked.is_some()
             || t.reseeding
@@ -1138,8 +1146,13 @@ impl Decoder {
         {
             return Ok(());
         }
+        // The partitioned table itself was invalidated (its owner changed, say): its partitions'
+        // plans are rebuilt, and checked again, like its own would be.
+        if owner != relid && STALE.with(|s| s.borrow_mut().remove(&owner)) {
+            t.plans.clear();
+        }
         // SAFETY: rel is the open relation of the change being replayed.
-        match unsafe { ensure_plan(t, rel, relid, relid == owner) } {
+        match unsafe { ensure_plan(t, rel, relid, owner, mirror_owner) } {
             Ok(true) => {}
             Ok(false) => {
                 self.request_reseed(owner, Reason::ColumnsChanged);
@@ -1234,9 +1247,46 @@ fn count_file(t: &mut Table, f: &PublishedFile) {
 ///
 /// # Safety
 /// `rel` is the open relation of a change being replayed; main thread.
-unsafe fn ensure_plan(t: &mut Table, rel: pg_sys::Relation, relid: u32, own: bool) -> Result<bool> {
+unsafe fn ensure_plan(
+    t: &mut Table,
+    rel: pg_sys::Relation,
+    relid: u32,
+    mirrored: u32,
+    mirror_owner: pg_sys::Oid,
+) -> Result<bool> {
+    let own = relid == mirrored;
     if t.plans.contains_key(&relid) {
         return Ok(true);
+    }
+    // A plan is (re)built after every invalidation of the table: the mirror's owner must still be
+    // allowed to mirror it as of this point of the stream (ALTER TABLE … OWNER TO, FORCE ROW LEVEL
+    // SECURITY), or the table is parked before any later change of it is published.
+    // SAFETY: rel is open; the look-ups read the historic catalog decoding has set up.
+    unsafe {
+        let table_owner = if own {
+            (*(*rel).rd_rel).relowner
+        } else {
+            crate::tuples::relation_owner(pg_sys::Oid::from(mirrored)).unwrap_or((*(*rel).rd_rel).relowner)
+        };
+        let why = if !pg_sys::has_privs_of_role(mirror_owner, table_owner) {
+            Some(format!(
+                "{} does not own it (its owner is {})",
+                privileges::role_name(mirror_owner),
+                privileges::role_name(table_owner)
+            ))
+        } else if pg_sys::check_enable_rls(pg_sys::Oid::from(mirrored), mirror_owner, true)
+            == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32
+        {
+            Some(format!("row-level security applies to {} on it", privileges::role_name(mirror_owner)))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(Error::new(
+                ErrorKind::TablePrivilege,
+                format!("the mirror's owner may no longer mirror this table: {why}"),
+            ));
+        }
     }
     // SAFETY: a long-lived context for the plan's FmgrInfo (functions may cache data in fn_mcxt),
     // owned by the Plan (deleted when it is dropped) or deleted here.
@@ -1297,7 +1347,14 @@ unsafe fn ensure_plan(t: &mut Table, rel: pg_sys::Relation, relid: u32, own: boo
         } else {
             // A partition: its columns in its partitioned table's order, or the table is reseeded.
             let now: Vec<String> = conv.specs().iter().map(|c| c.name.clone()).collect();
-            match conv.arranged_as(&t.specs) {
+            // Its rows belong to the partitioned table: a type's cast runs as that table's owner
+            // (as of this point of the stream), never as a partition's.
+            let of = crate::tuples::RowsOf {
+                cast_role: crate::tuples::relation_owner(pg_sys::Oid::from(mirrored)).unwrap_or((*(*rel).rd_rel).relowner),
+                relid: mirrored,
+                table: format!("{}.{}", t.schema, t.name),
+            };
+            match conv.belonging_to(&t.specs, &of) {
                 Some(c) => c,
                 None => {
                     pg_sys::MemoryContextDelete(cxt);
@@ -1638,6 +1695,14 @@ unsafe extern "C-unwind" fn truncate_cb(
             }
         }
     });
+}
+
+/// A cast was created or dropped (decoded at its commit): every conversion plan is rebuilt, so that
+/// a cast to json that azure_cdc does not run (see tuples::user_json_cast) parks its tables before
+/// any of their later changes is converted.
+#[pg_guard]
+unsafe extern "C-unwind" fn casts_changed(_arg: pg_sys::Datum, _cache: std::ffi::c_int, _hash: u32) {
+    ALL_STALE.with(|a| a.set(true));
 }
 
 /// Relcache invalidation: conversion plans of the relation (or all, for InvalidOid) must be rebuilt.

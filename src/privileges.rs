@@ -4,10 +4,11 @@
 //! - **Callers.** The control and status functions run with the caller's rights and are for
 //!   superusers and members of `azure_cdc_admin` ([`require_admin`]). A mirror belongs to the role
 //!   that started it (its *owner*); only the owner (a member of it) or a superuser controls it
-//!   ([`require_mirror_owner`]). Creating and dropping the mirror's replication slot needs what
-//!   PostgreSQL asks of `pg_create_logical_replication_slot`: the REPLICATION attribute
-//!   ([`require_replication`]). A local folder needs what `COPY … TO 'file'` needs
-//!   (`pg_write_server_files`) and may not lie among the server's own files ([`check_local_target`]).
+//!   ([`require_mirror_owner`]). The mirror's replication slot is created and dropped by the
+//!   extension, for that mirror only: the owner needs no REPLICATION attribute, which would let it
+//!   read every table's changes through a slot of its own. A local folder needs what
+//!   `COPY … TO 'file'` needs (`pg_write_server_files`) and may not lie among the server's own files
+//!   ([`check_local_target`]).
 //! - **Tables.** The owner mirrors only tables it owns (Fabric's rule), and none that row-level
 //!   security applies to for it ([`table_refusal`]); `verify_table` compares only tables the caller
 //!   may SELECT whole ([`may_read_table`]).
@@ -89,23 +90,6 @@ pub fn require_admin(function: &str) -> Result<()> {
         .with_hint(format!("A superuser can run: GRANT {ADMIN_ROLE} TO <user>;")))
 }
 
-/// Whether `role` may create and drop replication slots (superuser or REPLICATION).
-pub fn has_replication(role: Oid) -> bool {
-    // SAFETY: catalog look-ups on the main thread inside a transaction.
-    unsafe { pg_sys::superuser_arg(role) || pg_sys::has_rolreplication(role) }
-}
-
-/// Starting, resuming and stopping a mirror create or drop its replication slot: the caller needs
-/// the REPLICATION attribute, as for `pg_create_logical_replication_slot` / `pg_drop_replication_slot`.
-pub fn require_replication(function: &str) -> Result<()> {
-    if has_replication(current_user()) {
-        return Ok(());
-    }
-    Err(Error::new(ErrorKind::InsufficientPrivilege, format!("permission denied for function {function}"))
-        .with_detail("A mirror creates and drops a replication slot: only superusers and roles with the REPLICATION attribute may.")
-        .with_hint("A superuser can run: ALTER ROLE <user> REPLICATION;"))
-}
-
 /// Only the mirror's owner (or a member of it) and superusers control a mirror.
 pub fn require_mirror_owner(mirror_name: &str, owner: Oid) -> Result<()> {
     let me = current_user();
@@ -181,6 +165,14 @@ pub fn check_local_target(url: &TargetUrl, role: Oid, who: Who) -> Result<()> {
     let real = target::resolve_local_path(path).map_err(|e| {
         Error::new(ErrorKind::TargetIo, format!("could not resolve folder \"{}\": {e}", path.display()))
     })?;
+    // The mirror creates its folder, never the folders above it (COPY … TO 'file' creates none).
+    if !real.parent().is_some_and(|p| p.is_dir()) {
+        return Err(Error::new(
+            ErrorKind::InvalidParameter,
+            format!("the folder above target \"{}\" does not exist", url.to_url()),
+        )
+        .with_hint("azure_cdc creates the target's own folder, not the folders above it; create them first."));
+    }
     if let Some(p) = target::protected_overlap(&real, &protected_folders()) {
         let how = if real.starts_with(&p.path) { "lies in" } else { "contains" };
         return Err(Error::new(
@@ -193,8 +185,8 @@ pub fn check_local_target(url: &TargetUrl, role: Oid, who: Who) -> Result<()> {
     Ok(())
 }
 
-/// The mirror's owner must still exist, be an azure_cdc admin and have REPLICATION: checked by every
-/// worker when it starts, and by `resume_mirror`.
+/// The mirror's owner must still exist and be an azure_cdc admin: checked by every worker when it
+/// starts, and by `resume_mirror`.
 pub fn owner_standing(owner: Oid) -> Result<()> {
     let lacks = |what: &str| {
         Err(Error::new(ErrorKind::OwnerPrivilege, format!("the mirror's owner {} {what}", role_name(owner)))
@@ -205,9 +197,6 @@ pub fn owner_standing(owner: Oid) -> Result<()> {
     }
     if !is_admin(owner) {
         return lacks("is no longer a member of azure_cdc_admin");
-    }
-    if !has_replication(owner) {
-        return lacks("no longer has the REPLICATION attribute");
     }
     Ok(())
 }

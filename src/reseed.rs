@@ -133,7 +133,8 @@ fn copy_one(
         return record_failed(mirror_id, relid, name, &e);
     }
     type Copied = (Vec<String>, i64, Vec<azure_cdc_core::datafile::PublishedFile>, Option<String>, String);
-    let copied = (|| -> Result<Copied> {
+    // In a subtransaction: a PostgreSQL error while converting a value parks this table only.
+    let copied = crate::worker::in_subtransaction(|| -> Result<Copied> {
         // SAFETY: rel is open (checked above).
         let mut conv = unsafe { TupleConverter::new(rel)? };
         let columns: Vec<String> = conv.specs().iter().map(|c| c.name.clone()).collect();
@@ -164,7 +165,7 @@ fn copy_one(
             })?
         };
         Ok((keys, rows, sink.close()?, partitioned.then_some(tree.signature), file_columns))
-    })();
+    });
     // SAFETY: closing the relation opened above, keeping its lock to the end of the transaction.
     unsafe { pg_sys::relation_close(rel, pg_sys::NoLock as i32) };
     let (keys, rows, files, partitions, file_columns) = match copied {

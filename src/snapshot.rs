@@ -595,7 +595,9 @@ fn snapshot_table(
             return Ok(outcome);
         }
     }
-    let result = (|| -> Result<()> {
+    // In a subtransaction: a PostgreSQL error while converting a value (a type's cast to json, an
+    // encoding conversion) parks this table only, and the snapshot goes on with the others.
+    let result = worker::in_subtransaction(|| -> Result<()> {
         // The keys recorded by start_mirror (before it may have set REPLICA IDENTITY FULL, which would
         // hide a REPLICA IDENTITY USING INDEX key from a new look-up).
         outcome.keys = t.key_columns.clone();
@@ -633,7 +635,12 @@ fn snapshot_table(
                 Err(e)
             }
         }
-    })();
+    });
+    if result.is_err() {
+        // A PostgreSQL error may have ended the scan half way: the encoder drops what it wrote (a
+        // second Abort after the one above changes nothing).
+        let _ = encoder.finish_table(ToEncoder::Abort);
+    }
     // SAFETY: closing the relation opened above, keeping the lock to the end of the transaction.
     unsafe { pg_sys::relation_close(rel, pg_sys::NoLock as i32) };
     match result {

@@ -290,10 +290,12 @@ fn problems(mirror: Option<&str>) -> Result<Vec<Problem>> {
                 });
             }
         }
-        let launcher = Spi::get_one::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity WHERE backend_type = 'azure_cdc launcher')",
-        )
-        .map_err(spi)?
+        let launcher = crate::catalog::read(|| {
+            Spi::get_one::<bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity WHERE backend_type = 'azure_cdc launcher')",
+            )
+            .map_err(spi)
+        })?
         .unwrap_or(false);
         if !launcher && crate::preloaded() {
             out.push(Problem {
@@ -306,11 +308,12 @@ fn problems(mirror: Option<&str>) -> Result<Vec<Problem>> {
             });
         }
     }
-    let max_keep_mb =
+    let max_keep_mb = crate::catalog::read(|| {
         Spi::get_one::<String>("SELECT setting FROM pg_catalog.pg_settings WHERE name = 'max_slot_wal_keep_size'")
-            .map_err(spi)?
-            .and_then(|s| s.parse::<i64>().ok())
-            .filter(|mb| *mb >= 0);
+            .map_err(spi)
+    })?
+    .and_then(|s| s.parse::<i64>().ok())
+    .filter(|mb| *mb >= 0);
     let views = mirror_views("get_health_status")?;
     if let Some(name) = mirror {
         if !views.iter().any(|m| m.name == name) {

@@ -6,7 +6,9 @@
 //! alive) until `append_row` returns.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::ffi::CStr;
+use std::rc::Rc;
 
 use azure_cdc_core::arrow_array::RecordBatch;
 use azure_cdc_core::batch::{BatchBuilder, ColumnSpec, Value};
@@ -47,17 +49,141 @@ pub fn pin_output_settings(local: bool) -> Result<()> {
 const F_ARRAY_TO_JSON: u32 = 3153;
 const F_ROW_TO_JSON: u32 = 3155;
 
-thread_local! {
-    /// Set while a value is turned into JSON by code the type's owner may have written (a cast to
-    /// json); still set if that code raised an error, for [`take_failed_json_conversion`].
-    static IN_JSON_CONVERSION: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+/// What a converter was doing when PostgreSQL code it called raised an error: the mirrored table
+/// (by relid, to park it) and which column of it ("column … of table …").
+#[derive(Clone, Debug)]
+pub struct Converting {
+    pub relid: u32,
+    pub what: Rc<str>,
 }
 
-/// What a JSON conversion that raised an error was converting ("column … of table …"), if the last
-/// error came from one. Its message is the type owner's code's and may quote the value: callers
-/// that record errors where others read them (a worker's `last_error`) say what failed instead.
-pub fn take_failed_json_conversion() -> Option<String> {
-    IN_JSON_CONVERSION.with(|c| c.borrow_mut().take())
+thread_local! {
+    /// Set while a value goes through PostgreSQL code that may raise an error quoting it (a cast to
+    /// json, which the type's owner may have written; an encoding conversion); still set if it did.
+    static CONVERTING: RefCell<Option<Converting>> = const { RefCell::new(None) };
+}
+
+/// What a conversion that raised an error was converting, if the last error came from one. Its
+/// message may quote the value: callers that record errors where others read them (a worker's
+/// `last_error`, the events) say what failed instead, and park that table.
+pub fn take_failed_conversion() -> Option<Converting> {
+    CONVERTING.with(|c| c.borrow_mut().take())
+}
+
+/// Runs `f` with [`CONVERTING`] set to column `i` of `described`; cleared only when `f` returns.
+fn converting<T>(relid: u32, what: &Rc<str>, f: impl FnOnce() -> T) -> T {
+    CONVERTING.with(|c| *c.borrow_mut() = Some(Converting { relid, what: what.clone() }));
+    let r = f();
+    CONVERTING.with(|c| c.borrow_mut().take());
+    r
+}
+
+/// The mirrored table rows belong to: the role its JSON conversions run as, its relid, its name.
+#[derive(Clone, Debug)]
+pub struct RowsOf {
+    pub cast_role: pg_sys::Oid,
+    pub relid: u32,
+    /// "schema.table"
+    pub table: String,
+}
+
+fn describe(specs: &[ColumnSpec], table: &str) -> Vec<Rc<str>> {
+    specs.iter().map(|c| Rc::from(format!("column \"{}\" of table \"{table}\"", c.name))).collect()
+}
+
+/// The owner of relation `relid` as the current (or, during decoding, historic) catalog has it.
+///
+/// # Safety
+/// Main thread, inside a transaction (or a decoding callback).
+pub unsafe fn relation_owner(relid: pg_sys::Oid) -> Option<pg_sys::Oid> {
+    // SAFETY: as required above; RelationIdGetRelation returns NULL for an unknown relation and a
+    // reference-counted relcache entry otherwise, closed right after.
+    unsafe {
+        let rel = pg_sys::RelationIdGetRelation(relid);
+        if rel.is_null() {
+            return None;
+        }
+        let owner = (*(*rel).rd_rel).relowner;
+        pg_sys::RelationClose(rel);
+        Some(owner)
+    }
+}
+
+/// pg_language.oid of `internal` and `c` (catalog/pg_language.dat; stable across versions).
+const INTERNAL_LANGUAGE: u32 = 12;
+const C_LANGUAGE: u32 = 13;
+
+/// The language of function `func` (pg_proc.prolang), if it exists.
+///
+/// # Safety
+/// Main thread, inside a transaction (or a decoding callback).
+unsafe fn function_language(func: pg_sys::Oid) -> Option<u32> {
+    // SAFETY: a syscache look-up released right after; GETSTRUCT is the tuple header plus t_hoff.
+    unsafe {
+        let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::PROCOID as i32, pg_sys::Datum::from(func));
+        if tup.is_null() {
+            return None;
+        }
+        let header = (*tup).t_data;
+        let form = (header as *const u8).add((*header).t_hoff as usize) as *const pg_sys::FormData_pg_proc;
+        let lang = (*form).prolang.to_u32();
+        pg_sys::ReleaseSysCache(tup);
+        Some(lang)
+    }
+}
+
+/// Whether turning a value of type `typ` into JSON (as `array_to_json` / `row_to_json` do: through
+/// domains, array elements and composite fields) would call a cast to json written in SQL or a
+/// procedural language rather than C. Such a function is code a type's owner wrote; PostgreSQL
+/// cannot run it inside logical decoding (there is no snapshot to run queries in: as for its own
+/// publication row filters, which take built-in functions only), and azure_cdc never runs it with
+/// raised rights. Returns the type and the function, for the error.
+///
+/// # Safety
+/// Main thread, inside a transaction (or a decoding callback).
+unsafe fn user_json_cast(typ: pg_sys::Oid, seen: &mut Vec<pg_sys::Oid>) -> Option<(String, String)> {
+    // SAFETY: catalog look-ups (syscache, type cache) as json.c makes them; the row type's
+    // descriptor is released after use.
+    unsafe {
+        let t = pg_sys::getBaseType(typ);
+        if seen.contains(&t) {
+            return None;
+        }
+        seen.push(t);
+        let elem = pg_sys::get_element_type(t);
+        if elem != pg_sys::InvalidOid {
+            return user_json_cast(elem, seen);
+        }
+        if pg_sys::type_is_rowtype(t) {
+            let desc = pg_sys::lookup_rowtype_tupdesc_noerror(t, -1, true);
+            if desc.is_null() {
+                return None;
+            }
+            let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+            let found = attrs.iter().filter(|a| !a.attisdropped).find_map(|a| user_json_cast(a.atttypid, seen));
+            if (*desc).tdrefcount >= 0 {
+                pg_sys::DecrTupleDescRefCount(desc);
+            }
+            return found;
+        }
+        if t.to_u32() < pg_sys::FirstNormalObjectId {
+            return None;
+        }
+        let mut func = pg_sys::InvalidOid;
+        let path = pg_sys::find_coercion_pathway(pg_sys::JSONOID, t, pg_sys::CoercionContext::COERCION_EXPLICIT, &mut func);
+        if path != pg_sys::CoercionPathType::COERCION_PATH_FUNC || func == pg_sys::InvalidOid {
+            return None;
+        }
+        match function_language(func) {
+            Some(INTERNAL_LANGUAGE | C_LANGUAGE) | None => None,
+            Some(_) => {
+                let tname = CStr::from_ptr(pg_sys::format_type_be(t)).to_string_lossy().into_owned();
+                let fname = pg_sys::get_func_name(func);
+                let fname = if fname.is_null() { func.to_u32().to_string() } else { CStr::from_ptr(fname).to_string_lossy().into_owned() };
+                Some((tname, fname))
+            }
+        }
+    }
 }
 
 /// How to convert the tuples of one relation.
@@ -66,10 +192,15 @@ pub struct TupleConverter {
     specs: Vec<ColumnSpec>,
     natts: usize,
     utf8: bool,
-    /// The relation's owner: JSON conversions (which may run its types' casts) run as this role.
-    owner: pg_sys::Oid,
-    /// The relation's name, for errors.
-    relname: String,
+    /// The role JSON conversions run as (they may call a cast to json a type's owner wrote): the
+    /// mirrored table's owner in workers, the caller in `verify_table`.
+    cast_role: pg_sys::Oid,
+    /// The mirrored table the rows belong to (a partition's rows belong to its partitioned table).
+    mirrored: u32,
+    /// Per column, "column … of table …" naming the mirrored table, for errors.
+    described: Vec<Rc<str>>,
+    /// The mirrored table's name ("schema.table").
+    table: String,
 }
 
 impl TupleConverter {
@@ -114,18 +245,57 @@ impl TupleConverter {
                     None
                 };
                 let name = std::ffi::CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned();
+                if json_fn.is_some() {
+                    if let Some((typ, func)) = user_json_cast(att.atttypid, &mut Vec::new()) {
+                        return Err(Error::new(
+                            ErrorKind::FeatureNotSupported,
+                            format!(
+                                "column \"{name}\": its JSON form would call the cast to json of type {typ} (function {func}), which is written in SQL or a procedural language"
+                            ),
+                        )
+                        .with_detail("Arrays and composites land as JSON. Logical decoding cannot run such a function, and azure_cdc runs no code a type's owner wrote with the rights of a mirror.")
+                        .with_hint("Drop the cast (or give it a C implementation), or leave the table out of the mirror; then resync_table."));
+                    }
+                }
                 plans.push(ColumnPlan { attno, kind, output });
                 specs.push(ColumnSpec { name, kind });
             }
             let utf8 = pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32;
-            let owner = (*(*rel).rd_rel).relowner;
+            let cast_role = (*(*rel).rd_rel).relowner;
             let relname = CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()).to_string_lossy().into_owned();
-            Ok(TupleConverter { plans, specs, natts, utf8, owner, relname })
+            let nsp = pg_sys::get_namespace_name((*(*rel).rd_rel).relnamespace);
+            let schema = if nsp.is_null() { String::new() } else { CStr::from_ptr(nsp).to_string_lossy().into_owned() };
+            let table = format!("{schema}.{relname}");
+            let described = describe(&specs, &table);
+            Ok(TupleConverter { plans, specs, natts, utf8, cast_role, mirrored: (*rel).rd_id.to_u32(), described, table })
         }
     }
 
     pub fn specs(&self) -> &[ColumnSpec] {
         &self.specs
+    }
+
+    /// The same plan, with JSON conversions run as `role` (`verify_table`: the caller).
+    pub fn with_cast_role(mut self, role: pg_sys::Oid) -> Self {
+        self.cast_role = role;
+        self
+    }
+
+    /// The mirrored table this plan's rows belong to.
+    pub fn rows_of(&self) -> RowsOf {
+        RowsOf { cast_role: self.cast_role, relid: self.mirrored, table: self.table.clone() }
+    }
+
+    /// A partition's plan converting into the columns `specs` of the partitioned table `of` (see
+    /// [`Self::arranged_as`]): its rows belong to that table, whose cast role and names it takes, so
+    /// that a type's cast never runs as the owner of a partition.
+    pub fn belonging_to(self, specs: &[ColumnSpec], of: &RowsOf) -> Option<Self> {
+        let mut me = self.arranged_as(specs)?;
+        me.cast_role = of.cast_role;
+        me.mirrored = of.relid;
+        me.described = describe(&me.specs, &of.table);
+        me.table = of.table.clone();
+        Some(me)
     }
 
     /// The same plan with its columns in the order of `specs` (a partition's columns in its
@@ -137,11 +307,14 @@ impl TupleConverter {
         }
         let mut plans: Vec<Option<ColumnPlan>> = self.plans.drain(..).map(Some).collect();
         let mut arranged = Vec::with_capacity(specs.len());
+        let mut described = Vec::with_capacity(specs.len());
         for spec in specs {
             let i = self.specs.iter().position(|s| s == spec)?;
             arranged.push(plans[i].take()?);
+            described.push(self.described[i].clone());
         }
         self.plans = arranged;
+        self.described = described;
         self.specs = specs.to_vec();
         Some(self)
     }
@@ -204,7 +377,7 @@ impl TupleConverter {
                     }
                     ColumnKind::Bytes => builder.append(i, Value::Bytes(varlena_bytes(d)))?,
                     ColumnKind::Text => {
-                        let s = to_utf8(varlena_bytes(d), self.utf8, &self.specs[i].name)?;
+                        let s = to_utf8(varlena_bytes(d), self.utf8, self.mirrored, &self.described[i])?;
                         builder.append(i, Value::Text(&s))?
                     }
                     ColumnKind::JsonArray | ColumnKind::JsonComposite => {
@@ -212,16 +385,14 @@ impl TupleConverter {
                             return Err(Error::new(ErrorKind::Internal, "column without a JSON function"));
                         };
                         // array_to_json / row_to_json call a cast to json that the owner of an element
-                        // or field type may have written: it runs as the table's owner, restricted.
-                        IN_JSON_CONVERSION.with(|c| {
-                            *c.borrow_mut() =
-                                Some(format!("column \"{}\" of table \"{}\"", self.specs[i].name, self.relname))
+                        // or field type may have written: it runs as the cast role, restricted.
+                        let role = self.cast_role;
+                        let json = converting(self.mirrored, &self.described[i], || {
+                            crate::privileges::as_table_owner(role, || {
+                                pg_sys::FunctionCall1Coll(info, pg_sys::InvalidOid, d)
+                            })
                         });
-                        let json = crate::privileges::as_table_owner(self.owner, || {
-                            pg_sys::FunctionCall1Coll(info, pg_sys::InvalidOid, d)
-                        });
-                        IN_JSON_CONVERSION.with(|c| c.borrow_mut().take());
-                        let s = to_utf8(varlena_bytes(json), self.utf8, &self.specs[i].name)?;
+                        let s = to_utf8(varlena_bytes(json), self.utf8, self.mirrored, &self.described[i])?;
                         builder.append(i, Value::Text(&s))?
                     }
                     ColumnKind::Jsonb | ColumnKind::OtherText => {
@@ -230,7 +401,7 @@ impl TupleConverter {
                         };
                         let cstr = pg_sys::OutputFunctionCall(info, d);
                         let bytes = std::ffi::CStr::from_ptr(cstr).to_bytes();
-                        let s = to_utf8(bytes, self.utf8, &self.specs[i].name)?;
+                        let s = to_utf8(bytes, self.utf8, self.mirrored, &self.described[i])?;
                         builder.append(i, Value::Text(&s))?
                     }
                 }
@@ -298,23 +469,26 @@ unsafe fn varlena_bytes<'a>(d: pg_sys::Datum) -> &'a [u8] {
     }
 }
 
-/// Text in the database encoding as UTF-8.
-fn to_utf8<'a>(bytes: &'a [u8], database_is_utf8: bool, column: &str) -> Result<Cow<'a, str>> {
+/// Text in the database encoding as UTF-8. Errors name `what` (a column of a table), never the bytes.
+fn to_utf8<'a>(bytes: &'a [u8], database_is_utf8: bool, relid: u32, what: &Rc<str>) -> Result<Cow<'a, str>> {
     if database_is_utf8 {
-        return std::str::from_utf8(bytes)
-            .map(Cow::Borrowed)
-            .map_err(|e| Error::new(ErrorKind::DataConversion, format!("invalid UTF-8 in column \"{column}\": {e}")));
+        return std::str::from_utf8(bytes).map(Cow::Borrowed).map_err(|e| {
+            Error::new(ErrorKind::DataConversion, format!("invalid UTF-8 in {what} (at byte {})", e.valid_up_to()))
+        });
     }
     // SAFETY: pg_server_to_any converts len bytes from the database encoding and returns either the
-    // input pointer or a NUL-terminated palloc'd string in the current memory context.
+    // input pointer or a NUL-terminated palloc'd string in the current memory context. It raises an
+    // error (quoting the bytes) for a character UTF-8 lacks: `converting` marks it as this column's.
     unsafe {
-        let out = pg_sys::pg_server_to_any(bytes.as_ptr().cast(), bytes.len() as i32, pg_sys::pg_enc::PG_UTF8 as i32);
+        let out = converting(relid, what, || {
+            pg_sys::pg_server_to_any(bytes.as_ptr().cast(), bytes.len() as i32, pg_sys::pg_enc::PG_UTF8 as i32)
+        });
         let converted: &[u8] =
             if out as *const u8 == bytes.as_ptr() { bytes } else { std::ffi::CStr::from_ptr(out).to_bytes() };
         std::str::from_utf8(converted).map(|s| Cow::Owned(s.to_string())).map_err(|e| {
             Error::new(
                 ErrorKind::DataConversion,
-                format!("column \"{column}\" is not valid UTF-8 after conversion: {e}"),
+                format!("{what} is not valid UTF-8 after conversion (at byte {})", e.valid_up_to()),
             )
         })
     }
@@ -364,7 +538,7 @@ pub unsafe fn scan_table(
                 continue;
             }
             let scanned = (|| -> Result<i64> {
-                let mut part_conv = TupleConverter::new(part)?.arranged_as(conv.specs()).ok_or_else(|| {
+                let mut part_conv = TupleConverter::new(part)?.belonging_to(conv.specs(), &conv.rows_of()).ok_or_else(|| {
                     Error::new(ErrorKind::Internal, "a partition's columns differ from its partitioned table's")
                 })?;
                 let base = total;

@@ -62,7 +62,8 @@ fn plan_table(t: &catalog::TableRow, snap: pg_sys::Snapshot) -> Result<Plan> {
     }
     let result = (|| -> Result<Plan> {
         // SAFETY: rel is open.
-        let mut conv = unsafe { TupleConverter::new(rel)? };
+        // A type's cast to json runs as the caller, as in the caller's own SELECT to_json(…).
+        let mut conv = unsafe { TupleConverter::new(rel)? }.with_cast_role(crate::privileges::current_user());
         let mut builder = BatchBuilder::new(conv.specs())?;
         let enc = RowEncoder::new(builder.schema(), &t.key_columns)?;
         let tree = catalog::partition_tree(t.relid)?;

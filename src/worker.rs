@@ -118,29 +118,82 @@ unsafe extern "C-unwind" fn forget_pid(_code: std::ffi::c_int, arg: pg_sys::Datu
     }
 }
 
+thread_local! {
+    /// The mirrored table (relid) whose value conversion raised the error that ends this attempt:
+    /// [`exit_after_failure`] parks it, so that the next attempt goes on without it.
+    static PARK_ON_EXIT: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+}
+
+/// An error caught from PostgreSQL as an [`Error`], and the table to park if it was raised while a
+/// value of that table was converted (a type owner's cast to json, an encoding conversion). Such an
+/// error's text may quote the value: it goes to the server log only; the error names the table and
+/// column (and parks the table).
+fn caught_error(caught: &pg_sys::panic::CaughtError) -> (Error, Option<u32>) {
+    let (message, code) = match caught {
+        pg_sys::panic::CaughtError::PostgresError(r)
+        | pg_sys::panic::CaughtError::ErrorReport(r)
+        | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => (r.message().to_string(), r.sql_error_code()),
+    };
+    match crate::tuples::take_failed_conversion() {
+        Some(c) => {
+            pgrx::log!("azure_cdc: converting a value of {} failed: {message}", c.what);
+            let e = Error::new(
+                ErrorKind::DataConversion,
+                format!("converting a value of {} failed ({code:?}); the server log has the error's text", c.what),
+            )
+            .with_hint(
+                "A cast to json of the column's type (or of a type inside it) raised an error, or a character has no UTF-8 form. Fix it, then run azure_cdc.resync_table.",
+            );
+            (e, Some(c.relid))
+        }
+        None => (Error::new(ErrorKind::Internal, message), None),
+    }
+}
+
 /// Runs one attempt, turning a PostgreSQL error (or a panic) raised inside it into an [`Error`], so
 /// that the worker can record it and exit cleanly. (A FATAL, such as termination, exits directly.)
+/// An error raised while converting a value of a table marks that table to be parked on exit.
 pub fn catching<T>(f: impl FnOnce() -> Result<T> + std::panic::UnwindSafe) -> Result<T> {
     PgTryBuilder::new(f)
         .catch_others(|caught| {
-            let (message, code) = match &caught {
-                pg_sys::panic::CaughtError::PostgresError(r)
-                | pg_sys::panic::CaughtError::ErrorReport(r)
-                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => (r.message().to_string(), r.sql_error_code()),
-            };
-            // An error raised by a type owner's cast to JSON may quote the value: its text goes to the
-            // server log only; what users read names the table and column.
-            if let Some(what) = crate::tuples::take_failed_json_conversion() {
-                pgrx::log!("azure_cdc: converting a value of {what} to JSON failed: {message}");
-                return Err(Error::new(
-                    ErrorKind::Internal,
-                    format!("converting a value of {what} to JSON failed ({code:?}); the server log has its message"),
-                )
-                .with_hint("The conversion calls the cast to json of the column's type (or of a type inside it); fix that cast or the value."));
-            }
-            Err(Error::new(ErrorKind::Internal, message))
+            let (e, park) = caught_error(&caught);
+            PARK_ON_EXIT.with(|p| p.set(park));
+            Err(e)
         })
         .execute()
+}
+
+/// Runs `f` in a subtransaction of the current transaction: a PostgreSQL error inside it rolls back
+/// only what `f` did and comes back as an [`Error`] (see [`caught_error`]), and the transaction goes
+/// on. Used to copy one table, so that a value that cannot be converted parks that table only.
+pub fn in_subtransaction<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    // SAFETY: the internal-subtransaction pattern of PL/pgSQL's exception blocks (pl_exec.c): save
+    // the memory context and resource owner, begin, run in the saved context; on success release
+    // the subtransaction, on error roll it back; then restore both. Main thread, inside a transaction.
+    unsafe {
+        let cxt = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(cxt);
+        let f = std::panic::AssertUnwindSafe(f);
+        // Ok: f ran to its end (with its own result); Err: PostgreSQL raised an error inside it.
+        let outcome: std::result::Result<Result<T>, Error> = PgTryBuilder::new(move || {
+            let f = f;
+            Ok((f.0)())
+        })
+        .catch_others(|caught| Err(caught_error(&caught).0))
+        .execute();
+        match outcome {
+            Ok(_) => pg_sys::ReleaseCurrentSubTransaction(),
+            Err(_) => {
+                pg_sys::MemoryContextSwitchTo(cxt);
+                pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            }
+        }
+        pg_sys::MemoryContextSwitchTo(cxt);
+        pg_sys::CurrentResourceOwner = owner;
+        outcome.and_then(|r| r)
+    }
 }
 
 /// Whether azure_cdc is installed in this database (its own transaction).
@@ -167,8 +220,18 @@ pub fn exit_after_failure(mirror_id: i64, what: &str, e: &Error) -> ! {
     crate::slot::release();
     pgrx::log!("azure_cdc: {what} of mirror {mirror_id} failed: {}", e.full_text());
     let text = e.full_text();
+    let park = PARK_ON_EXIT.with(|p| p.take());
     let recorded = catching(|| {
         BackgroundWorker::transaction(|| -> Result<()> {
+            // A value of one table could not be converted: that table is parked (its later changes
+            // are not published) and the next attempt goes on with the others.
+            if let Some(relid) = park {
+                let relid = pg_sys::Oid::from(relid);
+                if let Some(t) = catalog::tables(mirror_id)?.into_iter().find(|t| t.relid == relid) {
+                    pgrx::warning!("azure_cdc: table \"{}.{}\" parked: {text}", t.schema, t.table);
+                    return catalog::table_failed(mirror_id, relid, (&t.schema, &t.table), &text);
+                }
+            }
             catalog::mirror_attempt_failed(
                 mirror_id,
                 what,

@@ -30,9 +30,6 @@ pub struct ServerFacts {
     pub admin_role_exists: bool,
     pub caller_is_admin: bool,
     pub caller_has_create_on_database: bool,
-    /// The caller is a superuser or has the REPLICATION attribute (what creating and dropping a
-    /// replication slot needs in PostgreSQL).
-    pub caller_has_replication: bool,
     /// `output_plugin_libraries`, on servers that have that allow-list of output plugins (None otherwise).
     pub output_plugin_libraries: Option<String>,
 }
@@ -131,12 +128,6 @@ pub fn evaluate(f: &ServerFacts) -> Vec<Check> {
             f.caller_has_create_on_database,
             json!({"hint": "A superuser or the database owner can run: GRANT CREATE ON DATABASE <db> TO <user>;"}),
         ),
-        check(
-            "USER_WITHOUT_REPLICATION",
-            f.caller_has_replication,
-            json!({"attribute": "REPLICATION",
-                   "hint": "A mirror creates and drops a replication slot, which needs the REPLICATION attribute, as pg_create_logical_replication_slot does. A superuser can run: ALTER ROLE <user> REPLICATION;"}),
-        ),
     ]
 }
 
@@ -160,7 +151,6 @@ mod tests {
             admin_role_exists: true,
             caller_is_admin: true,
             caller_has_create_on_database: true,
-            caller_has_replication: true,
             output_plugin_libraries: None,
         }
     }
@@ -172,7 +162,7 @@ mod tests {
     #[test]
     fn all_ok() {
         assert!(failing(&good()).is_empty());
-        assert_eq!(evaluate(&good()).len(), 12);
+        assert_eq!(evaluate(&good()).len(), 11);
     }
 
     #[test]
@@ -199,15 +189,13 @@ mod tests {
         f.caller_is_admin = false;
         f.admin_role_exists = false;
         f.caller_has_create_on_database = false;
-        f.caller_has_replication = false;
         assert_eq!(
             failing(&f),
             vec![
                 "SERVER_IN_RECOVERY",
                 "CDC_ADMIN_ROLE_NOT_EXISTS",
                 "USER_NOT_CDC_ADMIN",
-                "NO_CREATE_PRIVILEGE_ON_DATABASE",
-                "USER_WITHOUT_REPLICATION"
+                "NO_CREATE_PRIVILEGE_ON_DATABASE"
             ]
         );
     }

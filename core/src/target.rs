@@ -395,9 +395,19 @@ impl LocalTarget {
         &self.root
     }
 
+    /// Creates the target's folder if it is missing, but never the folders above it (as
+    /// `COPY … TO 'file'` creates none): a missing parent is an error.
+    fn ensure_root(&self) -> Result<()> {
+        match fs::create_dir(&self.root) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(Error::io("create folder", &self.root, &e)),
+        }
+    }
+
     /// Proves the target can be written: creates the folder, writes, syncs and removes a probe file.
     pub fn probe(&self) -> Result<()> {
-        fs::create_dir_all(&self.root).map_err(|e| Error::io("create folder", &self.root, &e))?;
+        self.ensure_root()?;
         let probe = self.root.join(format!("_azure_cdc_probe_{}", std::process::id()));
         write_synced(&probe, b"azure_cdc probe")?;
         fs::remove_file(&probe).map_err(|e| Error::io("remove", &probe, &e))?;
@@ -414,6 +424,7 @@ impl LocalTarget {
     }
 
     fn folder(&self, rel: &str) -> Result<PathBuf> {
+        self.ensure_root()?;
         let dir = self.root.join(rel);
         fs::create_dir_all(&dir).map_err(|e| Error::io("create folder", &dir, &e))?;
         Ok(dir)

@@ -43,8 +43,8 @@ class Cluster:
         self.stop(mode)
         self.start()
 
-    def connect(self, dbname="postgres", **kw):
-        return psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=dbname, autocommit=True, **kw)
+    def connect(self, dbname="postgres", user="postgres", **kw):
+        return psycopg.connect(host="127.0.0.1", port=self.port, user=user, dbname=dbname, autocommit=True, **kw)
 
     def postmaster_pid(self):
         with open(os.path.join(self.datadir, "postmaster.pid")) as f:

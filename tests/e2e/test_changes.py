@@ -74,7 +74,7 @@ def one_transaction(cur, rng, next_id):
             cur.execute("UPDATE ignored SET v = v || 'y' WHERE id = %s", (rng.randint(1, 100),))
         if rng.random() < 0.2:
             cur.execute("SAVEPOINT s")
-            cur.execute("DELETE FROM a WHERE id %% 3 = 0")
+            cur.execute("DELETE FROM a WHERE id % 3 = 0")
             cur.execute("UPDATE c SET big = 'lost' WHERE true")
             cur.execute("ROLLBACK TO SAVEPOINT s")
     cur.execute("ROLLBACK" if rng.random() < 0.16 else "COMMIT")

@@ -109,12 +109,15 @@ def test_non_admin_is_refused_with_a_hint(db, cluster):
                 c.execute(f"SELECT * FROM {table}")
         rows = dict(c.execute("SELECT code, status FROM azure_cdc.check_prerequisites()").fetchall())
         assert rows["USER_NOT_CDC_ADMIN"] == "ERROR"
-    db.sql("GRANT azure_cdc_admin TO e2e_user")
+    # With the grants README "Security model" gives an operator (a folder target needs
+    # pg_write_server_files; a mirror takes the tables its owner owns).
+    db.sql("GRANT azure_cdc_admin, pg_write_server_files TO e2e_user")
     db.sql("GRANT CREATE ON DATABASE %s TO e2e_user" % db.name)
+    db.sql("ALTER TABLE t OWNER TO e2e_user")
     with cluster.connect(db.name, options="-c role=e2e_user") as c:
         c.execute("SELECT azure_cdc.start_mirror('m', 'file://%s')" % root)
-    db.wait_snapshot("m")
-    db.sql("REVOKE azure_cdc_admin FROM e2e_user")
+    assert db.wait_snapshot("m")[("public", "t")]["state"] == "Replicating"
+    db.sql("REVOKE azure_cdc_admin, pg_write_server_files FROM e2e_user")
 
 
 def test_only_the_decoder_reads_with_the_azure_cdc_plugin(db):
