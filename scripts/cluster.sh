@@ -6,6 +6,7 @@
 set -euo pipefail
 
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+TOP=$(cd "$(dirname "$0")/.." && pwd)
 RUN_AS=${AZURE_CDC_RUN_AS:-pgrxtest}
 
 as_user() {
@@ -20,20 +21,21 @@ start)
         mkdir -p "$dir"
         chown "$RUN_AS" "$dir"
         as_user "$PGBIN/initdb" -D "$dir" -U postgres --auth=trust --encoding=UTF8 --locale=C.UTF-8 >/dev/null
+        known=$(as_user "$PGBIN/postgres" --describe-config 2>/dev/null | cut -f1)
         {
             echo "port = $port"
             echo "listen_addresses = '127.0.0.1'"
             echo "unix_socket_directories = '/tmp'"
-            echo "shared_preload_libraries = 'azure_cdc'"
-            echo "wal_level = logical"
-            echo "max_worker_processes = 16"
-            echo "max_replication_slots = 10"
             echo "logging_collector = off"
-            echo "fsync = on"
-            # Servers with an allow-list of output plugins must name azure_cdc in it.
-            if as_user "$PGBIN/postgres" --describe-config 2>/dev/null | grep '^output_plugin_libraries' >/dev/null; then
-                echo "output_plugin_libraries = 'pgoutput, test_decoding, azure_cdc'"
-            fi
+            # The settings every test cluster starts with (pg_test_config), then the caller's.
+            while IFS= read -r line; do
+                case "$line" in
+                    ''|'#'*) ;;
+                    '? '*) line=${line#? }
+                           if printf '%s\n' "$known" | grep -qx "${line%%[ =]*}"; then echo "$line"; fi ;;
+                    *) echo "$line" ;;
+                esac
+            done < "$TOP/pg_test_config"
             for line in "$@"; do echo "$line"; done
         } | as_user tee -a "$dir/postgresql.conf" >/dev/null
     fi

@@ -11,7 +11,7 @@ RUN_AS=${AZURE_CDC_RUN_AS:-pgrxtest}
 PORT=${DEMO_PORT:-55440}
 DATA=$TOP/.run/demo-data
 MIRROR=$TOP/demo-mirror
-PGBIN=/usr/lib/postgresql/15/bin
+PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 psql_demo() { scripts/cluster.sh psql "$PORT" -d demo "$@"; }
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 # Waits until the slot is confirmed past the current WAL position: everything committed is published.

@@ -19,20 +19,49 @@ BEGIN
             USING ERRCODE = '42501',
                   HINT = 'Its owner could replace the extension''s catalog. Drop or rename that schema, then run CREATE EXTENSION azure_cdc again.';
     END IF;
+    -- Nobody but superusers may create objects in it, and nothing may be there yet (an object
+    -- someone placed beforehand could stand in for one of the extension's).
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a
+                WHERE n.nspname = 'azure_cdc' AND a.privilege_type = 'CREATE'
+                  AND (a.grantee = 0 OR NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = a.grantee))) THEN
+        RAISE EXCEPTION 'roles that are not superusers may create objects in schema azure_cdc'
+            USING ERRCODE = '42501',
+                  HINT = 'REVOKE CREATE ON SCHEMA azure_cdc FROM those roles (and PUBLIC), drop what they created there, then run CREATE EXTENSION azure_cdc again.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE relnamespace = 'azure_cdc'::pg_catalog.regnamespace)
+       OR EXISTS (SELECT 1 FROM pg_catalog.pg_proc WHERE pronamespace = 'azure_cdc'::pg_catalog.regnamespace)
+       OR EXISTS (SELECT 1 FROM pg_catalog.pg_type WHERE typnamespace = 'azure_cdc'::pg_catalog.regnamespace)
+       OR EXISTS (SELECT 1 FROM pg_catalog.pg_operator WHERE oprnamespace = 'azure_cdc'::pg_catalog.regnamespace) THEN
+        RAISE EXCEPTION 'schema azure_cdc is not empty'
+            USING ERRCODE = '42P06',
+                  HINT = 'The extension creates its catalog and functions in an empty schema azure_cdc; drop or move what is there.';
+    END IF;
 END
 $$;
 
 -- The role whose members control mirrors. One that exists already is used as it is, unless it
--- carries attributes its members could take on with SET ROLE.
+-- carries more than membership means: attributes or roles its members could take on (with SET
+-- ROLE, or inherited), or a role that is not a superuser and may grant it to others.
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'azure_cdc_admin') THEN
         CREATE ROLE azure_cdc_admin NOLOGIN;
     ELSIF EXISTS (SELECT 1 FROM pg_catalog.pg_roles
-                   WHERE rolname = 'azure_cdc_admin' AND (rolsuper OR rolreplication OR rolbypassrls)) THEN
-        RAISE EXCEPTION 'role azure_cdc_admin exists with SUPERUSER, REPLICATION or BYPASSRLS'
+                   WHERE rolname = 'azure_cdc_admin'
+                     AND (rolsuper OR rolreplication OR rolbypassrls OR rolcreaterole OR rolcreatedb OR rolcanlogin)) THEN
+        RAISE EXCEPTION 'role azure_cdc_admin exists with attributes its members could take on'
             USING ERRCODE = '42501',
-                  HINT = 'Every member of azure_cdc_admin could take those on; remove them (ALTER ROLE azure_cdc_admin NOSUPERUSER NOREPLICATION NOBYPASSRLS) and run CREATE EXTENSION azure_cdc again.';
+                  HINT = 'It must be NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS; change it (ALTER ROLE) or drop it, then run CREATE EXTENSION azure_cdc again.';
+    ELSIF EXISTS (SELECT 1 FROM pg_catalog.pg_auth_members m
+                   WHERE m.member = 'azure_cdc_admin'::pg_catalog.regrole) THEN
+        RAISE EXCEPTION 'role azure_cdc_admin is a member of other roles, which its members would inherit'
+            USING ERRCODE = '42501',
+                  HINT = 'Revoke those roles from azure_cdc_admin, then run CREATE EXTENSION azure_cdc again.';
+    ELSIF EXISTS (SELECT 1 FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles r ON r.oid = m.member
+                   WHERE m.roleid = 'azure_cdc_admin'::pg_catalog.regrole AND m.admin_option AND NOT r.rolsuper) THEN
+        RAISE EXCEPTION 'a role that is not a superuser may grant azure_cdc_admin to others'
+            USING ERRCODE = '42501',
+                  HINT = 'Revoke the ADMIN OPTION on azure_cdc_admin from that role, then run CREATE EXTENSION azure_cdc again.';
     END IF;
 END
 $$;
@@ -90,18 +119,19 @@ CREATE TABLE azure_cdc.mirror_tables (
 
 -- What happened to mirrors and tables, newest last: state changes, errors, recoveries. An audit
 -- trail: only the extension writes it. Kept to the newest 10000 events of each mirror (older ones
--- are deleted as new ones are recorded).
+-- are deleted as new ones are recorded); a mirror's events go when drop_mirror forgets it.
 CREATE TABLE azure_cdc.events (
     event_id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     occurred_at  timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    mirror_id    bigint NOT NULL,
     mirror_name  text NOT NULL,
     schema_name  name,
     table_name   name,
     event        text NOT NULL,
     detail       text
 );
--- Each mirror keeps its newest 10000 events (trimmed as it records one).
-CREATE INDEX events_by_mirror ON azure_cdc.events (mirror_name, event_id);
+-- Each mirror keeps its newest 10000 events (trimmed as it records one); drop_mirror forgets them.
+CREATE INDEX events_by_mirror ON azure_cdc.events (mirror_id, event_id);
 
 REVOKE ALL ON azure_cdc.mirrors, azure_cdc.mirror_tables, azure_cdc.events FROM PUBLIC;
 GRANT SELECT ON azure_cdc.mirrors, azure_cdc.mirror_tables, azure_cdc.events TO azure_cdc_admin;

@@ -537,11 +537,11 @@ pub fn record_event(mirror_id: i64, table: Option<(&str, &str)>, event: Event, d
         None => (None, None),
     };
     run(
-        "WITH m AS (SELECT mirror_name FROM azure_cdc.mirrors WHERE mirror_id = $1), \
-              e AS (INSERT INTO azure_cdc.events (mirror_name, schema_name, table_name, event, detail) \
-                    SELECT mirror_name, $2::name, $3::name, $4, $5 FROM m RETURNING event_id) \
-         DELETE FROM azure_cdc.events WHERE mirror_name = (SELECT mirror_name FROM m) AND event_id < \
-                (SELECT o.event_id FROM azure_cdc.events o WHERE o.mirror_name = (SELECT mirror_name FROM m) \
+        "WITH e AS (INSERT INTO azure_cdc.events (mirror_id, mirror_name, schema_name, table_name, event, detail) \
+                    SELECT mirror_id, mirror_name, $2::name, $3::name, $4, $5 FROM azure_cdc.mirrors \
+                     WHERE mirror_id = $1 RETURNING event_id) \
+         DELETE FROM azure_cdc.events WHERE mirror_id = $1 AND event_id < \
+                (SELECT o.event_id FROM azure_cdc.events o WHERE o.mirror_id = $1 \
                   ORDER BY o.event_id DESC OFFSET $6 - 2 LIMIT 1)",
         &[mirror_id.into(), schema.into(), name.into(), event.as_str().into(), detail.into(), EVENTS_KEPT.into()],
     )
@@ -590,8 +590,10 @@ pub fn mirror_stopped(mirror_id: i64, detail: &str) -> Result<()> {
     record_event(mirror_id, None, Event::Stopped, Some(detail))
 }
 
-/// Forgets a stopped mirror (its tables go with it; events stay).
+/// Forgets a stopped mirror: its tables and its events go with it (so that a mirror that later
+/// takes its name starts a history of its own).
 pub fn delete_mirror(mirror_id: i64) -> Result<()> {
+    run("DELETE FROM azure_cdc.events WHERE mirror_id = $1", &[mirror_id.into()])?;
     run("DELETE FROM azure_cdc.mirrors WHERE mirror_id = $1", &[mirror_id.into()])
 }
 

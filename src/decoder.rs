@@ -322,8 +322,13 @@ fn open_table(t: &catalog::TableRow, reseeding: bool) -> Result<Table> {
         } else {
             let conv = TupleConverter::new(rel);
             pg_sys::relation_close(rel, pg_sys::AccessShareLock as i32);
-            let conv = conv?;
-            (conv.specs().to_vec(), conv.columns(), None)
+            match conv {
+                Ok(conv) => (conv.specs().to_vec(), conv.columns(), None),
+                // A table that cannot be converted (say, a cast to json azure_cdc does not run) is
+                // parked; the mirror's other tables go on.
+                Err(e) if e.kind.disposition() == Disposition::ParkTable => (Vec::new(), Vec::new(), Some(e)),
+                Err(e) => return Err(e),
+            }
         }
     };
     // The files' columns as recorded; a table copied by an earlier build has none recorded: its
@@ -1266,7 +1271,15 @@ unsafe fn ensure_plan(
         let table_owner = if own {
             (*(*rel).rd_rel).relowner
         } else {
-            crate::tuples::relation_owner(pg_sys::Oid::from(mirrored)).unwrap_or((*(*rel).rd_rel).relowner)
+            match crate::tuples::relation_owner(pg_sys::Oid::from(mirrored)) {
+                Some(o) => o,
+                None => {
+                    return Err(Error::new(
+                        ErrorKind::FeatureNotSupported,
+                        "the partitioned table of this partition is not in the catalog at this point of the stream",
+                    ))
+                }
+            }
         };
         let why = if !pg_sys::has_privs_of_role(mirror_owner, table_owner) {
             Some(format!(
@@ -1310,7 +1323,7 @@ unsafe fn ensure_plan(
         };
         let desc = (*rel).rd_att;
         let natts = (*desc).natts as usize;
-        let attrs = (*desc).attrs.as_slice(natts);
+        let attrs = crate::versions::attributes(desc);
         let conv = if own {
             // The table's own descriptor: columns added or dropped are followed by the files where
             // the format can express it (see azure_cdc_core::columns).
@@ -1349,8 +1362,15 @@ unsafe fn ensure_plan(
             let now: Vec<String> = conv.specs().iter().map(|c| c.name.clone()).collect();
             // Its rows belong to the partitioned table: a type's cast runs as that table's owner
             // (as of this point of the stream), never as a partition's.
+            let Some(cast_role) = crate::tuples::relation_owner(pg_sys::Oid::from(mirrored)) else {
+                pg_sys::MemoryContextDelete(cxt);
+                return Err(Error::new(
+                    ErrorKind::FeatureNotSupported,
+                    "the partitioned table of this partition is not in the catalog at this point of the stream",
+                ));
+            };
             let of = crate::tuples::RowsOf {
-                cast_role: crate::tuples::relation_owner(pg_sys::Oid::from(mirrored)).unwrap_or((*(*rel).rd_rel).relowner),
+                cast_role,
                 relid: mirrored,
                 table: format!("{}.{}", t.schema, t.name),
             };
@@ -1429,7 +1449,7 @@ struct Image {
 
 /// # Safety
 /// `buf` is a tuple of the change being replayed, `desc` its relation's descriptor.
-unsafe fn deform(buf: *mut pg_sys::ReorderBufferTupleBuf, desc: pg_sys::TupleDesc) -> Option<Image> {
+unsafe fn deform(buf: crate::versions::ChangeTuple, desc: pg_sys::TupleDesc) -> Option<Image> {
     if buf.is_null() {
         return None;
     }
@@ -1437,7 +1457,8 @@ unsafe fn deform(buf: *mut pg_sys::ReorderBufferTupleBuf, desc: pg_sys::TupleDes
     unsafe {
         let natts = (*desc).natts as usize;
         let mut img = Image { values: vec![pg_sys::Datum::from(0usize); natts], nulls: vec![true; natts] };
-        pg_sys::heap_deform_tuple(&mut (*buf).tuple, desc, img.values.as_mut_ptr(), img.nulls.as_mut_ptr());
+        let tuple = crate::versions::change_heap_tuple(buf);
+        pg_sys::heap_deform_tuple(tuple, desc, img.values.as_mut_ptr(), img.nulls.as_mut_ptr());
         Some(img)
     }
 }
@@ -1513,7 +1534,7 @@ unsafe fn append_change(
             }
             _ => return Ok(0),
         }
-        let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+        let attrs = crate::versions::attributes(desc);
         let before = t.builder.bytes();
         for (img, marker) in &rows {
             // No value may be a TOAST pointer the stream does not resolve: fill_unchanged_toast took
@@ -1542,7 +1563,7 @@ unsafe fn append_change(
 unsafe fn fill_unchanged_toast(new: &mut Image, old: Option<&Image>, desc: pg_sys::TupleDesc) -> Result<()> {
     // SAFETY: as required above.
     unsafe {
-        let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+        let attrs = crate::versions::attributes(desc);
         for (i, a) in attrs.iter().enumerate() {
             if a.attisdropped || a.attlen != -1 || new.nulls[i] || !is_unchanged_toast(new.values[i]) {
                 continue;
@@ -1561,7 +1582,7 @@ unsafe fn fill_unchanged_toast(new: &mut Image, old: Option<&Image>, desc: pg_sy
 unsafe fn missing_toast(desc: pg_sys::TupleDesc, i: usize) -> Error {
     // SAFETY: as required above.
     let name = unsafe {
-        let a = &(*desc).attrs.as_slice((*desc).natts as usize)[i];
+        let a = &crate::versions::attributes(desc)[i];
         std::ffi::CStr::from_ptr(a.attname.data.as_ptr()).to_string_lossy().into_owned()
     };
     Error::new(

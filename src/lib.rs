@@ -30,6 +30,7 @@ mod slot;
 mod snapshot;
 mod status;
 mod tuples;
+mod versions;
 mod verify;
 mod worker;
 
@@ -74,12 +75,43 @@ pub extern "C-unwind" fn _PG_init() {
 pub mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
+    /// The settings of `pg_test_config`, the top-level file every test cluster starts with. A line
+    /// marked `? ` is taken only where the server knows its parameter.
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec![
-            "shared_preload_libraries='azure_cdc'",
-            "wal_level=logical",
-            "max_worker_processes=16",
-            "output_plugin_libraries='pgoutput, test_decoding, azure_cdc'",
-        ]
+        const CONFIG: &str = include_str!("../pg_test_config");
+        let known = server_parameters();
+        CONFIG
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .filter_map(|l| match l.strip_prefix("? ") {
+                Some(optional) => {
+                    let name = optional.split(|c: char| c == '=' || c.is_whitespace()).next().unwrap_or_default();
+                    // Unknown (no server found): taken, as every server the tests run on has it.
+                    known.as_ref().is_none_or(|k| k.iter().any(|p| p == name)).then_some(optional)
+                }
+                None => Some(l),
+            })
+            .collect()
+    }
+
+    /// The parameters of the server this build is tested on: `postgres --describe-config` from the
+    /// bin folder of the pg_config cargo-pgrx registered for this major version.
+    fn server_parameters() -> Option<Vec<String>> {
+        let home = std::env::var("PGRX_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|_| std::env::var("HOME").map(|h| std::path::Path::new(&h).join(".pgrx")))
+            .ok()?;
+        let config = std::fs::read_to_string(home.join("config.toml")).ok()?;
+        let key = format!("pg{}", pgrx::pg_sys::PG_MAJORVERSION_NUM);
+        let pg_config = config.lines().find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == key).then(|| v.trim().trim_matches('"').to_string())
+        })?;
+        let out = std::process::Command::new(&pg_config).arg("--bindir").output().ok()?;
+        let bindir = String::from_utf8(out.stdout).ok()?;
+        let out =
+            std::process::Command::new(std::path::Path::new(bindir.trim()).join("postgres")).arg("--describe-config").output().ok()?;
+        Some(String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split('\t').next()).map(str::to_string).collect())
     }
 }

@@ -62,6 +62,7 @@ pub fn copy_tables(
         snap
     };
     let r = (|| -> Result<bool> {
+        crate::tuples::freeze_casts();
         // SAFETY: snap is the registered snapshot taken above.
         let visibility = unsafe { crate::verify::visibility_of(snap) };
         if !sees_all(&visibility, must_see) {

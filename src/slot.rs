@@ -134,7 +134,7 @@ pub unsafe fn create_with_snapshot(name: &str) -> Result<u64> {
         pg_sys::XactReadOnly = true;
         pg_sys::CheckSlotRequirements();
         pg_sys::CheckLogicalDecodingRequirements();
-        pg_sys::ReplicationSlotCreate(c.as_ptr(), true, pg_sys::ReplicationSlotPersistency::RS_EPHEMERAL, false);
+        crate::versions::create_slot(c.as_ptr());
         let mut routine = pg_sys::XLogReaderRoutine {
             page_read: Some(read_local_xlog_page),
             segment_open: Some(wal_segment_open),
@@ -175,7 +175,7 @@ pub unsafe fn open_decoding(name: &str) -> Result<*mut pg_sys::LogicalDecodingCo
     // into the reader by XLogReaderAllocate.
     unsafe {
         pg_sys::CheckLogicalDecodingRequirements();
-        pg_sys::ReplicationSlotAcquire(c.as_ptr(), true);
+        crate::versions::acquire_slot(c.as_ptr());
         if (*pg_sys::MyReplicationSlot).data.database != pg_sys::MyDatabaseId {
             pg_sys::ReplicationSlotRelease();
             return Err(Error::new(

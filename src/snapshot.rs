@@ -397,6 +397,7 @@ fn run(index: usize, mirror_id: i64) -> Result<()> {
     }
     // SAFETY: as above: first thing in the new transaction, no slot acquired.
     let lsn = unsafe { crate::slot::create_with_snapshot(&mirror.slot_name)? };
+    crate::tuples::freeze_casts();
     pgrx::log!(
         "azure_cdc: mirror \"{}\": slot {} created at consistent point {}",
         mirror.name,
@@ -499,8 +500,8 @@ pub extern "C-unwind" fn azure_cdc_snapshot_helper_main(arg: pg_sys::Datum) {
         // SAFETY: abort what is left of the transaction after a failure.
         unsafe { pg_sys::AbortCurrentTransaction() };
         pgrx::log!("azure_cdc: snapshot helper {slot} of mirror {mirror_id} failed: {}", e.full_text());
-        // SAFETY: a non-zero exit after the failure is recorded in the registry.
-        unsafe { pg_sys::proc_exit(1) };
+        // A non-zero exit after the failure is recorded in the registry.
+        crate::versions::exit_process(1);
     }
 }
 
@@ -522,6 +523,7 @@ fn helper_run(index: usize, slot: usize, mirror_id: i64) -> Result<usize> {
         pg_sys::ImportSnapshot(name.as_ptr());
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
+    crate::tuples::freeze_casts();
     let mirror = catalog::mirror_by_id(mirror_id)?
         .ok_or_else(|| Error::new(ErrorKind::Internal, format!("mirror {mirror_id} is gone")))?;
     let url = TargetUrl::parse(&mirror.target)?;

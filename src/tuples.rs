@@ -109,6 +109,20 @@ pub unsafe fn relation_owner(relid: pg_sys::Oid) -> Option<pg_sys::Oid> {
     }
 }
 
+/// pg_cast's OID (catalog/pg_cast.h; stable across versions).
+const CAST_RELATION: u32 = 2605;
+
+/// Holds off CREATE CAST and DROP CAST until the current transaction ends. A copy (snapshot,
+/// reseed) takes it before it plans any conversion: `array_to_json` looks casts up again for every
+/// value, in the current catalog, so a cast to json created after [`TupleConverter::new`] checked a
+/// table would otherwise be called in the middle of the copy. (The decoder needs no lock: it sees
+/// casts as of each point of the stream, and a cast change rebuilds its plans.)
+pub fn freeze_casts() {
+    // SAFETY: a table lock on a catalog, in the current transaction, on the main thread; released
+    // when the transaction ends.
+    unsafe { pg_sys::LockRelationOid(pg_sys::Oid::from(CAST_RELATION), pg_sys::ShareLock as i32) };
+}
+
 /// pg_language.oid of `internal` and `c` (catalog/pg_language.dat; stable across versions).
 const INTERNAL_LANGUAGE: u32 = 12;
 const C_LANGUAGE: u32 = 13;
@@ -159,7 +173,7 @@ unsafe fn user_json_cast(typ: pg_sys::Oid, seen: &mut Vec<pg_sys::Oid>) -> Optio
             if desc.is_null() {
                 return None;
             }
-            let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+            let attrs = crate::versions::attributes(desc);
             let found = attrs.iter().filter(|a| !a.attisdropped).find_map(|a| user_json_cast(a.atttypid, seen));
             if (*desc).tdrefcount >= 0 {
                 pg_sys::DecrTupleDescRefCount(desc);
@@ -213,7 +227,7 @@ impl TupleConverter {
         unsafe {
             let desc = (*rel).rd_att;
             let natts = (*desc).natts as usize;
-            let attrs = (*desc).attrs.as_slice(natts);
+            let attrs = crate::versions::attributes(desc);
             let mut plans = Vec::new();
             let mut specs = Vec::new();
             for (attno, att) in attrs.iter().enumerate() {

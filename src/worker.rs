@@ -25,8 +25,8 @@ unsafe extern "C-unwind" {
 pub fn install_signal_handlers() {
     // SAFETY: called once at worker start, on the main thread, before signals are unblocked.
     unsafe {
-        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(die));
-        pg_sys::pqsignal(pg_sys::SIGHUP as i32, Some(SignalHandlerForConfigReload));
+        crate::versions::set_signal_handler(pg_sys::SIGTERM as i32, Some(die));
+        crate::versions::set_signal_handler(pg_sys::SIGHUP as i32, Some(SignalHandlerForConfigReload));
         pg_sys::BackgroundWorkerUnblockSignals();
     }
 }
@@ -124,48 +124,78 @@ thread_local! {
     static PARK_ON_EXIT: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
 }
 
-/// An error caught from PostgreSQL as an [`Error`], and the table to park if it was raised while a
-/// value of that table was converted (a type owner's cast to json, an encoding conversion). Such an
-/// error's text may quote the value: it goes to the server log only; the error names the table and
-/// column (and parks the table).
-fn caught_error(caught: &pg_sys::panic::CaughtError) -> (Error, Option<u32>) {
+/// The five-character SQLSTATE of an error code (PostgreSQL packs it six bits a character).
+pub fn sqlstate_text(code: PgSqlErrorCode) -> String {
+    let v = code as i32;
+    (0..5).map(|i| (((v >> (6 * i)) & 0x3F) as u8 + b'0') as char).collect()
+}
+
+/// A value of a table could not be converted: an error of class 22 (data exception, such as a
+/// character with no UTF-8 form) raised while a conversion of one of its values ran. Only such an
+/// error parks the table; any other (a cancel, running out of memory, an internal error) is not
+/// about the value and fails the attempt as it is.
+fn value_error(caught: &pg_sys::panic::CaughtError) -> Option<(Error, u32)> {
     let (message, code) = match caught {
         pg_sys::panic::CaughtError::PostgresError(r)
         | pg_sys::panic::CaughtError::ErrorReport(r)
         | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => (r.message().to_string(), r.sql_error_code()),
     };
-    match crate::tuples::take_failed_conversion() {
-        Some(c) => {
-            pgrx::log!("azure_cdc: converting a value of {} failed: {message}", c.what);
-            let e = Error::new(
-                ErrorKind::DataConversion,
-                format!("converting a value of {} failed ({code:?}); the server log has the error's text", c.what),
-            )
-            .with_hint(
-                "A cast to json of the column's type (or of a type inside it) raised an error, or a character has no UTF-8 form. Fix it, then run azure_cdc.resync_table.",
-            );
-            (e, Some(c.relid))
-        }
-        None => (Error::new(ErrorKind::Internal, message), None),
+    let converting = crate::tuples::take_failed_conversion()?;
+    let sqlstate = sqlstate_text(code);
+    if !sqlstate.starts_with("22") {
+        return None;
+    }
+    // Its text may quote the value: the server log has it; what users read names the column.
+    pgrx::log!("azure_cdc: converting a value of {} failed: {message}", converting.what);
+    let e = Error::new(
+        ErrorKind::DataConversion,
+        format!("converting a value of {} failed (SQLSTATE {sqlstate}); the server log has the error's text", converting.what),
+    )
+    .with_hint("For example, a character with no UTF-8 form. Fix the value, then run azure_cdc.resync_table.");
+    Some((e, converting.relid))
+}
+
+fn caught_message(caught: &pg_sys::panic::CaughtError) -> String {
+    match caught {
+        pg_sys::panic::CaughtError::PostgresError(r)
+        | pg_sys::panic::CaughtError::ErrorReport(r)
+        | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
     }
 }
 
 /// Runs one attempt, turning a PostgreSQL error (or a panic) raised inside it into an [`Error`], so
 /// that the worker can record it and exit cleanly. (A FATAL, such as termination, exits directly.)
-/// An error raised while converting a value of a table marks that table to be parked on exit.
+/// An error about a value of a table ([`value_error`]) marks that table to be parked on exit.
 pub fn catching<T>(f: impl FnOnce() -> Result<T> + std::panic::UnwindSafe) -> Result<T> {
     PgTryBuilder::new(f)
-        .catch_others(|caught| {
-            let (e, park) = caught_error(&caught);
-            PARK_ON_EXIT.with(|p| p.set(park));
-            Err(e)
+        .catch_others(|caught| match value_error(&caught) {
+            Some((e, relid)) => {
+                PARK_ON_EXIT.with(|p| p.set(Some(relid)));
+                Err(e)
+            }
+            None => {
+                PARK_ON_EXIT.with(|p| p.set(None));
+                Err(Error::new(ErrorKind::Internal, caught_message(&caught)))
+            }
         })
         .execute()
 }
 
-/// Runs `f` in a subtransaction of the current transaction: a PostgreSQL error inside it rolls back
-/// only what `f` did and comes back as an [`Error`] (see [`caught_error`]), and the transaction goes
-/// on. Used to copy one table, so that a value that cannot be converted parks that table only.
+/// What a subtransaction ended with.
+enum Ended<T> {
+    /// `f` ran to its end, with its own result.
+    Ran(Result<T>),
+    /// A value of a table could not be converted: the subtransaction is rolled back, the error
+    /// comes back and the transaction goes on.
+    Value(Error),
+    /// Any other PostgreSQL error: rolled back, then raised again.
+    Other(pg_sys::panic::CaughtError),
+}
+
+/// Runs `f` in a subtransaction of the current transaction. A PostgreSQL error about a value
+/// ([`value_error`]) rolls back only what `f` did and comes back as an [`Error`] (the transaction
+/// goes on: that table is parked, the others copied); any other error (a cancel, out of memory) is
+/// raised again once the subtransaction is rolled back.
 pub fn in_subtransaction<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     // SAFETY: the internal-subtransaction pattern of PL/pgSQL's exception blocks (pl_exec.c): save
     // the memory context and resource owner, begin, run in the saved context; on success release
@@ -176,23 +206,29 @@ pub fn in_subtransaction<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
         pg_sys::BeginInternalSubTransaction(std::ptr::null());
         pg_sys::MemoryContextSwitchTo(cxt);
         let f = std::panic::AssertUnwindSafe(f);
-        // Ok: f ran to its end (with its own result); Err: PostgreSQL raised an error inside it.
-        let outcome: std::result::Result<Result<T>, Error> = PgTryBuilder::new(move || {
+        let ended: Ended<T> = PgTryBuilder::new(move || {
             let f = f;
-            Ok((f.0)())
+            Ended::Ran((f.0)())
         })
-        .catch_others(|caught| Err(caught_error(&caught).0))
+        .catch_others(|caught| match value_error(&caught) {
+            Some((e, _)) => Ended::Value(e),
+            None => Ended::Other(caught),
+        })
         .execute();
-        match outcome {
-            Ok(_) => pg_sys::ReleaseCurrentSubTransaction(),
-            Err(_) => {
+        match &ended {
+            Ended::Ran(_) => pg_sys::ReleaseCurrentSubTransaction(),
+            Ended::Value(_) | Ended::Other(_) => {
                 pg_sys::MemoryContextSwitchTo(cxt);
                 pg_sys::RollbackAndReleaseCurrentSubTransaction();
             }
         }
         pg_sys::MemoryContextSwitchTo(cxt);
         pg_sys::CurrentResourceOwner = owner;
-        outcome.and_then(|r| r)
+        match ended {
+            Ended::Ran(r) => r,
+            Ended::Value(e) => Err(e),
+            Ended::Other(caught) => caught.rethrow(),
+        }
     }
 }
 
@@ -251,6 +287,5 @@ pub fn exit_after_failure(mirror_id: i64, what: &str, e: &Error) -> ! {
         }
         pgrx::log!("azure_cdc: mirror {mirror_id} is Failed until resume_mirror; its slot is kept");
     }
-    // SAFETY: proc_exit runs the normal exit callbacks of a background worker.
-    unsafe { pg_sys::proc_exit(1) }
+    crate::versions::exit_process(1)
 }

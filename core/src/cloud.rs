@@ -109,7 +109,8 @@ pub const AZURE_OPTIONS: &[&str] = &[
 ];
 pub const S3_OPTIONS: &[&str] =
     &["access_key_id", "secret_access_key", "session_token", "region", "endpoint", "allow_http"];
-pub const GCS_OPTIONS: &[&str] = &["service_account_key", "service_account_path", "application_credentials"];
+pub const GCS_OPTIONS: &[&str] =
+    &["service_account_key", "service_account_path", "application_credentials", "endpoint", "allow_http"];
 
 /// Options whose values are not secret and may be shown (e.g. by `list_credentials`).
 const PUBLIC_OPTIONS: &[&str] = &[
@@ -319,7 +320,7 @@ impl CloudTarget {
                     .with_retry(retry)
                     .with_bucket_name(bucket.clone());
                 for (k, v) in options {
-                    let key: GoogleConfigKey = k.parse().map_err(config_error)?;
+                    let key: GoogleConfigKey = gcs_key(k).parse().map_err(config_error)?;
                     b = b.with_config(key, v.clone());
                 }
                 (Arc::new(b.build().map_err(config_error)?), prefix.clone())
@@ -712,6 +713,14 @@ fn s3_key(name: &str) -> &str {
     }
 }
 
+fn gcs_key(name: &str) -> &str {
+    match name {
+        // The storage endpoint (an S3-style "endpoint"): GCS's base URL.
+        "endpoint" => "google_base_url",
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -763,7 +772,7 @@ mod tests {
             assert!(s3_key(k).parse::<AmazonS3ConfigKey>().is_ok(), "{k}");
         }
         for k in GCS_OPTIONS {
-            assert!(k.parse::<GoogleConfigKey>().is_ok(), "{k}");
+            assert!(gcs_key(k).parse::<GoogleConfigKey>().is_ok(), "{k}");
         }
     }
 

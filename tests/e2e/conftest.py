@@ -17,6 +17,9 @@ import pytest
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 CLUSTER = os.path.join(ROOT, "scripts", "cluster.sh")
 RUN_AS = os.environ.get("AZURE_CDC_RUN_AS", "pgrxtest")
+# The server the tests run against (scripts/cluster.sh reads the same variable): PostgreSQL 15 from
+# Debian by default; `make test-e2e18` points it at PostgreSQL 18.
+PGBIN = os.environ.get("PGBIN", "/usr/lib/postgresql/15/bin")
 PORT = int(os.environ.get("AZURE_CDC_TEST_PORT", "55439"))
 _counter = itertools.count(1)
 

@@ -13,6 +13,7 @@ import time
 import psycopg
 import pyarrow.parquet as pq
 
+from conftest import PGBIN
 from replay import assert_mirror_equals_source, data_files, replay_table, table_folder
 
 SCHEMA = """
@@ -238,7 +239,7 @@ def test_immediate_shutdown_and_restart_resume_exactly(cluster, db):
 def pg_ctl_stop(cluster, mode):
     """pg_ctl stop, which fails if the server has not stopped within 60 s."""
     subprocess.run(
-        ["sudo", "-u", os.environ.get("AZURE_CDC_RUN_AS", "pgrxtest"), "/usr/lib/postgresql/15/bin/pg_ctl",
+        ["sudo", "-u", os.environ.get("AZURE_CDC_RUN_AS", "pgrxtest"), os.path.join(PGBIN, "pg_ctl"),
          "-D", cluster.datadir, "-m", mode, "-w", "-t", "60", "stop"],
         check=True, stdout=subprocess.DEVNULL,
     )

@@ -153,8 +153,9 @@ def test_events_are_kept_bounded(db):
     db.wait_snapshot("m")
     # (A superuser may write the events table; admins may not.) Another mirror's events stay: one
     # mirror's events never push out another's.
-    db.sql("INSERT INTO azure_cdc.events (mirror_name, event) SELECT 'gone', 'Filler' FROM generate_series(1, 20)")
-    db.sql("INSERT INTO azure_cdc.events (mirror_name, event) SELECT 'm', 'Filler' FROM generate_series(1, 10050)")
+    db.sql("INSERT INTO azure_cdc.events (mirror_id, mirror_name, event) SELECT -1, 'gone', 'Filler' FROM generate_series(1, 20)")
+    db.sql("INSERT INTO azure_cdc.events (mirror_id, mirror_name, event) "
+           "SELECT (SELECT mirror_id FROM azure_cdc.mirrors WHERE mirror_name = 'm'), 'm', 'Filler' FROM generate_series(1, 10050)")
     db.sql("SELECT azure_cdc.pause_mirror('m')")
     assert db.one("SELECT count(*) FROM azure_cdc.events WHERE mirror_name = 'm'") == 10000
     assert db.one("SELECT count(*) FROM azure_cdc.events WHERE mirror_name = 'gone'") == 20

@@ -593,6 +593,87 @@ def test_an_encoding_error_quoting_a_value_parks_the_table_and_stays_in_the_log(
             c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
+def test_installation_refuses_a_schema_or_role_someone_prepared(db, cluster):
+    """The catalog's schema and the admin role must be what the extension would create: a schema
+    owned by someone else, open to others' objects or already holding some, and an admin role with
+    attributes or roles its members would take on, are refused, and nothing is created."""
+    alice = operator(db, "alice")
+    name = f"{db.name}_prep"
+    with cluster.connect() as c:
+        c.execute(f'CREATE DATABASE "{name}"')
+        c.execute(f'GRANT CREATE ON DATABASE "{name}" TO "{alice}"')
+    try:
+        with cluster.connect(name) as s, cluster.connect(name, user=alice) as a:
+            def refused_install(sqlstate, says):
+                e = refused(s, "CREATE EXTENSION azure_cdc", sqlstate=sqlstate)
+                assert says in str(e), e
+                assert s.execute("SELECT count(*) FROM pg_extension WHERE extname = 'azure_cdc'").fetchone()[0] == 0
+            a.execute("CREATE SCHEMA azure_cdc")
+            refused_install("42501", f"belongs to role {alice}")
+            a.execute("DROP SCHEMA azure_cdc")
+            s.execute("CREATE SCHEMA azure_cdc")
+            s.execute(f'GRANT CREATE ON SCHEMA azure_cdc TO "{alice}"')
+            refused_install("42501", "may create objects in schema azure_cdc")
+            s.execute(f'REVOKE CREATE ON SCHEMA azure_cdc FROM "{alice}"')
+            s.execute("CREATE FUNCTION azure_cdc.start_mirror(text, text, varchar[]) RETURNS text LANGUAGE sql AS 'SELECT 1::text'")
+            refused_install("42P06", "not empty")
+            s.execute("DROP FUNCTION azure_cdc.start_mirror(text, text, varchar[])")
+            # The admin role (server-wide: changed inside a transaction that is rolled back).
+            for change, says in [("ALTER ROLE azure_cdc_admin LOGIN", "attributes"),
+                                 ("GRANT pg_read_all_data TO azure_cdc_admin", "member of other roles"),
+                                 (f'GRANT azure_cdc_admin TO "{alice}" WITH ADMIN OPTION', "may grant azure_cdc_admin")]:
+                s.execute("BEGIN")
+                s.execute(change)
+                e = refused(s, "CREATE EXTENSION azure_cdc", sqlstate="42501")
+                assert says in str(e), (change, e)
+                s.execute("ROLLBACK")
+            s.execute("CREATE EXTENSION azure_cdc")
+            assert s.execute("SELECT count(*) FROM pg_extension WHERE extname = 'azure_cdc'").fetchone()[0] == 1
+    finally:
+        with cluster.connect() as c:
+            c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def test_a_copy_holds_off_new_casts_and_a_table_a_cast_blocks_is_parked_at_start(db, cluster):
+    """A cast created while a table is copied would be called by array_to_json in the middle of the
+    copy: CREATE CAST waits until the copy ends. And a cast created while the decoder is down parks
+    its table when the decoder starts again, while the other tables go on."""
+    alice = operator(db, "alice")
+    a = connect_as(db, alice)
+    a.execute("CREATE SCHEMA s")
+    for t in ["mood", "mood3"]:
+        a.execute(f"CREATE TYPE s.{t} AS ENUM ('ok', 'sad')")
+        a.execute(f"CREATE FUNCTION s.{t}_json(x s.{t}) RETURNS json LANGUAGE sql AS $f$ SELECT pg_catalog.to_json(x::text) $f$")
+    a.execute("CREATE TABLE s.big (id int PRIMARY KEY, moods s.mood[])")
+    a.execute("INSERT INTO s.big SELECT g, ARRAY['ok', 'sad', 'ok']::s.mood[] FROM generate_series(1, 400000) g")
+    a.execute("CREATE TABLE s.x (id int PRIMARY KEY, moods s.mood3[])")
+    a.execute("INSERT INTO s.x VALUES (1, ARRAY['ok']::s.mood3[])")
+    a.execute("CREATE TABLE s.u (id int PRIMARY KEY, v text)")
+    root = cluster.new_folder(f"{db.name}_m")
+    a.execute("SELECT azure_cdc.start_mirror('m', %s, ARRAY['s.big', 's.x', 's.u'])", ("file://" + root,))
+    db.wait_snapshot("m")
+    a.execute("SELECT azure_cdc.resync_table('m', 's.big')")
+    # The copy has begun once it holds pg_cast (its rows counted so far are a live figure).
+    wait_for("the copy", lambda: db.one(
+        "SELECT count(*) FROM pg_locks WHERE relation = 'pg_catalog.pg_cast'::regclass AND mode = 'ShareLock' AND granted"))
+    a.execute("SET lock_timeout = '300ms'")
+    refused(a, "CREATE CAST (s.mood AS json) WITH FUNCTION s.mood_json(s.mood)", sqlstate="55P03")
+    a.execute("RESET lock_timeout")
+    wait_for("the copy's end", lambda: db.one(
+        "SELECT state FROM azure_cdc.mirror_tables WHERE table_name = 'big'") == "Replicating", deadline_s=300)
+    # While the decoder is down, a cast appears for x: at its start the decoder parks x.
+    a.execute("SELECT azure_cdc.pause_mirror('m')")
+    a.execute("CREATE CAST (s.mood3 AS json) WITH FUNCTION s.mood3_json(s.mood3)")
+    a.execute("SELECT azure_cdc.resume_mirror('m')")
+    a.execute("INSERT INTO s.u VALUES (1, 'after')")
+    wait_for("x parked", lambda: db.one("SELECT state FROM azure_cdc.mirror_tables WHERE table_name = 'x'") == "Failed")
+    db.wait_caught_up("m")
+    assert_mirror_equals_source(db.conn, root, "s", "u")
+    assert db.one("SELECT state FROM azure_cdc.mirrors WHERE mirror_name = 'm'") == "Running"
+    a.execute("SELECT azure_cdc.stop_mirror('m')")
+    a.close()
+
+
 def readme_operator_grants():
     """The statements README "Security model" tells a superuser to run for an operator."""
     with open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")) as f:

@@ -3,6 +3,7 @@ NULLs, through the snapshot and through change files (inserts and updates), repl
 with the source cell by cell, then verify_mirror from a session whose own time zone and date style
 differ from the server's output settings."""
 
+import psycopg
 import pytest
 
 from replay import assert_mirror_equals_source, replay_table, table_folder
@@ -60,17 +61,34 @@ def insert(db, ident, values):
     db.sql(f"INSERT INTO matrix VALUES ({ident}, {', '.join(values)})")
 
 
+XML_COLUMN = 20  # position of "x xml" among the columns after id
+
+
+def server_has_xml(db):
+    """Whether the server was built with libxml (the PyPI build of PostgreSQL 18 is not)."""
+    try:
+        db.sql("SELECT '<a/>'::xml")
+        return True
+    except psycopg.errors.FeatureNotSupported:
+        return False
+
+
 def test_every_type_through_snapshot_and_changes(db):
-    db.sql(SETUP)
+    setup, rows = SETUP, ROWS
+    if not server_has_xml(db):
+        # The xml type exists but takes no value on a server built without libxml.
+        setup = SETUP.replace(" x xml,", "")
+        rows = [r[:XML_COLUMN] + r[XML_COLUMN + 1:] for r in ROWS]
+    db.sql(setup)
     ncols = db.one("SELECT count(*) FROM pg_attribute WHERE attrelid = 'matrix'::regclass AND attnum > 1")
-    assert all(len(r) == ncols for r in ROWS), (ncols, [len(r) for r in ROWS])
-    for i, r in enumerate(ROWS):
+    assert all(len(r) == ncols for r in rows), (ncols, [len(r) for r in rows])
+    for i, r in enumerate(rows):
         insert(db, i + 1, r)
     db.sql("INSERT INTO matrix (id) VALUES (100)")                       # every column NULL
     root = db.start_mirror("m", ["matrix"])
     db.wait_snapshot("m")
     # The same values through change files, then updates that swap the edge cases around.
-    for i, r in enumerate(ROWS):
+    for i, r in enumerate(rows):
         insert(db, 1000 + i, r)
     db.sql("INSERT INTO matrix (id) VALUES (1100)")
     db.sql("UPDATE matrix m SET (" + ", ".join(
@@ -82,7 +100,7 @@ def test_every_type_through_snapshot_and_changes(db):
     db.sql("UPDATE matrix SET acp = ARRAY[ROW('changed', -0.5, 'infinity', '{x,y}')::pair] WHERE id = 1001")
     db.wait_caught_up("m")
     rep = assert_mirror_equals_source(db.conn, root, "public", "matrix")
-    assert len(rep.rows) == 2 * len(ROWS) + 2
+    assert len(rep.rows) == 2 * len(rows) + 2
     # Arrays and composites land as JSON.
     row = replay_table(table_folder(root, "public", "matrix")).rows[("1000",)]
     assert row["ai"] is None or row["ai"].startswith("[")
