@@ -20,7 +20,7 @@ from psycopg.types.json import Jsonb
 
 TOP = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(TOP, "tests", "e2e"))
-from azurite import Azurite  # noqa: E402
+from stores import Azurite  # noqa: E402
 
 CLUSTER = os.path.join(TOP, "scripts", "cluster.sh")
 PGBIN = "/usr/lib/postgresql/15/bin"

@@ -197,13 +197,40 @@ class Db:
             time.sleep(0.1)
 
 
+def _store(kind):
+    s = kind()
+    s.start()
+    return s
+
+
 @pytest.fixture(scope="session")
 def azurite():
-    from azurite import Azurite
-    a = Azurite()
-    a.start()
-    yield a
-    a.close()
+    from stores import Azurite
+    s = _store(Azurite)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    from stores import MotoS3
+    s = _store(MotoS3)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    from stores import Gcs
+    s = _store(Gcs)
+    yield s
+    s.close()
+
+
+@pytest.fixture(params=["s3", "gcs"])
+def store(request):
+    """Each object store that is not Azure's (Azure has its own tests in test_targets.py)."""
+    return request.getfixturevalue(request.param)
 
 
 @pytest.fixture
