@@ -114,6 +114,10 @@ CREATE TABLE azure_cdc.mirror_tables (
     -- The columns its files carry now (attribute number, name, kind; JSON), as of its last copy
     -- and the column changes the decoder followed since (see core/src/columns.rs).
     columns            text,
+    -- When the table's folder was deleted to reset it (a reseed, or a new attempt of the initial
+    -- snapshot) and its new copy is not published yet. On OneLake the copy waits until Fabric has
+    -- dropped the table (README "Fabric"), at most azure_cdc.table_reset_timeout.
+    folder_deleted_at  timestamptz,
     PRIMARY KEY (mirror_id, relid)
 );
 

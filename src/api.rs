@@ -652,18 +652,16 @@ fn resync_table_impl(mirror_name: &str, table_name: &str) -> Result<String> {
         .with_hint("See azure_cdc.get_all_tables_mirror_status() for the mirror's tables.")
     })?;
     state.on(TableEvent::ReseedRequested).map_err(|_| {
-        Error::new(ErrorKind::PrerequisiteNotMet, format!("table \"{}.{}\" is {}", rel.schema, rel.table, state.as_str()))
-            .with_hint("Only a Replicating, Reseeding or Failed table can be copied again.")
+        Error::new(
+            ErrorKind::PrerequisiteNotMet,
+            format!("table \"{}.{}\" is {}", rel.schema, rel.table, state.as_str()),
+        )
+        .with_hint("Only a Replicating, Reseeding or Failed table can be copied again.")
     })?;
     if let Some(e) = privileges::table_refusal_error(m.owner, rel.relid, &rel.schema, &rel.table, Who::Caller)? {
         return Err(e);
     }
-    catalog::reseed_requested(
-        m.id,
-        rel.relid,
-        azure_cdc_core::reseed::Reason::Requested.as_str(),
-        &[state],
-    )?;
+    catalog::reseed_requested(m.id, rel.relid, azure_cdc_core::reseed::Reason::Requested.as_str(), &[state])?;
     tables_changed_after_commit(m.id);
     let when = if mirror_state == MirrorState::Running { "after commit" } else { "when the mirror is resumed" };
     Ok(format!(
@@ -693,15 +691,17 @@ type StatusRow = (
     i64,
     Option<i64>,
     Option<f64>,
+    Option<pgrx::datum::TimestampWithTimeZone>,
 );
 
 fn status_rows() -> Result<Vec<StatusRow>> {
     require_admin("get_all_tables_mirror_status")?;
     let database = database_oid();
-    crate::catalog::read(|| Spi::connect(|c| {
-        let t = c
-            .select(
-                "SELECT m.mirror_name, t.schema_name::text, t.table_name::text, t.state, t.rows_replicated, \
+    crate::catalog::read(|| {
+        Spi::connect(|c| {
+            let t = c
+                .select(
+                    "SELECT m.mirror_name, t.schema_name::text, t.table_name::text, t.state, t.rows_replicated, \
                         t.files_published, t.last_completed_at, t.last_error, \
                         pg_catalog.cardinality(t.key_columns) > 0, m.mirror_id, t.relid, m.state, m.last_error, \
                         t.bytes_published, \
@@ -709,69 +709,77 @@ fn status_rows() -> Result<Vec<StatusRow>> {
                                      ELSE pg_catalog.sum(c.reltuples)::bigint END \
                            FROM pg_catalog.pg_class c \
                           WHERE c.relkind <> 'p' AND (c.oid = t.relid OR c.oid IN \
-                                (SELECT p.relid FROM pg_catalog.pg_partition_tree(t.relid) p WHERE p.isleaf))) \
+                                (SELECT p.relid FROM pg_catalog.pg_partition_tree(t.relid) p WHERE p.isleaf))), \
+                        t.folder_deleted_at \
                    FROM azure_cdc.mirror_tables t JOIN azure_cdc.mirrors m USING (mirror_id) \
                   ORDER BY m.mirror_name, t.schema_name, t.table_name",
-                None,
-                &[],
-            )
-            .map_err(spi)?;
-        let mut rows = Vec::new();
-        for r in t {
-            let state_text: String = r.get(4).map_err(spi)?.unwrap_or_default();
-            let state = TableState::parse(&state_text)?;
-            let mirror_id: i64 = r.get(10).map_err(spi)?.unwrap_or_default();
-            let relid: pg_sys::Oid = r.get(11).map_err(spi)?.unwrap_or(pg_sys::InvalidOid);
-            let mut rows_replicated: i64 = r.get(5).map_err(spi)?.unwrap_or(0);
-            let copying = matches!(state, TableState::Snapshotting | TableState::Reseeding);
-            if copying {
-                if let Some(live) = shmem::progress_of(database, mirror_id, relid.to_u32()) {
-                    rows_replicated = live;
+                    None,
+                    &[],
+                )
+                .map_err(spi)?;
+            let mut rows = Vec::new();
+            for r in t {
+                let state_text: String = r.get(4).map_err(spi)?.unwrap_or_default();
+                let state = TableState::parse(&state_text)?;
+                let mirror_id: i64 = r.get(10).map_err(spi)?.unwrap_or_default();
+                let relid: pg_sys::Oid = r.get(11).map_err(spi)?.unwrap_or(pg_sys::InvalidOid);
+                let mut rows_replicated: i64 = r.get(5).map_err(spi)?.unwrap_or(0);
+                let copying = matches!(state, TableState::Snapshotting | TableState::Reseeding);
+                if copying {
+                    if let Some(live) = shmem::progress_of(database, mirror_id, relid.to_u32()) {
+                        rows_replicated = live;
+                    }
                 }
+                let mirror_state = MirrorState::parse(&r.get::<String>(12).map_err(spi)?.unwrap_or_default())?;
+                // The table's own error; else, while the table follows its mirror, the mirror's (a target
+                // error being retried, or the one that made the mirror Failed).
+                let last_error: Option<String> = match r.get::<String>(8).map_err(spi)? {
+                    Some(e) => Some(e),
+                    None if matches!(
+                        state,
+                        TableState::Snapshotting | TableState::Replicating | TableState::Reseeding
+                    ) =>
+                    {
+                        r.get(13).map_err(spi)?
+                    }
+                    None => None,
+                };
+                let has_key: bool = r.get(9).map_err(spi)?.unwrap_or(false);
+                // While snapshotting or reseeding: the planner's row estimate and how far the copy is
+                // (capped at 100: the estimate may be low).
+                let (estimated, percent) = if copying {
+                    let est: Option<i64> = r.get(15).map_err(spi)?;
+                    let pct = est.filter(|e| *e > 0).map(|e| (rows_replicated as f64 * 100.0 / e as f64).min(100.0));
+                    (est, pct)
+                } else {
+                    (None, None)
+                };
+                rows.push((
+                    r.get(1).map_err(spi)?.unwrap_or_default(),
+                    r.get(2).map_err(spi)?.unwrap_or_default(),
+                    r.get(3).map_err(spi)?.unwrap_or_default(),
+                    state_text,
+                    state.health(has_key, last_error.is_some(), mirror_state).as_str().to_string(),
+                    rows_replicated,
+                    r.get(6).map_err(spi)?.unwrap_or(0),
+                    r.get(7).map_err(spi)?,
+                    last_error,
+                    r.get(14).map_err(spi)?.unwrap_or(0),
+                    estimated,
+                    percent,
+                    r.get(16).map_err(spi)?,
+                ));
             }
-            let mirror_state = MirrorState::parse(&r.get::<String>(12).map_err(spi)?.unwrap_or_default())?;
-            // The table's own error; else, while the table follows its mirror, the mirror's (a target
-            // error being retried, or the one that made the mirror Failed).
-            let last_error: Option<String> = match r.get::<String>(8).map_err(spi)? {
-                Some(e) => Some(e),
-                None if matches!(state, TableState::Snapshotting | TableState::Replicating | TableState::Reseeding) => {
-                    r.get(13).map_err(spi)?
-                }
-                None => None,
-            };
-            let has_key: bool = r.get(9).map_err(spi)?.unwrap_or(false);
-            // While snapshotting or reseeding: the planner's row estimate and how far the copy is
-            // (capped at 100: the estimate may be low).
-            let (estimated, percent) = if copying {
-                let est: Option<i64> = r.get(15).map_err(spi)?;
-                let pct = est.filter(|e| *e > 0).map(|e| (rows_replicated as f64 * 100.0 / e as f64).min(100.0));
-                (est, pct)
-            } else {
-                (None, None)
-            };
-            rows.push((
-                r.get(1).map_err(spi)?.unwrap_or_default(),
-                r.get(2).map_err(spi)?.unwrap_or_default(),
-                r.get(3).map_err(spi)?.unwrap_or_default(),
-                state_text,
-                state.health(has_key, last_error.is_some(), mirror_state).as_str().to_string(),
-                rows_replicated,
-                r.get(6).map_err(spi)?.unwrap_or(0),
-                r.get(7).map_err(spi)?,
-                last_error,
-                r.get(14).map_err(spi)?.unwrap_or(0),
-                estimated,
-                percent,
-            ));
-        }
-        Ok(rows)
-    }))
+            Ok(rows)
+        })
+    })
 }
 
 /// One row per mirrored table: mirror, schema, table, state (Snapshotting, Replicating, Reseeding,
 /// Stopped, Failed, Dropped), status (OK / WARNING / ERROR), rows replicated (live while snapshotting), files published,
-/// when the last file was completed, the last error (with its hint), bytes published, and while
-/// snapshotting the estimated row count and the percentage done.
+/// when the last file was completed, the last error (with its hint), bytes published, while
+/// snapshotting the estimated row count and the percentage done, and while its folder is reset, when
+/// the folder was deleted (on OneLake the new copy waits until Fabric has dropped the table).
 #[pg_extern]
 fn get_all_tables_mirror_status() -> TableIterator<
     'static,
@@ -788,6 +796,7 @@ fn get_all_tables_mirror_status() -> TableIterator<
         name!(bytes_published, i64),
         name!(snapshot_rows_estimated, Option<i64>),
         name!(snapshot_percent, Option<f64>),
+        name!(folder_deleted_at, Option<pgrx::datum::TimestampWithTimeZone>),
     ),
 > {
     TableIterator::new(status_rows().or_raise())

@@ -46,6 +46,8 @@ pub struct TableRow {
     pub partitions: Option<String>,
     /// The columns its files carry ([`azure_cdc_core::columns::to_text`]), once it was copied.
     pub columns: Option<String>,
+    /// Seconds since its folder was deleted to reset it, while its new copy is not published.
+    pub folder_deleted_ago: Option<f64>,
 }
 
 const MIRROR_COLUMNS: &str = "mirror_id, mirror_name, target, state, slot_name::text, credential, all_tables, owner";
@@ -92,7 +94,9 @@ fn catalog_trusted() -> Result<()> {
             ErrorKind::InsufficientPrivilege,
             "the catalog of azure_cdc is not in the extension's own schema owned by a superuser",
         )
-        .with_hint("A superuser must drop the extension, drop or rename schema azure_cdc, and create the extension again."));
+        .with_hint(
+            "A superuser must drop the extension, drop or rename schema azure_cdc, and create the extension again.",
+        ));
     }
     CATALOG_TRUSTED.with(|c| c.set(true));
     Ok(())
@@ -105,79 +109,92 @@ pub fn read<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 }
 
 pub fn mirror_by_name(name: &str) -> Result<Option<MirrorRow>> {
-    read(|| Spi::connect(|c| {
-        let q = format!("SELECT {MIRROR_COLUMNS} FROM azure_cdc.mirrors WHERE mirror_name = $1");
-        let t = c.select(&q, None, &[name.into()]).map_err(spi)?;
-        match t.into_iter().next() {
-            Some(row) => Ok(Some(mirror_from(&row)?)),
-            None => Ok(None),
-        }
-    }))
+    read(|| {
+        Spi::connect(|c| {
+            let q = format!("SELECT {MIRROR_COLUMNS} FROM azure_cdc.mirrors WHERE mirror_name = $1");
+            let t = c.select(&q, None, &[name.into()]).map_err(spi)?;
+            match t.into_iter().next() {
+                Some(row) => Ok(Some(mirror_from(&row)?)),
+                None => Ok(None),
+            }
+        })
+    })
 }
 
 pub fn mirror_by_id(id: i64) -> Result<Option<MirrorRow>> {
-    read(|| Spi::connect(|c| {
-        let q = format!("SELECT {MIRROR_COLUMNS} FROM azure_cdc.mirrors WHERE mirror_id = $1");
-        let t = c.select(&q, None, &[id.into()]).map_err(spi)?;
-        match t.into_iter().next() {
-            Some(row) => Ok(Some(mirror_from(&row)?)),
-            None => Ok(None),
-        }
-    }))
+    read(|| {
+        Spi::connect(|c| {
+            let q = format!("SELECT {MIRROR_COLUMNS} FROM azure_cdc.mirrors WHERE mirror_id = $1");
+            let t = c.select(&q, None, &[id.into()]).map_err(spi)?;
+            match t.into_iter().next() {
+                Some(row) => Ok(Some(mirror_from(&row)?)),
+                None => Ok(None),
+            }
+        })
+    })
 }
 
 /// Mirrors of this database that need workers (not Stopped), for the scout.
 pub fn active_mirrors() -> Result<Vec<MirrorRow>> {
-    read(|| Spi::connect(|c| {
-        let q = format!("SELECT {MIRROR_COLUMNS} FROM azure_cdc.mirrors WHERE state <> 'Stopped' ORDER BY mirror_id");
-        let t = c.select(&q, None, &[]).map_err(spi)?;
-        t.into_iter().map(|r| mirror_from(&r)).collect()
-    }))
+    read(|| {
+        Spi::connect(|c| {
+            let q =
+                format!("SELECT {MIRROR_COLUMNS} FROM azure_cdc.mirrors WHERE state <> 'Stopped' ORDER BY mirror_id");
+            let t = c.select(&q, None, &[]).map_err(spi)?;
+            t.into_iter().map(|r| mirror_from(&r)).collect()
+        })
+    })
 }
 
 /// Targets of the mirrors of this database that are not Stopped.
 pub fn active_targets() -> Result<Vec<(String, String)>> {
-    read(|| Spi::connect(|c| {
-        let t = c
-            .select("SELECT mirror_name, target FROM azure_cdc.mirrors WHERE state <> 'Stopped'", None, &[])
-            .map_err(spi)?;
-        let mut v = Vec::new();
-        for r in t {
-            if let (Some(n), Some(t)) = (r.get::<String>(1).map_err(spi)?, r.get::<String>(2).map_err(spi)?) {
-                v.push((n, t));
+    read(|| {
+        Spi::connect(|c| {
+            let t = c
+                .select("SELECT mirror_name, target FROM azure_cdc.mirrors WHERE state <> 'Stopped'", None, &[])
+                .map_err(spi)?;
+            let mut v = Vec::new();
+            for r in t {
+                if let (Some(n), Some(t)) = (r.get::<String>(1).map_err(spi)?, r.get::<String>(2).map_err(spi)?) {
+                    v.push((n, t));
+                }
             }
-        }
-        Ok(v)
-    }))
+            Ok(v)
+        })
+    })
 }
 
 pub fn tables(mirror_id: i64) -> Result<Vec<TableRow>> {
-    read(|| Spi::connect(|c| {
-        let t = c
+    read(|| {
+        Spi::connect(|c| {
+            let t = c
             .select(
-                "SELECT relid, schema_name::text, table_name::text, state, key_columns::text[], seed_snapshot, partitions, columns \
+                "SELECT relid, schema_name::text, table_name::text, state, key_columns::text[], seed_snapshot, partitions, columns, \
+                        pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() - folder_deleted_at) \
                    FROM azure_cdc.mirror_tables \
                  WHERE mirror_id = $1 ORDER BY schema_name, table_name",
                 None,
                 &[mirror_id.into()],
             )
             .map_err(spi)?;
-        let missing = || Error::new(ErrorKind::Internal, "azure_cdc.mirror_tables has a NULL in a NOT NULL column");
-        t.into_iter()
-            .map(|r| {
-                Ok(TableRow {
-                    relid: r.get::<pg_sys::Oid>(1).map_err(spi)?.ok_or_else(missing)?,
-                    schema: r.get::<String>(2).map_err(spi)?.ok_or_else(missing)?,
-                    table: r.get::<String>(3).map_err(spi)?.ok_or_else(missing)?,
-                    state: r.get::<String>(4).map_err(spi)?.ok_or_else(missing)?,
-                    key_columns: r.get::<Vec<String>>(5).map_err(spi)?.ok_or_else(missing)?,
-                    seed_snapshot: r.get::<String>(6).map_err(spi)?,
-                    partitions: r.get::<String>(7).map_err(spi)?,
-                    columns: r.get::<String>(8).map_err(spi)?,
+            let missing = || Error::new(ErrorKind::Internal, "azure_cdc.mirror_tables has a NULL in a NOT NULL column");
+            t.into_iter()
+                .map(|r| {
+                    Ok(TableRow {
+                        relid: r.get::<pg_sys::Oid>(1).map_err(spi)?.ok_or_else(missing)?,
+                        schema: r.get::<String>(2).map_err(spi)?.ok_or_else(missing)?,
+                        table: r.get::<String>(3).map_err(spi)?.ok_or_else(missing)?,
+                        state: r.get::<String>(4).map_err(spi)?.ok_or_else(missing)?,
+                        key_columns: r.get::<Vec<String>>(5).map_err(spi)?.ok_or_else(missing)?,
+                        seed_snapshot: r.get::<String>(6).map_err(spi)?,
+                        partitions: r.get::<String>(7).map_err(spi)?,
+                        columns: r.get::<String>(8).map_err(spi)?,
+                        folder_deleted_ago: r.get::<f64>(9).map_err(spi)?,
+                    })
                 })
-            })
-            .collect()
-    }))
+                .collect()
+        })
+    })
 }
 
 /// Where a table's key columns come from.
@@ -201,10 +218,11 @@ pub enum KeySource {
 /// keys are its primary key only: the replica identity that logs old keys is each partition's own,
 /// and a partition's primary key is its partitioned table's.
 pub fn key_columns_with_source(relid: pg_sys::Oid) -> Result<(Vec<String>, KeySource)> {
-    read(|| Spi::connect(|c| {
-        let t = c
-            .select(
-                "SELECT (SELECT pg_catalog.array_agg(a.attname::text ORDER BY k.ord) \
+    read(|| {
+        Spi::connect(|c| {
+            let t = c
+                .select(
+                    "SELECT (SELECT pg_catalog.array_agg(a.attname::text ORDER BY k.ord) \
                            FROM pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
                            JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum), \
                         i.indisprimary OR i.indisreplident, \
@@ -219,33 +237,34 @@ pub fn key_columns_with_source(relid: pg_sys::Oid) -> Result<(Vec<String>, KeySo
                                                 AND NOT a.attnotnull))) \
                   ORDER BY i.indisprimary DESC, i.indisreplident DESC, i.indnatts, i.indexrelid \
                   LIMIT 1",
-                None,
-                &[relid.into()],
-            )
-            .map_err(spi)?;
-        if let Some(r) = t.into_iter().next() {
-            let cols = r.get::<Vec<String>>(1).map_err(spi)?.unwrap_or_default();
-            let identity = r.get::<bool>(2).map_err(spi)?.unwrap_or(false);
-            let index = r.get::<String>(3).map_err(spi)?.unwrap_or_default();
-            if !cols.is_empty() {
-                return Ok((cols, if identity { KeySource::Identity } else { KeySource::UniqueIndex(index) }));
+                    None,
+                    &[relid.into()],
+                )
+                .map_err(spi)?;
+            if let Some(r) = t.into_iter().next() {
+                let cols = r.get::<Vec<String>>(1).map_err(spi)?.unwrap_or_default();
+                let identity = r.get::<bool>(2).map_err(spi)?.unwrap_or(false);
+                let index = r.get::<String>(3).map_err(spi)?.unwrap_or_default();
+                if !cols.is_empty() {
+                    return Ok((cols, if identity { KeySource::Identity } else { KeySource::UniqueIndex(index) }));
+                }
             }
-        }
-        let full = c
-            .select(
-                "SELECT pg_catalog.array_agg(a.attname::text ORDER BY a.attnum) FROM pg_catalog.pg_attribute a \
+            let full = c
+                .select(
+                    "SELECT pg_catalog.array_agg(a.attname::text ORDER BY a.attnum) FROM pg_catalog.pg_attribute a \
                    JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
                   WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND c.relreplident = 'f' \
                     AND c.relkind <> 'p'",
-                None,
-                &[relid.into()],
-            )
-            .map_err(spi)?;
-        match full.into_iter().next().and_then(|r| r.get::<Vec<String>>(1).ok().flatten()) {
-            Some(cols) if !cols.is_empty() => Ok((cols, KeySource::AllColumns)),
-            _ => Ok((Vec::new(), KeySource::None)),
-        }
-    }))
+                    None,
+                    &[relid.into()],
+                )
+                .map_err(spi)?;
+            match full.into_iter().next().and_then(|r| r.get::<Vec<String>>(1).ok().flatten()) {
+                Some(cols) if !cols.is_empty() => Ok((cols, KeySource::AllColumns)),
+                _ => Ok((Vec::new(), KeySource::None)),
+            }
+        })
+    })
 }
 
 /// Key columns of a table (see [`key_columns_with_source`]).
@@ -303,14 +322,16 @@ fn relation_from(r: &pgrx::spi::SpiHeapTupleData) -> Result<RelationInfo> {
 
 /// What relation `relid` is now, if it exists.
 pub fn relation_by_oid(relid: pg_sys::Oid) -> Result<Option<RelationInfo>> {
-    read(|| Spi::connect(|c| {
-        let q = format!("{RELATION_INFO} WHERE c.oid = $1");
-        let t = c.select(&q, None, &[relid.into()]).map_err(spi)?;
-        match t.into_iter().next() {
-            Some(r) => Ok(Some(relation_from(&r)?)),
-            None => Ok(None),
-        }
-    }))
+    read(|| {
+        Spi::connect(|c| {
+            let q = format!("{RELATION_INFO} WHERE c.oid = $1");
+            let t = c.select(&q, None, &[relid.into()]).map_err(spi)?;
+            match t.into_iter().next() {
+                Some(r) => Ok(Some(relation_from(&r)?)),
+                None => Ok(None),
+            }
+        })
+    })
 }
 
 /// Whether a relation joins a mirror of all tables: an ordinary, permanent heap table or a
@@ -339,8 +360,9 @@ pub struct PartitionTree {
 /// The partition tree of `relid` (empty for a table that is not partitioned). Read with SQL, so in
 /// the snapshot of the caller's statement or transaction (a copy's tree and its rows agree).
 pub fn partition_tree(relid: pg_sys::Oid) -> Result<PartitionTree> {
-    read(|| Spi::connect(|c| {
-        let t = c
+    read(|| {
+        Spi::connect(|c| {
+            let t = c
             .select(
                 "WITH RECURSIVE tree AS ( \
                      SELECT i.inhrelid, i.xmin::text AS x FROM pg_catalog.pg_inherits i WHERE i.inhparent = $1 \
@@ -352,28 +374,32 @@ pub fn partition_tree(relid: pg_sys::Oid) -> Result<PartitionTree> {
                 &[relid.into()],
             )
             .map_err(spi)?;
-        let mut tree = PartitionTree::default();
-        let mut parts = Vec::new();
-        for r in t {
-            let missing = || Error::new(ErrorKind::Internal, "pg_inherits row with a NULL");
-            let oid = r.get::<pg_sys::Oid>(1).map_err(spi)?.ok_or_else(missing)?;
-            let kind = r.get::<String>(2).map_err(spi)?.ok_or_else(missing)?;
-            let xmin = r.get::<String>(3).map_err(spi)?.ok_or_else(missing)?;
-            parts.push(format!("{}:{xmin}", oid.to_u32()));
-            if kind != "p" {
-                tree.leaves.push((oid, kind));
+            let mut tree = PartitionTree::default();
+            let mut parts = Vec::new();
+            for r in t {
+                let missing = || Error::new(ErrorKind::Internal, "pg_inherits row with a NULL");
+                let oid = r.get::<pg_sys::Oid>(1).map_err(spi)?.ok_or_else(missing)?;
+                let kind = r.get::<String>(2).map_err(spi)?.ok_or_else(missing)?;
+                let xmin = r.get::<String>(3).map_err(spi)?.ok_or_else(missing)?;
+                parts.push(format!("{}:{xmin}", oid.to_u32()));
+                if kind != "p" {
+                    tree.leaves.push((oid, kind));
+                }
             }
-        }
-        tree.signature = parts.join(",");
-        Ok(tree)
-    }))
+            tree.signature = parts.join(",");
+            Ok(tree)
+        })
+    })
 }
 
 /// Resolves a table name as the user wrote it (optionally schema-qualified, quoted as in SQL). The
 /// name is looked up with the caller's rights and search path, as in their own SQL (nothing but the
 /// schema-qualified `to_regclass` runs with them); what it names is then read with the extension's.
 pub fn resolve_relation(name: &str) -> Result<Option<RelationInfo>> {
-    let oid = match Spi::get_one_with_args::<pg_sys::Oid>("SELECT pg_catalog.to_regclass($1)::pg_catalog.oid", &[name.into()]) {
+    let oid = match Spi::get_one_with_args::<pg_sys::Oid>(
+        "SELECT pg_catalog.to_regclass($1)::pg_catalog.oid",
+        &[name.into()],
+    ) {
         Ok(Some(oid)) => oid,
         Ok(None) | Err(pgrx::spi::SpiError::InvalidPosition) => return Ok(None),
         Err(e) => return Err(spi(e)),
@@ -387,16 +413,18 @@ pub const SYSTEM_SCHEMAS: &str = "('pg_catalog', 'information_schema', 'azure_cd
 /// Every table-like relation of the database outside the system schemas (tables, partitioned
 /// tables, views, materialized views, foreign tables), by name: what "mirror all data" considers.
 pub fn user_relations() -> Result<Vec<RelationInfo>> {
-    read(|| Spi::connect(|c| {
-        let q = format!(
-            "{RELATION_INFO} WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') \
+    read(|| {
+        Spi::connect(|c| {
+            let q = format!(
+                "{RELATION_INFO} WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') \
                AND n.nspname NOT IN {SYSTEM_SCHEMAS} AND n.nspname NOT LIKE 'pg\\_temp\\_%' \
                AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%' \
              ORDER BY n.nspname, c.relname"
-        );
-        let t = c.select(&q, None, &[]).map_err(spi)?;
-        t.into_iter().map(|r| relation_from(&r)).collect()
-    }))
+            );
+            let t = c.select(&q, None, &[]).map_err(spi)?;
+            t.into_iter().map(|r| relation_from(&r)).collect()
+        })
+    })
 }
 
 /// Records a new mirror owned by `owner` and its tables; returns the mirror id.
@@ -493,35 +521,40 @@ fn run_counting(query: &str, args: &[pgrx::datum::DatumWithOid]) -> Result<i64> 
 /// unchanged would not carry it in the change stream. Returns (schema, table).
 pub fn tables_needing_full_identity(relids: &[pg_sys::Oid]) -> Result<Vec<(String, String)>> {
     let ids: Vec<pg_sys::Oid> = relids.to_vec();
-    read(|| Spi::connect(|c| {
-        let t = c
-            .select(
-                "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_class c \
+    read(|| {
+        Spi::connect(|c| {
+            let t = c
+                .select(
+                    "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_class c \
                    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
                   WHERE (c.oid = ANY ($1) \
                          OR c.oid IN (SELECT t.relid FROM pg_catalog.unnest($1::pg_catalog.oid[]) AS r(oid), \
                                              LATERAL pg_catalog.pg_partition_tree(r.oid) AS t WHERE t.isleaf)) \
                     AND c.reltoastrelid <> 0 AND c.relreplident <> 'f' \
                   ORDER BY 1, 2",
-                None,
-                &[ids.into()],
-            )
-            .map_err(spi)?;
-        t.into_iter()
-            .map(|r| {
-                let missing = || Error::new(ErrorKind::Internal, "pg_class row without a name");
-                Ok((
-                    r.get::<String>(1).map_err(spi)?.ok_or_else(missing)?,
-                    r.get::<String>(2).map_err(spi)?.ok_or_else(missing)?,
-                ))
-            })
-            .collect()
-    }))
+                    None,
+                    &[ids.into()],
+                )
+                .map_err(spi)?;
+            t.into_iter()
+                .map(|r| {
+                    let missing = || Error::new(ErrorKind::Internal, "pg_class row without a name");
+                    Ok((
+                        r.get::<String>(1).map_err(spi)?.ok_or_else(missing)?,
+                        r.get::<String>(2).map_err(spi)?.ok_or_else(missing)?,
+                    ))
+                })
+                .collect()
+        })
+    })
 }
 
 /// `ALTER TABLE schema.table REPLICA IDENTITY FULL`.
 pub fn set_replica_identity_full(schema: &str, table: &str) -> Result<()> {
-    alter_table_as_caller("SELECT pg_catalog.format('ALTER TABLE %I.%I REPLICA IDENTITY FULL', $1::text, $2::text)", &[schema, table])
+    alter_table_as_caller(
+        "SELECT pg_catalog.format('ALTER TABLE %I.%I REPLICA IDENTITY FULL', $1::text, $2::text)",
+        &[schema, table],
+    )
 }
 
 /// The number of events `azure_cdc.events` keeps per mirror.
@@ -631,7 +664,12 @@ pub fn mirror_attempt_failed(mirror_id: i64, what: &str, text: &str, code: &str,
             MirrorState::Failed.as_str().into(),
         ],
     )?;
-    record_event(mirror_id, None, if permanent { Event::Failed } else { Event::Error }, Some(&format!("{what}: {text}")))?;
+    record_event(
+        mirror_id,
+        None,
+        if permanent { Event::Failed } else { Event::Error },
+        Some(&format!("{what}: {text}")),
+    )?;
     run(
         "UPDATE azure_cdc.mirror_tables SET last_error = $2 WHERE mirror_id = $1 AND state = $3",
         &[mirror_id.into(), text.into(), TableState::Snapshotting.as_str().into()],
@@ -708,6 +746,16 @@ pub fn snapshot_restarted(mirror_id: i64) -> Result<()> {
     )
 }
 
+/// The folders of these tables were deleted to reset them: noted (the first time) until their new
+/// copies are published.
+pub fn folders_deleted(mirror_id: i64, relids: &[pg_sys::Oid]) -> Result<()> {
+    run(
+        "UPDATE azure_cdc.mirror_tables SET folder_deleted_at = COALESCE(folder_deleted_at, pg_catalog.clock_timestamp()) \
+          WHERE mirror_id = $1 AND relid = ANY($2)",
+        &[mirror_id.into(), relids.to_vec().into()],
+    )
+}
+
 /// Tables added to a running mirror (`add_tables`): recorded Reseeding, each with its event.
 pub fn tables_added(mirror_id: i64, tables: &[(RelationInfo, Vec<String>)], reason: &str) -> Result<()> {
     insert_tables(mirror_id, tables, TableState::Reseeding)?;
@@ -746,7 +794,8 @@ pub fn reseed_requested(mirror_id: i64, relid: pg_sys::Oid, reason: &str, from: 
 /// A table was parked (Failed) with `error` (a text without table values).
 pub fn table_failed(mirror_id: i64, relid: pg_sys::Oid, table: (&str, &str), error: &str) -> Result<()> {
     run(
-        "UPDATE azure_cdc.mirror_tables SET state = $3, last_error = $4 WHERE mirror_id = $1 AND relid = $2",
+        "UPDATE azure_cdc.mirror_tables SET state = $3, last_error = $4, folder_deleted_at = NULL \
+          WHERE mirror_id = $1 AND relid = $2",
         &[mirror_id.into(), relid.into(), TableState::Failed.as_str().into(), error.into()],
     )?;
     record_event(mirror_id, Some(table), Event::TableFailed, Some(error))
@@ -783,7 +832,8 @@ pub fn table_copied(mirror_id: i64, relid: pg_sys::Oid, c: &CopiedTable) -> Resu
     run(
         "UPDATE azure_cdc.mirror_tables SET state = $3, key_columns = $4, rows_replicated = $5, \
                 files_published = $6, bytes_published = $7, next_file_number = $6 + 1, seed_snapshot = $8, \
-                partitions = $9, columns = $10, last_completed_at = pg_catalog.clock_timestamp(), last_error = NULL \
+                partitions = $9, columns = $10, last_completed_at = pg_catalog.clock_timestamp(), last_error = NULL, \
+                folder_deleted_at = NULL \
           WHERE mirror_id = $1 AND relid = $2",
         &[
             mirror_id.into(),
@@ -820,7 +870,14 @@ pub fn table_columns_followed(
 }
 
 /// Adds what change files published for a table since the last call.
-pub fn add_table_counters(mirror_id: i64, relid: pg_sys::Oid, rows: i64, files: i64, bytes: i64, next_number: i64) -> Result<()> {
+pub fn add_table_counters(
+    mirror_id: i64,
+    relid: pg_sys::Oid,
+    rows: i64,
+    files: i64,
+    bytes: i64,
+    next_number: i64,
+) -> Result<()> {
     run(
         "UPDATE azure_cdc.mirror_tables SET rows_replicated = rows_replicated + $3, \
                 files_published = files_published + $4, bytes_published = bytes_published + $5, \
@@ -912,8 +969,14 @@ pub fn credentials() -> Result<Vec<CredentialListing>> {
             let mut out = Vec::new();
             for r in t {
                 let name: String = r.get(1).map_err(spi)?.unwrap_or_default();
-                let pgrx::JsonB(options) = r.get::<pgrx::JsonB>(2).map_err(spi)?.unwrap_or(pgrx::JsonB(serde_json::json!({})));
-                out.push((name, options, r.get::<Vec<String>>(4).map_err(spi)?.unwrap_or_default(), r.get(3).map_err(spi)?));
+                let pgrx::JsonB(options) =
+                    r.get::<pgrx::JsonB>(2).map_err(spi)?.unwrap_or(pgrx::JsonB(serde_json::json!({})));
+                out.push((
+                    name,
+                    options,
+                    r.get::<Vec<String>>(4).map_err(spi)?.unwrap_or_default(),
+                    r.get(3).map_err(spi)?,
+                ));
             }
             Ok(out)
         })

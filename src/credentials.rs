@@ -181,7 +181,13 @@ fn list_credentials_impl() -> Result<Vec<CredentialRow>> {
             .filter(|(k, _)| cloud::option_is_public(k))
             .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
             .collect();
-        out.push((name, options.keys().cloned().collect(), JsonB(serde_json::Value::Object(shown)), used_by, created_at));
+        out.push((
+            name,
+            options.keys().cloned().collect(),
+            JsonB(serde_json::Value::Object(shown)),
+            used_by,
+            created_at,
+        ));
     }
     Ok(out)
 }

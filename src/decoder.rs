@@ -122,6 +122,11 @@ struct Table {
     park_recorded: bool,
     /// Being reseeded: its changes are dropped until its copy is published (then the decoder rewinds).
     reseeding: bool,
+    /// While reseeding: when its folder was first deleted to reset it (from the catalog: seconds ago).
+    deleted_ago: Option<f64>,
+    /// While reseeding: its folder was deleted in this pass, and since when the reset waits for the
+    /// landing zone's reader to drop the table.
+    reset_since: Option<Instant>,
     /// The snapshot of its last reseed's copy: its changes of transactions this sees are in the copy.
     seed: Option<Visibility>,
     /// Counters not yet written to the catalog.
@@ -201,6 +206,8 @@ struct Decoder {
     last_catalog_write: Instant,
     /// Whether the mirror's last_error (of an earlier, failed decoder) was cleared after a publish.
     error_cleared: bool,
+    /// When to look again whether the landing zone's reader has dropped the tables being reset.
+    next_reset_check: Instant,
 }
 
 /// Entry point of the decoder worker. `arg` is the mirror's index in the shared registry.
@@ -358,6 +365,8 @@ fn open_table(t: &catalog::TableRow, reseeding: bool) -> Result<Table> {
         parked: if reseeding { None } else { parked },
         park_recorded: false,
         reseeding,
+        deleted_ago: t.folder_deleted_ago,
+        reset_since: None,
         seed: t.seed_snapshot.as_deref().map(reseed::parse_snapshot).transpose()?,
         unrecorded: Counters::default(),
     })
@@ -427,6 +436,10 @@ unsafe fn close_pass(ctx: *mut pg_sys::LogicalDecodingContext) {
 
 /// One pass over the slot, from its confirmed position.
 fn decode(index: usize, mirror_id: i64, change_cxt: pg_sys::MemoryContext) -> Result<Next> {
+    // Read before the catalog: a table changed (resync_table, add_tables) after this is seen by
+    // load() or by the next generation check; read after load(), a change made in between would be
+    // neither.
+    let generation = shmem::entry(index).tables_generation;
     let (mirror, mut tables, known) = match load(mirror_id)? {
         None => {
             pgrx::log!("azure_cdc: mirror {mirror_id} is not running; decoder exits");
@@ -474,7 +487,7 @@ fn decode(index: usize, mirror_id: i64, change_cxt: pg_sys::MemoryContext) -> Re
             known,
             routes: HashMap::new(),
             vanished: Vec::new(),
-            generation: shmem::entry(index).tables_generation,
+            generation,
             shipper,
             target: target.clone(),
             inflight: InFlight::new(confirmed),
@@ -491,6 +504,7 @@ fn decode(index: usize, mirror_id: i64, change_cxt: pg_sys::MemoryContext) -> Re
             stats: StreamStats { confirmed_lsn: confirmed, ..Default::default() },
             last_catalog_write: Instant::now(),
             error_cleared: false,
+            next_reset_check: Instant::now(),
         })
     });
     with_decoder(|d| {
@@ -794,7 +808,11 @@ impl Decoder {
                         if let Some(rel) = catalog::relation_by_oid(oid)?.filter(catalog::joins_all_tables) {
                             // A mirror of all tables takes only tables its owner may mirror.
                             if let Some(why) = privileges::table_refusal(owner, oid)? {
-                                pgrx::log!("azure_cdc: new table \"{}.{}\" is not mirrored: {why}", rel.schema, rel.table);
+                                pgrx::log!(
+                                    "azure_cdc: new table \"{}.{}\" is not mirrored: {why}",
+                                    rel.schema,
+                                    rel.table
+                                );
                                 catalog::table_skipped(
                                     mirror_id,
                                     (&rel.schema, &rel.table),
@@ -853,6 +871,9 @@ impl Decoder {
                             t.name
                         );
                     }
+                    if !t.reseeding {
+                        t.reset_since = None;
+                    }
                     t.reseeding = true;
                     t.parked = None;
                 }
@@ -895,12 +916,72 @@ impl Decoder {
                 return Ok(None);
             }
         }
+        if !self.reset_folders(ctx)? {
+            return Ok(None);
+        }
         self.ready_copy(ctx).map(Some)
     }
 
-    /// Before the copy: publish everything handed to the shipper (nothing may write into a folder
-    /// being rebuilt), confirm it, record the counters. Returns what to copy.
-    fn ready_copy(&mut self, ctx: *mut pg_sys::LogicalDecodingContext) -> Result<PendingCopy> {
+    /// Resets the reseeded tables (their folders deleted, in this pass, once everything handed to
+    /// the shipper is published) and tells whether the landing zone's reader has dropped them all,
+    /// so that the copy may create their folders again. Looks at most every 2 s; a table the reader
+    /// still holds after `azure_cdc.table_reset_timeout` is parked (and a hold with no reseeded table
+    /// left ends).
+    fn reset_folders(&mut self, ctx: *mut pg_sys::LogicalDecodingContext) -> Result<bool> {
+        let pending: Vec<(u32, String)> = self
+            .tables
+            .iter()
+            .filter(|(_, t)| t.reseeding && t.reset_since.is_none())
+            .map(|(relid, t)| (*relid, t.folder.clone()))
+            .collect();
+        if !pending.is_empty() {
+            self.drain(ctx)?;
+            crate::reseed::delete_folders(self.mirror_id, &self.target, &pending)?;
+            let now = Instant::now();
+            for (relid, _) in &pending {
+                if let Some(t) = self.tables.get_mut(relid) {
+                    let ago = Duration::from_secs_f64(t.deleted_ago.unwrap_or(0.0).max(0.0));
+                    t.reset_since = Some(now.checked_sub(ago).unwrap_or(now));
+                }
+            }
+            self.next_reset_check = now;
+        }
+        if Instant::now() < self.next_reset_check {
+            return Ok(false);
+        }
+        let reset: Vec<String> = self.tables.values().filter(|t| t.reseeding).map(|t| t.folder.clone()).collect();
+        let held = crate::reseed::held_downstream(&self.target, &reset)?;
+        if held.is_empty() {
+            return Ok(true);
+        }
+        self.next_reset_check = Instant::now() + Duration::from_secs(2);
+        let timeout = crate::gucs::table_reset_timeout();
+        let expired: Vec<(u32, Duration)> = self
+            .tables
+            .iter()
+            .filter(|(_, t)| t.reseeding && held.contains(&t.folder))
+            .filter_map(|(relid, t)| t.reset_since.map(|since| (*relid, since.elapsed())))
+            .filter(|(_, waited)| *waited >= timeout)
+            .collect();
+        for (relid, waited) in expired {
+            let folder = self.tables.get(&relid).map(|t| t.folder.clone()).unwrap_or_default();
+            self.park(relid, crate::reseed::not_dropped_error(&folder, waited));
+            if let Some(t) = self.tables.get_mut(&relid) {
+                t.reseeding = false;
+                t.reset_since = None;
+                t.deleted_ago = None;
+            }
+        }
+        if !self.tables.values().any(|t| t.reseeding) {
+            // Nothing left to copy: the hold ends (the parked tables' changes are dropped).
+            self.hold = None;
+            self.record_catalog(self.mirror_id, true)?;
+        }
+        Ok(false)
+    }
+
+    /// Publishes everything handed to the shipper, confirms it and records the counters.
+    fn drain(&mut self, ctx: *mut pg_sys::LogicalDecodingContext) -> Result<()> {
         // SAFETY: between records.
         let upto = unsafe { (*(*ctx).reader).EndRecPtr };
         self.close_batch(upto)?;
@@ -911,7 +992,13 @@ impl Decoder {
         if let Some(lsn) = self.confirm_pending.take() {
             self.confirm(lsn);
         }
-        self.record_catalog(self.mirror_id, true)?;
+        self.record_catalog(self.mirror_id, true)
+    }
+
+    /// Before the copy: publish everything handed to the shipper (nothing may write into a folder
+    /// being rebuilt), confirm it, record the counters. Returns what to copy.
+    fn ready_copy(&mut self, ctx: *mut pg_sys::LogicalDecodingContext) -> Result<PendingCopy> {
+        self.drain(ctx)?;
         let list: Vec<crate::reseed::ToCopy> = self
             .tables
             .iter()
@@ -980,7 +1067,9 @@ impl Decoder {
                     // A table whose owner or row-level security changed: the mirror's owner may no
                     // longer be allowed to mirror it.
                     Some(rel) => {
-                        if let Some(e) = privileges::table_refusal_error(owner, oid, &rel.schema, &rel.table, Who::Owner)? {
+                        if let Some(e) =
+                            privileges::table_refusal_error(owner, oid, &rel.schema, &rel.table, Who::Owner)?
+                        {
                             refused.push((*relid, e));
                         }
                     }
@@ -1369,11 +1458,7 @@ unsafe fn ensure_plan(
                     "the partitioned table of this partition is not in the catalog at this point of the stream",
                 ));
             };
-            let of = crate::tuples::RowsOf {
-                cast_role,
-                relid: mirrored,
-                table: format!("{}.{}", t.schema, t.name),
-            };
+            let of = crate::tuples::RowsOf { cast_role, relid: mirrored, table: format!("{}.{}", t.schema, t.name) };
             match conv.belonging_to(&t.specs, &of) {
                 Some(c) => c,
                 None => {

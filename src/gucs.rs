@@ -41,6 +41,14 @@ pub static CHANGE_BATCH_EXPORT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::
 /// its target.
 pub static ONELAKE_BUFFER_SIZE_MB: GucSetting<i32> = GucSetting::<i32>::new(100);
 
+/// `azure_cdc.table_reset_timeout`: how long, in seconds, a table being reset (its folder deleted for
+/// a reseed or a new attempt of the initial snapshot) waits for the landing zone's reader to drop it
+/// before its folder is created again. Known on OneLake only (Fabric's mirrored database no longer has
+/// the table in its `Tables` folder); elsewhere nothing is waited for. A reseed that waits longer parks
+/// the table (Failed; `resync_table` tries again); an initial snapshot's attempt fails and is retried.
+/// 0: do not wait. Range 0 – 1 day, default 15 min. Reload (SIGHUP).
+pub static TABLE_RESET_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(900);
+
 /// Values of `azure_cdc.parquet_compression`.
 #[derive(pgrx::PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum ParquetCompression {
@@ -120,6 +128,16 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_MB,
     );
+    GucRegistry::define_int_guc(
+        c"azure_cdc.table_reset_timeout",
+        c"Longest wait for the landing zone's reader to drop a table whose folder was deleted to reset it.",
+        c"0 does not wait.",
+        &TABLE_RESET_TIMEOUT_S,
+        0,
+        86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
     GucRegistry::define_enum_guc(
         c"azure_cdc.parquet_compression",
         c"Compression codec of Parquet data files: zstd, snappy, gzip or uncompressed.",
@@ -158,4 +176,9 @@ pub fn change_batch_timeout() -> std::time::Duration {
 /// Upload part size in bytes.
 pub fn onelake_buffer_bytes() -> usize {
     ONELAKE_BUFFER_SIZE_MB.get().max(5) as usize * 1024 * 1024
+}
+
+/// The longest a table reset waits for the landing zone's reader.
+pub fn table_reset_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(TABLE_RESET_TIMEOUT_S.get().max(0) as u64)
 }

@@ -30,8 +30,8 @@ mod slot;
 mod snapshot;
 mod status;
 mod tuples;
-mod versions;
 mod verify;
+mod versions;
 mod worker;
 
 // The #[pg_test] tier (in pg_tests.rs: SQL API, privileges, catalog rules, numeric decoding).
@@ -110,8 +110,16 @@ pub mod pg_test {
         })?;
         let out = std::process::Command::new(&pg_config).arg("--bindir").output().ok()?;
         let bindir = String::from_utf8(out.stdout).ok()?;
-        let out =
-            std::process::Command::new(std::path::Path::new(bindir.trim()).join("postgres")).arg("--describe-config").output().ok()?;
-        Some(String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split('\t').next()).map(str::to_string).collect())
+        let out = std::process::Command::new(std::path::Path::new(bindir.trim()).join("postgres"))
+            .arg("--describe-config")
+            .output()
+            .ok()?;
+        Some(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| l.split('\t').next())
+                .map(str::to_string)
+                .collect(),
+        )
     }
 }

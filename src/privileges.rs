@@ -175,12 +175,12 @@ pub fn check_local_target(url: &TargetUrl, role: Oid, who: Who) -> Result<()> {
     }
     if let Some(p) = target::protected_overlap(&real, &protected_folders()) {
         let how = if real.starts_with(&p.path) { "lies in" } else { "contains" };
-        return Err(Error::new(
-            who.kind(),
-            format!("target \"{}\" {how} {} of the server", url.to_url(), p.what),
-        )
-        .with_detail(format!("It resolves to \"{}\"; the server's own folders are never a landing zone.", real.display()))
-        .with_hint("Choose a folder outside the data directory, its WAL folder and the tablespaces."));
+        return Err(Error::new(who.kind(), format!("target \"{}\" {how} {} of the server", url.to_url(), p.what))
+            .with_detail(format!(
+                "It resolves to \"{}\"; the server's own folders are never a landing zone.",
+                real.display()
+            ))
+            .with_hint("Choose a folder outside the data directory, its WAL folder and the tablespaces."));
     }
     Ok(())
 }
@@ -347,7 +347,12 @@ pub fn pin_worker_settings() {
     for (name, value) in WORKER_SETTINGS {
         // SAFETY: sets a built-in parameter with the highest source priority on the main thread.
         unsafe {
-            pg_sys::SetConfigOption(name.as_ptr(), value.as_ptr(), pg_sys::GucContext::PGC_SUSET, pg_sys::GucSource::PGC_S_OVERRIDE)
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            )
         };
     }
     #[cfg(any(feature = "pg17", feature = "pg18"))]

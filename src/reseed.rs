@@ -3,11 +3,15 @@
 //! through the target's own I/O threads). Why the hand-off to the change stream is exact is explained
 //! in [`azure_cdc_core::reseed`]; the decoder ([`crate::decoder`]) holds, waits and rewinds.
 //!
+//! Before the copy the decoder has deleted each table's folder ([`delete_folders`]) and, on OneLake,
+//! waited until Fabric dropped the table ([`held_downstream`]), so the copy lands in a new folder that
+//! the landing zone's reader takes as a new table.
+//!
 //! One copy: in one repeatable-read transaction (one snapshot `S` for every table copied together),
-//! for each table: empty its folder, write `_metadata.json` with its key columns as they are now,
+//! for each table: create its folder, write `_metadata.json` with its key columns as they are now,
 //! scan it into numbered snapshot files from 1, then record it Replicating with `S` (the decoder drops
 //! its changes of transactions `S` sees), its counters and an event. A value the landing zone cannot
-//! hold parks the table (Failed, folder emptied); any other error fails the decoder's attempt, and the
+//! hold parks the table (Failed, folder deleted); any other error fails the decoder's attempt, and the
 //! table stays Reseeding for the next one.
 
 use std::sync::Arc;
@@ -26,6 +30,52 @@ use pgrx::prelude::*;
 use crate::catalog;
 use crate::shmem;
 use crate::tuples::TupleConverter;
+
+/// Resets the folders of `tables` (relid, folder): each folder is deleted with everything in it,
+/// the documented reset of one table of a landing zone (fabric-docs
+/// `docs/mirroring/open-mirroring-best-practices.md`: delete the table's folder, wait until the table
+/// has left the mirrored database, recreate the folder with a full load). Notes in the catalog when
+/// the folders that existed were deleted (in a transaction of its own unless one is open).
+pub fn delete_folders(mirror_id: i64, target: &Target, tables: &[(u32, String)]) -> Result<()> {
+    let mut deleted = Vec::new();
+    for (relid, folder) in tables {
+        if target.reset_table_folder(folder)? {
+            pgrx::log!("azure_cdc: deleted folder \"{folder}\" to reset its table");
+            deleted.push(pg_sys::Oid::from(*relid));
+        }
+    }
+    if deleted.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: reading whether this process is inside a transaction.
+    if unsafe { pg_sys::IsTransactionState() } {
+        catalog::folders_deleted(mirror_id, &deleted)
+    } else {
+        pgrx::bgworkers::BackgroundWorker::transaction(|| catalog::folders_deleted(mirror_id, &deleted))
+    }
+}
+
+/// The folders among `folders` whose tables the landing zone's reader still holds (on OneLake:
+/// Fabric's mirrored database still has them); empty where nothing downstream is known.
+pub fn held_downstream(target: &Target, folders: &[String]) -> Result<Vec<String>> {
+    let mut held = Vec::new();
+    for f in folders {
+        if target.table_downstream(f)? == Some(true) {
+            held.push(f.clone());
+        }
+    }
+    Ok(held)
+}
+
+/// The error of a table the landing zone's reader has not dropped in time.
+pub fn not_dropped_error(folder: &str, waited: std::time::Duration) -> Error {
+    Error::new(
+        ErrorKind::ObjectInUse,
+        format!("the mirrored database still holds the table of folder \"{folder}\" {} s after the folder was deleted to reset it", waited.as_secs()),
+    )
+    .with_detail("A table is published again only once the landing zone's reader has dropped it; otherwise the reader could keep rows the source no longer has.")
+    .with_hint("Check the mirrored database's replication status in Fabric. azure_cdc.table_reset_timeout sets how long to wait; resync_table tries again.")
+}
 
 /// A table to copy again.
 pub struct ToCopy {
@@ -126,7 +176,8 @@ fn copy_one(
         return record_failed(mirror_id, relid, name, &e);
     }
     // The mirror's owner must (still) own the table: one it may not mirror is parked, uncopied.
-    let refused = crate::privileges::table_refusal_error(owner, relid, &t.schema, &t.table, crate::privileges::Who::Owner);
+    let refused =
+        crate::privileges::table_refusal_error(owner, relid, &t.schema, &t.table, crate::privileges::Who::Owner);
     if !matches!(refused, Ok(None)) {
         // SAFETY: closing the relation opened above, keeping its lock to the end of the transaction.
         unsafe { pg_sys::relation_close(rel, pg_sys::NoLock as i32) };
@@ -145,7 +196,9 @@ fn copy_one(
         let tree = catalog::partition_tree(relid)?;
         // SAFETY: rel is open.
         let partitioned = unsafe { (*(*rel).rd_rel).relkind } == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char;
-        target.clear_table_folder(&folder)?;
+        // The decoder deleted the folder just before the copy (and waited for the reader to drop the
+        // table): this deletes nothing, unless something wrote there since.
+        target.reset_table_folder(&folder)?;
         target.put_document(&folder, landing_zone::METADATA_FILE, landing_zone::table_metadata(&keys).as_bytes())?;
         let mut builder = BatchBuilder::new(conv.specs())?;
         let mut sink = TableFileSink::new(
@@ -172,7 +225,7 @@ fn copy_one(
     let (keys, rows, files, partitions, file_columns) = match copied {
         Ok(c) => c,
         Err(e) if e.kind.disposition() == Disposition::ParkTable => {
-            target.clear_table_folder(&folder)?;
+            target.reset_table_folder(&folder)?;
             return record_failed(mirror_id, relid, name, &e);
         }
         Err(e) => return Err(e),

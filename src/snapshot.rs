@@ -159,7 +159,7 @@ fn encoder_loop(
                     let r = match sink.take() {
                         Some((s, folder)) => {
                             drop(s);
-                            target.clear_table_folder(&folder).map(|_| Vec::new())
+                            target.reset_table_folder(&folder).map(|_| Vec::new())
                         }
                         None => Ok(Vec::new()),
                     };
@@ -237,9 +237,11 @@ fn prepare(mirror_id: i64) -> Result<Option<(MirrorRow, Vec<TableRow>, Arc<Targe
             crate::credentials::worker_settings(),
         )?);
         let tables = catalog::tables(mirror_id)?;
-        for t in &tables {
-            target.clear_table_folder(&names::table_folder(&t.schema, &t.table))?;
-        }
+        // Files an earlier attempt published may have been read already: each table is reset (its
+        // folder deleted); run() waits until the landing zone's reader has dropped them.
+        let folders: Vec<(u32, String)> =
+            tables.iter().map(|t| (t.relid.to_u32(), names::table_folder(&t.schema, &t.table))).collect();
+        crate::reseed::delete_folders(mirror_id, &target, &folders)?;
         let version = Spi::get_one::<String>("SELECT pg_catalog.current_setting('server_version')")
             .map_err(crate::errors::spi)?
             .unwrap_or_default();
@@ -384,12 +386,36 @@ fn end_stale_helpers(index: usize) -> Result<()> {
     }
 }
 
+/// Waits until the landing zone's reader has dropped the tables of `folders` (deleted to reset them),
+/// at most `azure_cdc.table_reset_timeout` since the earliest deletion (`deleted_ago` seconds ago).
+fn wait_until_dropped(target: &Target, folders: &[String], deleted_ago: f64) -> Result<()> {
+    let started = std::time::Instant::now() - std::time::Duration::from_secs_f64(deleted_ago.max(0.0));
+    loop {
+        let held = crate::reseed::held_downstream(target, folders)?;
+        let Some(first) = held.first() else { return Ok(()) };
+        let timeout = crate::gucs::table_reset_timeout();
+        if started.elapsed() >= timeout {
+            return Err(crate::reseed::not_dropped_error(first, started.elapsed()));
+        }
+        pgrx::log!(
+            "azure_cdc: waiting for the landing zone's reader to drop {} table(s) whose folders were deleted, such as \"{first}\"",
+            held.len()
+        );
+        if !BackgroundWorker::wait_latch(Some(std::time::Duration::from_secs(2))) {
+            return Err(Error::new(ErrorKind::Internal, "the server is shutting down"));
+        }
+    }
+}
+
 fn run(index: usize, mirror_id: i64) -> Result<()> {
     end_stale_helpers(index)?;
     let Some((mirror, tables, target)) = prepare(mirror_id)? else {
         mark_snapshotted(index);
         return Ok(());
     };
+    let folders: Vec<String> = tables.iter().map(|t| names::table_folder(&t.schema, &t.table)).collect();
+    let deleted_ago = tables.iter().filter_map(|t| t.folder_deleted_ago).fold(0.0, f64::max);
+    wait_until_dropped(&target, &folders, deleted_ago)?;
     // SAFETY: a fresh transaction that has read nothing yet, as create_with_snapshot requires.
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
@@ -648,7 +674,7 @@ fn snapshot_table(
     match result {
         Ok(()) => Ok(outcome),
         Err(e) if e.kind.disposition() == Disposition::ParkTable => {
-            target.clear_table_folder(&folder)?;
+            target.reset_table_folder(&folder)?;
             pgrx::warning!("azure_cdc: table \"{}.{}\" parked: {}", t.schema, t.table, e.full_text());
             outcome.rows = 0;
             outcome.files.clear();

@@ -59,8 +59,9 @@ fn mirror_views(function: &str) -> Result<Vec<MirrorView>> {
     crate::privileges::require_admin(function)?;
     // SAFETY: reads the clock.
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
-    crate::catalog::read(|| Spi::connect(|c| {
-        let t = c
+    crate::catalog::read(|| {
+        Spi::connect(|c| {
+            let t = c
             .select(
                 "SELECT m.mirror_id, m.mirror_name, m.state, m.target, m.credential, \
                         s.confirmed_flush_lsn::text, \
@@ -85,80 +86,81 @@ fn mirror_views(function: &str) -> Result<Vec<MirrorView>> {
                 &[],
             )
             .map_err(spi)?;
-        let mut out = Vec::new();
-        for r in t {
-            let mirror_id: i64 = r.get(1).map_err(spi)?.unwrap_or_default();
-            let state = MirrorState::parse(&r.get::<String>(3).map_err(spi)?.unwrap_or_default())?;
-            let (stream, pid) = live_stream(mirror_id);
-            let lag_seconds = stream.map(|s| {
-                if s.oldest_unshipped_commit == 0 {
-                    0.0
-                } else {
-                    (now - s.oldest_unshipped_commit).max(0) as f64 / 1e6
-                }
-            });
-            let rates = stream.map(|s| s.rates.per_second(now / 1000, s.changes_shipped, s.bytes_shipped));
-            let failed_tables: Vec<(String, String)> = r
-                .get::<Vec<String>>(15)
-                .map_err(spi)?
-                .unwrap_or_default()
-                .into_iter()
-                .map(|s| match s.split_once('\u{1f}') {
-                    Some((t, e)) => (t.to_string(), e.to_string()),
-                    None => (s, String::new()),
-                })
-                .collect();
-            let keyless_tables: Vec<String> = r.get(16).map_err(spi)?.unwrap_or_default();
-            let last_error: Option<String> = r.get(12).map_err(spi)?;
-            // A stop or pause in progress (another session's stop_mirror / pause_mirror, not yet
-            // committed, waits for the workers to exit): the registry wants them stopped.
-            let stopping = state.wants_workers()
-                && shmem::find(crate::api::database_oid(), mirror_id)
-                    .map(shmem::entry)
-                    .is_some_and(|e| e.desired == shmem::Desired::Stop && shmem::workers_may_run_entry(&e));
-            let display_state = match state {
-                _ if stopping => "Stopping".to_string(),
-                MirrorState::Running
-                    if last_error.is_some() || !failed_tables.is_empty() || !keyless_tables.is_empty() =>
-                {
-                    "Running with warning".to_string()
-                }
-                s => s.as_str().to_string(),
-            };
-            out.push(MirrorView {
-                name: r.get(2).map_err(spi)?.unwrap_or_default(),
-                state,
-                display_state,
-                target: r.get(4).map_err(spi)?.unwrap_or_default(),
-                credential: r.get(5).map_err(spi)?,
-                tables: r.get(14).map_err(spi)?.unwrap_or(0),
-                tables_failed: failed_tables.len() as i64,
-                tables_warning: keyless_tables.len() as i64,
-                confirmed_lsn: r.get(6).map_err(spi)?,
-                lag_bytes: r.get(7).map_err(spi)?,
-                lag_seconds,
-                wal_retained_bytes: r.get(8).map_err(spi)?,
-                wal_status: r.get(9).map_err(spi)?,
-                safe_wal_bytes: r.get(10).map_err(spi)?,
-                buffered_bytes: stream.map(|s| s.buffered_bytes as i64),
-                spilled_bytes: r.get(11).map_err(spi)?,
-                changes_per_second: rates.map(|r| r.0),
-                bytes_per_second: rates.map(|r| r.1),
-                changes_published: stream.map(|s| s.changes_shipped as i64),
-                bytes_published: stream.map(|s| s.bytes_shipped as i64),
-                last_published_at: stream
-                    .filter(|s| s.last_shipped_at != 0)
-                    .and_then(|s| TimestampWithTimeZone::try_from(s.last_shipped_at).ok()),
-                worker_pid: pid,
-                last_error,
-                last_error_code: r.get(13).map_err(spi)?,
-                failed_tables,
-                keyless_tables,
-                owner: r.get(17).map_err(spi)?.unwrap_or_default(),
-            });
-        }
-        Ok(out)
-    }))
+            let mut out = Vec::new();
+            for r in t {
+                let mirror_id: i64 = r.get(1).map_err(spi)?.unwrap_or_default();
+                let state = MirrorState::parse(&r.get::<String>(3).map_err(spi)?.unwrap_or_default())?;
+                let (stream, pid) = live_stream(mirror_id);
+                let lag_seconds = stream.map(|s| {
+                    if s.oldest_unshipped_commit == 0 {
+                        0.0
+                    } else {
+                        (now - s.oldest_unshipped_commit).max(0) as f64 / 1e6
+                    }
+                });
+                let rates = stream.map(|s| s.rates.per_second(now / 1000, s.changes_shipped, s.bytes_shipped));
+                let failed_tables: Vec<(String, String)> = r
+                    .get::<Vec<String>>(15)
+                    .map_err(spi)?
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|s| match s.split_once('\u{1f}') {
+                        Some((t, e)) => (t.to_string(), e.to_string()),
+                        None => (s, String::new()),
+                    })
+                    .collect();
+                let keyless_tables: Vec<String> = r.get(16).map_err(spi)?.unwrap_or_default();
+                let last_error: Option<String> = r.get(12).map_err(spi)?;
+                // A stop or pause in progress (another session's stop_mirror / pause_mirror, not yet
+                // committed, waits for the workers to exit): the registry wants them stopped.
+                let stopping = state.wants_workers()
+                    && shmem::find(crate::api::database_oid(), mirror_id)
+                        .map(shmem::entry)
+                        .is_some_and(|e| e.desired == shmem::Desired::Stop && shmem::workers_may_run_entry(&e));
+                let display_state = match state {
+                    _ if stopping => "Stopping".to_string(),
+                    MirrorState::Running
+                        if last_error.is_some() || !failed_tables.is_empty() || !keyless_tables.is_empty() =>
+                    {
+                        "Running with warning".to_string()
+                    }
+                    s => s.as_str().to_string(),
+                };
+                out.push(MirrorView {
+                    name: r.get(2).map_err(spi)?.unwrap_or_default(),
+                    state,
+                    display_state,
+                    target: r.get(4).map_err(spi)?.unwrap_or_default(),
+                    credential: r.get(5).map_err(spi)?,
+                    tables: r.get(14).map_err(spi)?.unwrap_or(0),
+                    tables_failed: failed_tables.len() as i64,
+                    tables_warning: keyless_tables.len() as i64,
+                    confirmed_lsn: r.get(6).map_err(spi)?,
+                    lag_bytes: r.get(7).map_err(spi)?,
+                    lag_seconds,
+                    wal_retained_bytes: r.get(8).map_err(spi)?,
+                    wal_status: r.get(9).map_err(spi)?,
+                    safe_wal_bytes: r.get(10).map_err(spi)?,
+                    buffered_bytes: stream.map(|s| s.buffered_bytes as i64),
+                    spilled_bytes: r.get(11).map_err(spi)?,
+                    changes_per_second: rates.map(|r| r.0),
+                    bytes_per_second: rates.map(|r| r.1),
+                    changes_published: stream.map(|s| s.changes_shipped as i64),
+                    bytes_published: stream.map(|s| s.bytes_shipped as i64),
+                    last_published_at: stream
+                        .filter(|s| s.last_shipped_at != 0)
+                        .and_then(|s| TimestampWithTimeZone::try_from(s.last_shipped_at).ok()),
+                    worker_pid: pid,
+                    last_error,
+                    last_error_code: r.get(13).map_err(spi)?,
+                    failed_tables,
+                    keyless_tables,
+                    owner: r.get(17).map_err(spi)?.unwrap_or_default(),
+                });
+            }
+            Ok(out)
+        })
+    })
 }
 
 /// One row per mirror of this database. `state`: Starting (snapshot), Running, Running with warning
@@ -417,8 +419,9 @@ fn metric_rows() -> Result<Vec<MetricRow>> {
         put("azure_cdc_tables", Some(m.tables as f64));
         put("azure_cdc_tables_failed", Some(m.tables_failed as f64));
     }
-    crate::catalog::read(|| Spi::connect(|c| {
-        let t = c
+    crate::catalog::read(|| {
+        Spi::connect(|c| {
+            let t = c
             .select(
                 "SELECT m.mirror_name, t.schema_name::text, t.table_name::text, t.rows_replicated, t.files_published, \
                         t.bytes_published, t.state \
@@ -428,27 +431,28 @@ fn metric_rows() -> Result<Vec<MetricRow>> {
                 &[],
             )
             .map_err(spi)?;
-        for r in t {
-            let mirror: String = r.get(1).map_err(spi)?.unwrap_or_default();
-            let schema: Option<String> = r.get(2).map_err(spi)?;
-            let table: Option<String> = r.get(3).map_err(spi)?;
-            let state = TableState::parse(&r.get::<String>(7).map_err(spi)?.unwrap_or_default())?;
-            for (i, name) in [
-                (4, "azure_cdc_table_rows_replicated"),
-                (5, "azure_cdc_table_files_published"),
-                (6, "azure_cdc_table_bytes_published"),
-            ] {
-                let v: i64 = r.get(i).map_err(spi)?.unwrap_or(0);
-                out.push((name.to_string(), mirror.clone(), schema.clone(), table.clone(), v as f64));
+            for r in t {
+                let mirror: String = r.get(1).map_err(spi)?.unwrap_or_default();
+                let schema: Option<String> = r.get(2).map_err(spi)?;
+                let table: Option<String> = r.get(3).map_err(spi)?;
+                let state = TableState::parse(&r.get::<String>(7).map_err(spi)?.unwrap_or_default())?;
+                for (i, name) in [
+                    (4, "azure_cdc_table_rows_replicated"),
+                    (5, "azure_cdc_table_files_published"),
+                    (6, "azure_cdc_table_bytes_published"),
+                ] {
+                    let v: i64 = r.get(i).map_err(spi)?.unwrap_or(0);
+                    out.push((name.to_string(), mirror.clone(), schema.clone(), table.clone(), v as f64));
+                }
+                out.push((
+                    "azure_cdc_table_failed".to_string(),
+                    mirror.clone(),
+                    schema.clone(),
+                    table.clone(),
+                    f64::from(u8::from(state == TableState::Failed)),
+                ));
             }
-            out.push((
-                "azure_cdc_table_failed".to_string(),
-                mirror.clone(),
-                schema.clone(),
-                table.clone(),
-                f64::from(u8::from(state == TableState::Failed)),
-            ));
-        }
-        Ok(out)
-    }))
+            Ok(out)
+        })
+    })
 }

@@ -184,7 +184,8 @@ unsafe fn user_json_cast(typ: pg_sys::Oid, seen: &mut Vec<pg_sys::Oid>) -> Optio
             return None;
         }
         let mut func = pg_sys::InvalidOid;
-        let path = pg_sys::find_coercion_pathway(pg_sys::JSONOID, t, pg_sys::CoercionContext::COERCION_EXPLICIT, &mut func);
+        let path =
+            pg_sys::find_coercion_pathway(pg_sys::JSONOID, t, pg_sys::CoercionContext::COERCION_EXPLICIT, &mut func);
         if path != pg_sys::CoercionPathType::COERCION_PATH_FUNC || func == pg_sys::InvalidOid {
             return None;
         }
@@ -193,7 +194,11 @@ unsafe fn user_json_cast(typ: pg_sys::Oid, seen: &mut Vec<pg_sys::Oid>) -> Optio
             Some(_) => {
                 let tname = CStr::from_ptr(pg_sys::format_type_be(t)).to_string_lossy().into_owned();
                 let fname = pg_sys::get_func_name(func);
-                let fname = if fname.is_null() { func.to_u32().to_string() } else { CStr::from_ptr(fname).to_string_lossy().into_owned() };
+                let fname = if fname.is_null() {
+                    func.to_u32().to_string()
+                } else {
+                    CStr::from_ptr(fname).to_string_lossy().into_owned()
+                };
                 Some((tname, fname))
             }
         }
@@ -281,7 +286,16 @@ impl TupleConverter {
             let schema = if nsp.is_null() { String::new() } else { CStr::from_ptr(nsp).to_string_lossy().into_owned() };
             let table = format!("{schema}.{relname}");
             let described = describe(&specs, &table);
-            Ok(TupleConverter { plans, specs, natts, utf8, cast_role, mirrored: (*rel).rd_id.to_u32(), described, table })
+            Ok(TupleConverter {
+                plans,
+                specs,
+                natts,
+                utf8,
+                cast_role,
+                mirrored: (*rel).rd_id.to_u32(),
+                described,
+                table,
+            })
         }
     }
 
@@ -552,9 +566,10 @@ pub unsafe fn scan_table(
                 continue;
             }
             let scanned = (|| -> Result<i64> {
-                let mut part_conv = TupleConverter::new(part)?.belonging_to(conv.specs(), &conv.rows_of()).ok_or_else(|| {
-                    Error::new(ErrorKind::Internal, "a partition's columns differ from its partitioned table's")
-                })?;
+                let mut part_conv =
+                    TupleConverter::new(part)?.belonging_to(conv.specs(), &conv.rows_of()).ok_or_else(|| {
+                        Error::new(ErrorKind::Internal, "a partition's columns differ from its partitioned table's")
+                    })?;
                 let base = total;
                 scan_heap(part, snapshot, &mut part_conv, builder, &mut |batch, rows| on_batch(batch, base + rows))
             })();

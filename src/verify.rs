@@ -197,11 +197,43 @@ fn verify_impl(function: &str, mirror_name: &str, table: Option<&str>, wait_seco
         ));
     }
     for p in plans {
+        // Files the landing zone's reader moved are read where they are now; files it purged are
+        // gone, and without them the table cannot be compared.
+        let files = target.data_files(&p.folder)?;
+        // Purged files are the oldest (the reader deletes processed files and keeps the newest): a
+        // missing first run of numbers. A number missing after one that is there is a gap, which
+        // the replay reports as a problem of the files.
+        let mut gone = verify::purged_numbers(&files.iter().map(|f| f.number).collect::<Vec<_>>());
         let mut replayer = Replayer::new(&p.enc, &vis);
-        for n in target.data_file_numbers(&p.folder)? {
-            let bytes = target.read_data_file(&p.folder, n)?;
-            replayer.apply(&verify::read_file(n, bytes)?)?;
-            pg_sys::check_for_interrupts!();
+        if gone.is_empty() {
+            for f in &files {
+                match target.read_data_file(&p.folder, f)? {
+                    Some(bytes) => replayer.apply(&verify::read_file(f.number, bytes)?)?,
+                    // Purged between the listing and the read.
+                    None => gone.push(f.number),
+                }
+                pg_sys::check_for_interrupts!();
+            }
+        }
+        if !gone.is_empty() {
+            rows.push((
+                m.name.clone(),
+                p.schema,
+                p.table,
+                "UNVERIFIABLE".to_string(),
+                p.image.rows() as i64,
+                0,
+                0,
+                0,
+                0,
+                files.len() as i64,
+                Vec::new(),
+                format!(
+                    "data files {} are no longer in the landing zone (Fabric's replicator moves processed files to _ProcessedFiles, then _FilesReadyToDelete, and deletes them after seven days), so the table cannot be compared with its files; resync_table publishes it again in full",
+                    verify::number_ranges(&gone)
+                ),
+            ));
+            continue;
         }
         let replay = replayer.finish();
         let cmp = verify::compare(&p.enc, &p.image, &replay.image);
@@ -244,7 +276,9 @@ fn verify_impl(function: &str, mirror_name: &str, table: Option<&str>, wait_seco
 /// Verifies one table of a running mirror: reads its landing zone back from the target, replays it
 /// and compares it, key by key and value by value, with the source as of one snapshot (exact while
 /// the table keeps changing). Waits up to `wait_seconds` for the mirror to publish what the snapshot
-/// sees. `verdict` is OK or MISMATCH; `sample` names up to 10 keys that differ (`missing`, `extra`,
+/// sees. Files the landing zone's reader moved (`_ProcessedFiles`, `_FilesReadyToDelete`) are read
+/// there. `verdict` is OK, MISMATCH, or UNVERIFIABLE when files the replay needs were deleted by the
+/// reader (the detail names them); `sample` names up to 10 keys that differ (`missing`, `extra`,
 /// `differs`); `detail` lists problems found in the files themselves (a gap in the numbers, an
 /// insert of an existing key, …).
 #[pg_extern]

@@ -149,7 +149,10 @@ fn value_error(caught: &pg_sys::panic::CaughtError) -> Option<(Error, u32)> {
     pgrx::log!("azure_cdc: converting a value of {} failed: {message}", converting.what);
     let e = Error::new(
         ErrorKind::DataConversion,
-        format!("converting a value of {} failed (SQLSTATE {sqlstate}); the server log has the error's text", converting.what),
+        format!(
+            "converting a value of {} failed (SQLSTATE {sqlstate}); the server log has the error's text",
+            converting.what
+        ),
     )
     .with_hint("For example, a character with no UTF-8 form. Fix the value, then run azure_cdc.resync_table.");
     Some((e, converting.relid))

@@ -33,9 +33,8 @@ use object_store::{
 };
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::landing_zone;
 use crate::names;
-use crate::target::TargetUrl;
+use crate::target::{DataFile, Place, TargetUrl};
 
 /// Called at the start of every thread of every target's runtime (set once per process).
 static THREAD_START_HOOK: OnceLock<fn()> = OnceLock::new();
@@ -106,6 +105,7 @@ pub const AZURE_OPTIONS: &[&str] = &[
     "endpoint",
     "use_emulator",
     "allow_http",
+    "authority_host",
 ];
 pub const S3_OPTIONS: &[&str] =
     &["access_key_id", "secret_access_key", "session_token", "region", "endpoint", "allow_http"];
@@ -126,6 +126,7 @@ const PUBLIC_OPTIONS: &[&str] = &[
     "region",
     "federated_token_file",
     "service_account_path",
+    "authority_host",
 ];
 
 /// True when the value of option `name` may be shown to users who are not superusers.
@@ -143,6 +144,18 @@ pub fn validate_options(url: &TargetUrl, options: &CredentialOptions) -> Result<
             return Err(Error::new(ErrorKind::InvalidParameter, "a local folder target takes no credential"));
         }
         TargetUrl::Azure { .. } => (AZURE_OPTIONS, "Azure"),
+        TargetUrl::Dfs { onelake: true, .. } => {
+            if let Some(name) = options.keys().find(|k| crate::dfs::ONELAKE_REFUSED_OPTIONS.contains(&k.as_str())) {
+                return Err(Error::new(
+                    ErrorKind::InvalidParameter,
+                    format!("credential option \"{name}\" does not apply to a OneLake target"),
+                )
+                .with_detail("OneLake accepts only Microsoft Entra tokens (its account is always \"onelake\").")
+                .with_hint("Give tenant_id, client_id and client_secret (a service principal), federated_token_file (workload identity), msi_endpoint or nothing (managed identity), or bearer_token."));
+            }
+            (AZURE_OPTIONS, "Azure")
+        }
+        TargetUrl::Dfs { .. } => (AZURE_OPTIONS, "Azure"),
         TargetUrl::S3 { .. } => (S3_OPTIONS, "S3"),
         TargetUrl::Gcs { .. } => (GCS_OPTIONS, "Google Cloud Storage"),
     };
@@ -237,6 +250,42 @@ fn strip_url_queries(text: &str) -> String {
     out
 }
 
+/// A target's own small tokio runtime: every request runs as a task on it, the calling thread only
+/// waits for the task's result. Its threads run the thread-start hook first.
+pub struct IoRuntime(Option<tokio::runtime::Runtime>);
+
+impl IoRuntime {
+    pub fn new() -> Result<IoRuntime> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(4)
+            .thread_name("azure_cdc io")
+            .enable_all()
+            .on_thread_start(|| {
+                if let Some(hook) = THREAD_START_HOOK.get() {
+                    hook()
+                }
+            })
+            .build()
+            .map_err(|e| Error::new(ErrorKind::Internal, format!("could not start the I/O runtime: {e}")))?;
+        Ok(IoRuntime(Some(runtime)))
+    }
+
+    /// Runs `fut` as a task on the runtime and waits for it.
+    pub fn run<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> Result<T> {
+        let rt = self.0.as_ref().ok_or_else(|| Error::new(ErrorKind::Internal, "the I/O runtime is shut down"))?;
+        rt.block_on(rt.spawn(fut)).map_err(|e| Error::new(ErrorKind::Internal, format!("an I/O task failed: {e}")))
+    }
+}
+
+impl Drop for IoRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_timeout(Duration::from_secs(5));
+        }
+    }
+}
+
 /// A landing zone in an object store.
 pub struct CloudTarget {
     store: Arc<dyn ObjectStore>,
@@ -244,21 +293,13 @@ pub struct CloudTarget {
     prefix: String,
     settings: CloudSettings,
     redactor: Redactor,
-    runtime: Option<tokio::runtime::Runtime>,
+    runtime: IoRuntime,
     url: String,
 }
 
 impl std::fmt::Debug for CloudTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CloudTarget").field("url", &self.url).finish()
-    }
-}
-
-impl Drop for CloudTarget {
-    fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_timeout(Duration::from_secs(5));
-        }
     }
 }
 
@@ -288,12 +329,14 @@ impl CloudTarget {
             TargetUrl::Local(_) => {
                 return Err(Error::new(ErrorKind::Internal, "a local folder is not an object-store target"))
             }
-            TargetUrl::Azure { account, container, prefix, fabric } => {
+            TargetUrl::Dfs { .. } => {
+                return Err(Error::new(ErrorKind::Internal, "a hierarchical-namespace target is not a Blob target"))
+            }
+            TargetUrl::Azure { account, container, prefix } => {
                 let mut b = MicrosoftAzureBuilder::from_env()
                     .with_client_options(client)
                     .with_retry(retry)
-                    .with_container_name(container.clone())
-                    .with_use_fabric_endpoint(*fabric);
+                    .with_container_name(container.clone());
                 if let Some(a) = account {
                     b = b.with_account(a.clone());
                 }
@@ -326,26 +369,12 @@ impl CloudTarget {
                 (Arc::new(b.build().map_err(config_error)?), prefix.clone())
             }
         };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .max_blocking_threads(4)
-            .thread_name("azure_cdc io")
-            .enable_all()
-            .on_thread_start(|| {
-                if let Some(hook) = THREAD_START_HOOK.get() {
-                    hook()
-                }
-            })
-            .build()
-            .map_err(|e| Error::new(ErrorKind::Internal, format!("could not start the I/O runtime: {e}")))?;
-        Ok(CloudTarget { store, prefix, settings, redactor, runtime: Some(runtime), url: url.to_url() })
+        Ok(CloudTarget { store, prefix, settings, redactor, runtime: IoRuntime::new()?, url: url.to_url() })
     }
 
     /// Runs `fut` as a task on the runtime and waits for it.
     fn run<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> Result<T> {
-        let rt =
-            self.runtime.as_ref().ok_or_else(|| Error::new(ErrorKind::Internal, "the I/O runtime is shut down"))?;
-        rt.block_on(rt.spawn(fut)).map_err(|e| Error::new(ErrorKind::Internal, format!("an I/O task failed: {e}")))
+        self.runtime.run(fut)
     }
 
     /// The key of `rel` (a path relative to the landing-zone root).
@@ -468,6 +497,15 @@ impl CloudTarget {
             .map_err(|e| self.error("upload", &key, e))
     }
 
+    /// Reads a whole object; None when there is none.
+    pub fn try_read(&self, rel: &str) -> Result<Option<Bytes>> {
+        match self.read(rel) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind == ErrorKind::TargetMissing => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Reads a whole object.
     pub fn read(&self, rel: &str) -> Result<Bytes> {
         let key = self.key(rel)?;
@@ -526,8 +564,8 @@ impl CloudTarget {
             Ok(()) => {}
             Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::Precondition { .. }) => {
                 // A copy whose reply was lost and that was retried finds its own result: the same
-                // size under the final name. Anything else is a published file we must not replace.
-                if !self.same_size(&tmp, &fin)? {
+                // bytes under the final name. Anything else is a published file we must not replace.
+                if !self.same_content(&tmp, &fin)? {
                     return Err(Error::new(ErrorKind::Internal, format!("data file \"{fin}\" is already published"))
                         .with_detail(
                         "A published file is never replaced: the landing zone and the mirror's bookkeeping disagree.",
@@ -544,13 +582,19 @@ impl CloudTarget {
         }
     }
 
-    fn same_size(&self, a: &ObjectPath, b: &ObjectPath) -> Result<bool> {
+    /// Whether two objects hold the same bytes.
+    fn same_content(&self, a: &ObjectPath, b: &ObjectPath) -> Result<bool> {
         let store = self.store.clone();
         let (x, y) = (a.clone(), b.clone());
         let r = self.run(async move {
             let ma = store.head(&x).await?;
             let mb = store.head(&y).await?;
-            Ok::<bool, object_store::Error>(ma.size == mb.size)
+            if ma.size != mb.size {
+                return Ok(false);
+            }
+            let ba = store.get(&x).await?.bytes().await?;
+            let bb = store.get(&y).await?.bytes().await?;
+            Ok::<bool, object_store::Error>(ba == bb)
         })?;
         r.map_err(|e| self.error("compare", b, e))
     }
@@ -570,17 +614,31 @@ impl CloudTarget {
         self.put(&Self::join(rel_dir, name), Bytes::copy_from_slice(bytes))
     }
 
-    /// Removes every object azure_cdc writes in a table folder.
-    pub fn clear_table_folder(&self, rel: &str) -> Result<()> {
-        for name in self.list_names(rel)? {
-            let ours = names::parse_data_file_name(&name).is_some()
-                || name.strip_prefix('_').and_then(names::parse_data_file_name).is_some()
-                || name == landing_zone::METADATA_FILE;
-            if ours {
-                self.delete(&Self::join(rel, &name))?;
+    /// Deletes table folder `rel` with everything in it (every object under `rel/`, one by one).
+    /// Returns whether there was anything.
+    pub fn reset_table_folder(&self, rel: &str) -> Result<bool> {
+        let prefix = self.key(rel)?;
+        let store = self.store.clone();
+        let p = prefix.clone();
+        let listed = self.run(async move {
+            use futures_util::TryStreamExt;
+            store.list(Some(&p)).map_ok(|m| m.location).try_collect::<Vec<_>>().await
+        })?;
+        let keys = match listed {
+            Ok(k) => k,
+            Err(object_store::Error::NotFound { .. }) => Vec::new(),
+            Err(e) => return Err(self.error("list", &prefix, e)),
+        };
+        let found = !keys.is_empty();
+        for key in keys {
+            let store = self.store.clone();
+            let k = key.clone();
+            match self.run(async move { store.delete(&k).await })? {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.error("delete", &key, e)),
             }
         }
-        Ok(())
+        Ok(found)
     }
 
     /// Removes temporary data files left by a process that stopped while uploading them.
@@ -595,11 +653,23 @@ impl CloudTarget {
         Ok(removed)
     }
 
-    /// Numbers of the data files published in folder `rel`, ascending.
-    pub fn data_file_numbers(&self, rel: &str) -> Result<Vec<u64>> {
-        let mut v: Vec<u64> = self.list_names(rel)?.iter().filter_map(|n| names::parse_data_file_name(n)).collect();
-        v.sort_unstable();
-        Ok(v)
+    /// The data files of folder `rel`: published ones, and those a reader moved into its
+    /// processed-files folders.
+    pub fn data_files(&self, rel: &str) -> Result<Vec<DataFile>> {
+        let mut out: Vec<DataFile> = self
+            .list_names(rel)?
+            .iter()
+            .filter_map(|n| names::parse_data_file_name(n))
+            .map(|number| DataFile { number, place: Place::Published })
+            .collect();
+        for place in Place::CONSUMED {
+            for n in self.list_names(&Self::join(rel, place.folder()))? {
+                if let Some(number) = names::parse_data_file_name(&n) {
+                    out.push(DataFile { number, place });
+                }
+            }
+        }
+        Ok(out)
     }
 
     pub fn part_size(&self) -> usize {
@@ -698,7 +768,7 @@ impl Drop for CloudTempFile {
 }
 
 /// Maps a credential option name to the store's configuration key.
-fn azure_key(name: &str) -> &str {
+pub(crate) fn azure_key(name: &str) -> &str {
     match name {
         "sas_token" => "azure_storage_sas_key",
         "allow_http" => "allow_http",
@@ -785,7 +855,7 @@ mod tests {
         let t = CloudTarget::open(&url, &o, CloudSettings::probe()).unwrap();
         let folder = names::table_folder("we/ird", "..");
         let k = t.key(&CloudTarget::join(&folder, &names::data_file_name(1))).unwrap();
-        assert_eq!(k.as_ref(), "root/LandingZone/we%2Fird.schema/%2E%2E/00000000000000000001.parquet");
+        assert_eq!(k.as_ref(), "root/LandingZone/we%2Fird.schema/.%2E/00000000000000000001.parquet");
         assert_eq!(t.key("").unwrap().as_ref(), "root/LandingZone");
     }
 }

@@ -20,6 +20,7 @@ pub mod changes;
 pub mod cloud;
 pub mod columns;
 pub mod datafile;
+pub mod dfs;
 pub mod error;
 pub mod health;
 pub mod landing_zone;

@@ -2,11 +2,16 @@
 //! replication slot names, background worker names, and the object keys of the landing zone (table
 //! folders, data files, temporary files). Pure; round-trip tested.
 //!
-//! Object keys come from database names (schema, table) only through [`table_folder`], whose encoding
-//! cannot produce `..`, an absolute path, a separator or a collision:
-//! ASCII letters, digits, `_` and `-` and every non-ASCII character are kept; any other byte
-//! (including `.`, `/`, `\`, space, quotes, `%` and control characters) becomes `%XX` (upper-case hex).
-//! Because `%` itself is encoded, the mapping is injective and [`decode_component`] inverts it.
+//! Folder names are the schemas' and tables' names: Fabric names a mirrored table after its folder.
+//! Object keys come from database names only through [`table_folder`], which writes a name as it is
+//! except for what cannot be, or must not start or end, a path component; those characters become
+//! `%XX` (upper-case hex, per UTF-8 byte):
+//! - `/` and `\` (path separators), and control characters;
+//! - `%` itself, so that the mapping is injective and [`decode_component`] inverts it;
+//! - a leading `_` (readers of the landing zone ignore names starting with `_`);
+//! - a trailing `.` (Azure Storage refuses names ending with a dot; `.` and `..` cannot be folders).
+//!
+//! So a folder can never escape its parent, be `.` or `..`, or be shared by two names.
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -98,14 +103,25 @@ fn truncate_utf8(s: &mut String, max: usize) {
     }
 }
 
-/// Encodes one database name (schema or table) as one path component of an object key.
+/// Whether character `c` at position `i` (in characters) of a name of `n` characters must be
+/// written as `%XX` in a path component. See the module documentation for the rule.
+fn must_encode(c: char, i: usize, n: usize) -> bool {
+    matches!(c, '/' | '\\' | '%') || c.is_control() || (i == 0 && c == '_') || (i + 1 == n && c == '.')
+}
+
+/// Encodes one database name (schema or table) as one path component of an object key: the name as
+/// it is, but for the characters [`must_encode`] picks, which become `%XX` per UTF-8 byte.
 pub fn encode_component(name: &str) -> String {
+    let n = name.chars().count();
     let mut out = String::with_capacity(name.len());
-    for c in name.chars() {
-        if c.is_ascii_alphanumeric() || c == '_' || c == '-' || !c.is_ascii() {
-            out.push(c);
+    for (i, c) in name.chars().enumerate() {
+        if must_encode(c, i, n) {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
         } else {
-            out.push_str(&format!("%{:02X}", c as u32));
+            out.push(c);
         }
     }
     out
@@ -114,27 +130,29 @@ pub fn encode_component(name: &str) -> String {
 /// Inverts [`encode_component`]; fails on anything it cannot have produced.
 pub fn decode_component(encoded: &str) -> Result<String> {
     let bad = || Error::new(ErrorKind::InvalidParameter, format!("\"{encoded}\" is not an encoded name"));
-    let mut out = String::with_capacity(encoded.len());
-    let mut chars = encoded.chars();
-    while let Some(c) = chars.next() {
-        if c == '%' {
-            let hex: String = chars.by_ref().take(2).collect();
-            if hex.len() != 2 || hex.chars().any(|h| h.is_ascii_lowercase()) {
+    let mut bytes = Vec::with_capacity(encoded.len());
+    let mut rest = encoded.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if b == b'%' {
+            let hex = tail.get(..2).ok_or_else(bad)?;
+            if hex.iter().any(|h| h.is_ascii_lowercase()) {
                 return Err(bad());
             }
-            let v = u8::from_str_radix(&hex, 16).map_err(|_| bad())?;
-            let ch = v as char;
-            if !v.is_ascii() || ch.is_ascii_alphanumeric() || ch == '_' || ch == '-' {
-                return Err(bad());
-            }
-            out.push(ch);
-        } else if c.is_ascii_alphanumeric() || c == '_' || c == '-' || !c.is_ascii() {
-            out.push(c);
+            let text = std::str::from_utf8(hex).map_err(|_| bad())?;
+            bytes.push(u8::from_str_radix(text, 16).map_err(|_| bad())?);
+            rest = &tail[2..];
         } else {
-            return Err(bad());
+            bytes.push(b);
+            rest = tail;
         }
     }
-    Ok(out)
+    let name = String::from_utf8(bytes).map_err(|_| bad())?;
+    // Exactly one encoding per name: anything else (a character kept that must be encoded, or one
+    // encoded that is kept) was not produced here.
+    if encode_component(&name) != encoded {
+        return Err(bad());
+    }
+    Ok(name)
 }
 
 /// The folder of a table relative to the landing-zone root: `<schema>.schema/<table>`.
@@ -213,13 +231,19 @@ mod tests {
     fn component_encoding_is_safe() {
         for (raw, enc) in [
             ("public", "public"),
-            ("..", "%2E%2E"),
+            ("..", ".%2E"),
+            (".", "%2E"),
+            ("a.b", "a.b"),
             ("a/b", "a%2Fb"),
-            ("a b", "a%20b"),
-            ("\"q\"", "%22q%22"),
+            ("Order Lines", "Order Lines"),
+            ("\"q\"", "\"q\""),
             ("50%", "50%25"),
             ("Ünïcode_名前", "Ünïcode_名前"),
             ("back\\slash", "back%5Cslash"),
+            ("_hidden", "%5Fhidden"),
+            ("a_", "a_"),
+            ("tab\there", "tab%09here"),
+            ("c1\u{85}", "c1%C2%85"),
             ("", ""),
         ] {
             assert_eq!(encode_component(raw), enc);
@@ -234,7 +258,7 @@ mod tests {
             for b in [b'a', b'.', b'%', b'/', 0x7f] {
                 let raw = String::from_utf8(vec![a, b]).unwrap();
                 let enc = encode_component(&raw);
-                assert!(!enc.contains('/') && !enc.contains('.') && !enc.contains('\\'));
+                assert!(!enc.contains('/') && !enc.contains('\\') && !enc.ends_with('.') && !enc.starts_with('_'));
                 assert_eq!(decode_component(&enc).unwrap(), raw);
                 if let Some(prev) = seen.insert(enc.clone(), raw.clone()) {
                     panic!("{prev:?} and {raw:?} both encode to {enc}");
@@ -245,7 +269,7 @@ mod tests {
 
     #[test]
     fn decode_rejects_what_encode_never_makes() {
-        for bad in ["%2", "%zz", "%41", "%2e", "a.b", "a/b", "%C3"] {
+        for bad in ["%2", "%zz", "%41", "%2e", "a.", "a/b", "%C3", "_a", "a%2Eb", "%", "a\tb"] {
             assert!(decode_component(bad).is_err(), "{bad}");
         }
     }
@@ -254,12 +278,13 @@ mod tests {
     fn table_folders() {
         let long = "t".repeat(63);
         let f = table_folder("my schema", &long);
-        assert_eq!(f, format!("my%20schema.schema/{long}"));
+        assert_eq!(f, format!("my schema.schema/{long}"));
         assert_eq!(parse_table_folder(&f).unwrap(), ("my schema".to_string(), long));
         // worst case: 63 bytes all encoded stays within one 255-byte path component
-        let worst = ".".repeat(63);
+        let worst = "\u{1}".repeat(63);
         assert!(encode_component(&worst).len() + SCHEMA_FOLDER_SUFFIX.len() <= 255);
         assert_eq!(parse_table_folder(&table_folder("..", "..")).unwrap(), ("..".into(), "..".into()));
+        assert_eq!(table_folder("Sales Dept", "../Orders ü"), "Sales Dept.schema/..%2FOrders ü");
         assert!(parse_table_folder("public/t").is_err());
         assert!(parse_table_folder("public.schema/a/b").is_err());
     }
@@ -319,7 +344,8 @@ mod property_tests {
             let (schema, table) = (random_name(&mut rng), random_name(&mut rng));
             let folder = table_folder(&schema, &table);
             assert_eq!(folder.matches('/').count(), 1, "{folder}");
-            assert!(!folder.starts_with('/') && !folder.contains(".."), "{folder}");
+            assert!(!folder.starts_with('/') && !folder.split('/').any(|c| c == ".." || c == "."), "{folder}");
+            assert!(!folder.split('/').any(|c| c.starts_with('_') || c.ends_with('.')), "{folder}");
             assert!(!folder.contains('\0') && !folder.contains('\\'));
             assert_eq!(parse_table_folder(&folder).unwrap(), (schema.clone(), table.clone()));
             if let Some(prev) = seen.insert(folder.clone(), (schema.clone(), table.clone())) {

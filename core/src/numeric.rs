@@ -80,10 +80,7 @@ impl Numeric {
             .with_hint("NaN and infinity have no decimal representation in the landing zone."));
         };
         let overflow = || {
-            Error::new(
-                ErrorKind::DataConversion,
-                format!("a numeric value does not fit decimal({precision},{scale})"),
-            )
+            Error::new(ErrorKind::DataConversion, format!("a numeric value does not fit decimal({precision},{scale})"))
         };
         // Each base-10000 digit i stands for digit * 10^(4*(weight-i)); scaled by 10^scale.
         let mut acc: i128 = 0;

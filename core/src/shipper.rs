@@ -82,12 +82,22 @@ pub fn ship(target: &Arc<Target>, batch: ShipBatch) -> Result<Shipped> {
 
 /// Where a table folder stands: the next file number, and the position of the last published change
 /// (None when the folder holds no change file yet). Temporary files of an interrupted write are removed
-/// first: they were never published, and their changes are in the slot's stream again.
+/// first: they were never published, and their changes are in the slot's stream again. Files the
+/// landing zone's reader has moved (see [`crate::target::Place`]) count where they are now; the reader
+/// leaves the newest in place, and it is read wherever it is.
 pub fn folder_state(target: &Target, folder: &str) -> Result<(u64, Option<Position>)> {
     target.remove_temporary_files(folder)?;
-    let numbers = target.data_file_numbers(folder)?;
-    let Some(&last) = numbers.last() else { return Ok((1, None)) };
-    let bytes = target.read_data_file(folder, last)?;
+    let files = target.data_files(folder)?;
+    let Some(last) = files.last() else { return Ok((1, None)) };
+    let bytes = target.read_data_file(folder, last)?.ok_or_else(|| {
+        Error::new(
+            ErrorKind::TargetIo,
+            format!("data file {} of folder \"{folder}\" disappeared while it was read", last.number),
+        )
+        .with_detail(
+            "The landing zone's reader leaves the newest data file of a folder in place; another process removed it.",
+        )
+    })?;
     let reader = SerializedFileReader::new(bytes)?;
     let position = reader
         .metadata()
@@ -96,7 +106,7 @@ pub fn folder_state(target: &Target, folder: &str) -> Result<(u64, Option<Positi
         .and_then(|kv| kv.iter().find(|k| k.key == POSITION_KEY).and_then(|k| k.value.clone()))
         .map(|v| Position::parse(&v))
         .transpose()?;
-    Ok((last + 1, position))
+    Ok((last.number + 1, position))
 }
 
 /// The shipper thread and the channels to it.

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::cloud::{self, CloudSettings, CloudTarget, CloudTempFile, CredentialOptions};
+use crate::dfs::{DfsTarget, DfsTempFile};
 use crate::error::{Error, ErrorKind, Result};
 use crate::names;
 
@@ -24,22 +25,51 @@ abfss://<container>@<account>.dfs.core.windows.net/<path>, \
 https://<account>.blob.core.windows.net/<container>/<path>, az://<container>/<path>, \
 s3://<bucket>/<path>, gs://<bucket>/<path>";
 
-/// The OneLake host (ADLS Gen2 compatible; its account name is `onelake`).
-const ONELAKE_HOSTS: [&str; 2] = ["onelake.dfs.fabric.microsoft.com", "onelake.blob.fabric.microsoft.com"];
+/// The OneLake DFS host of a OneLake host name, or None when `host` is not one. OneLake's hosts
+/// (fabric-docs `docs/onelake/onelake-access-api.md`, `docs/security/
+/// security-workspace-level-private-links-overview.md`): `onelake.dfs.fabric.microsoft.com`, regional
+/// `<region>-onelake.dfs.fabric.microsoft.com`, a workspace's private link
+/// `<workspaceid>.z<xy>.dfs.fabric.microsoft.com` or `<workspaceid>.z<xy>.onelake.fabric.microsoft.com`,
+/// each also with `blob` for `dfs`. The DFS API is always used, on the DFS host.
+fn onelake_dfs_host(host: &str) -> Option<String> {
+    let label_ok =
+        |l: &str| !l.is_empty() && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if let Some(first) =
+        host.strip_suffix(".dfs.fabric.microsoft.com").or(host.strip_suffix(".blob.fabric.microsoft.com"))
+    {
+        let regional = first.strip_suffix("-onelake").is_some_and(label_ok);
+        let private = first.split_once('.').is_some_and(|(ws, z)| label_ok(ws) && z.starts_with('z') && label_ok(z));
+        if first == "onelake" || regional || private {
+            return Some(format!("{first}.dfs.fabric.microsoft.com"));
+        }
+        return None;
+    }
+    let (ws, z) = host.strip_suffix(".onelake.fabric.microsoft.com")?.split_once('.')?;
+    (label_ok(ws) && z.starts_with('z') && label_ok(z)).then(|| host.to_string())
+}
 
 /// A parsed target URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TargetUrl {
     /// A folder on the server's file system.
     Local(PathBuf),
-    /// Azure Blob Storage / ADLS Gen2, or OneLake (`fabric`). `account` None: from the credential or
-    /// the environment (`az://`). `prefix`: key prefix of the landing-zone root, no leading or
-    /// trailing `/`.
+    /// Azure Blob Storage through the Blob API (accounts without a hierarchical namespace, the Azurite
+    /// emulator). `account` None: from the credential or the environment (`az://`). `prefix`: key
+    /// prefix of the landing-zone root, no leading or trailing `/`.
     Azure {
         account: Option<String>,
         container: String,
         prefix: String,
-        fabric: bool,
+    },
+    /// A hierarchical namespace through the DFS API ([`crate::dfs`]): OneLake (`onelake`, account
+    /// `onelake`, the file system is the workspace, the prefix is `<item>/Files/LandingZone`) or an
+    /// ADLS Gen2 account (`abfss://`). `host`: the DFS host requests go to.
+    Dfs {
+        host: String,
+        account: String,
+        filesystem: String,
+        prefix: String,
+        onelake: bool,
     },
     S3 {
         bucket: String,
@@ -78,26 +108,29 @@ impl TargetUrl {
                     return Err(unsupported("An abfss URL names <container>@<account>.dfs.core.windows.net.".into()));
                 };
                 let host = host.to_ascii_lowercase();
-                if ONELAKE_HOSTS.contains(&host.as_str()) {
-                    return Self::onelake(container, path).map_err(unsupported);
+                if let Some(dfs) = onelake_dfs_host(&host) {
+                    return Self::onelake(dfs, container, path).map_err(unsupported);
                 }
                 let account = azure_account(&host).ok_or_else(|| {
                     unsupported(format!("\"{host}\" is not an Azure storage host (<account>.dfs.core.windows.net)."))
                 })?;
-                Self::azure(Some(account), container, path).map_err(unsupported)
+                Self::adls(account, container, path).map_err(unsupported)
             }
             "https" => {
                 let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
                 let host = host.to_ascii_lowercase();
                 let (first, more) = path.split_once('/').unwrap_or((path, ""));
-                if ONELAKE_HOSTS.contains(&host.as_str()) {
-                    return Self::onelake(first, more).map_err(unsupported);
+                if let Some(dfs) = onelake_dfs_host(&host) {
+                    return Self::onelake(dfs, first, more).map_err(unsupported);
                 }
                 let account = azure_account(&host).ok_or_else(|| {
                     unsupported(format!(
                         "\"{host}\" is not an Azure storage host (<account>.blob.core.windows.net). For an emulator, use az://<container>/<path> with a credential that sets endpoint."
                     ))
                 })?;
+                if host.ends_with(".dfs.core.windows.net") {
+                    return Self::adls(account, first, more).map_err(unsupported);
+                }
                 Self::azure(Some(account), first, more).map_err(unsupported)
             }
             "az" | "azure" => {
@@ -140,18 +173,31 @@ impl TargetUrl {
         Ok(TargetUrl::Local(normalized))
     }
 
-    fn onelake(workspace: &str, path: &str) -> std::result::Result<TargetUrl, String> {
+    fn onelake(host: String, workspace: &str, path: &str) -> std::result::Result<TargetUrl, String> {
         if workspace.is_empty() || workspace.contains('@') {
             return Err("A OneLake URL names a workspace (GUID or name).".into());
         }
         let prefix = clean_prefix(path)?;
         let parts: Vec<&str> = prefix.split('/').collect();
-        if parts.len() < 3 || parts[1] != "Files" || parts[2] != "LandingZone" {
+        if parts.len() != 3 || parts[1] != "Files" || parts[2] != "LandingZone" {
             return Err(
                 "A OneLake target is the landing zone of a mirrored database item: <workspace>/<item>/Files/LandingZone.".into(),
             );
         }
-        Ok(TargetUrl::Azure { account: Some("onelake".into()), container: workspace.to_string(), prefix, fabric: true })
+        Ok(TargetUrl::Dfs { host, account: "onelake".into(), filesystem: workspace.to_string(), prefix, onelake: true })
+    }
+
+    fn adls(account: String, container: &str, path: &str) -> std::result::Result<TargetUrl, String> {
+        let TargetUrl::Azure { container, prefix, .. } = Self::azure(None, container, path)? else {
+            return Err("not a container".into());
+        };
+        Ok(TargetUrl::Dfs {
+            host: format!("{account}.dfs.core.windows.net"),
+            account,
+            filesystem: container,
+            prefix,
+            onelake: false,
+        })
     }
 
     fn azure(account: Option<String>, container: &str, path: &str) -> std::result::Result<TargetUrl, String> {
@@ -165,7 +211,7 @@ impl TargetUrl {
                 "\"{container}\" is not a container name (3-63 lower-case letters, digits and single hyphens)."
             ));
         }
-        Ok(TargetUrl::Azure { account, container: container.to_string(), prefix: clean_prefix(path)?, fabric: false })
+        Ok(TargetUrl::Azure { account, container: container.to_string(), prefix: clean_prefix(path)? })
     }
 
     /// The URL in canonical form (what the catalog stores and the status shows).
@@ -173,13 +219,11 @@ impl TargetUrl {
         let with = |base: String, prefix: &str| if prefix.is_empty() { base } else { format!("{base}/{prefix}") };
         match self {
             TargetUrl::Local(p) => format!("file://{}", p.display()),
-            TargetUrl::Azure { container, prefix, fabric: true, .. } => {
-                with(format!("abfss://{container}@{}", ONELAKE_HOSTS[0]), prefix)
+            TargetUrl::Dfs { host, filesystem, prefix, .. } => with(format!("abfss://{filesystem}@{host}"), prefix),
+            TargetUrl::Azure { account: Some(a), container, prefix } => {
+                with(format!("https://{a}.blob.core.windows.net/{container}"), prefix)
             }
-            TargetUrl::Azure { account: Some(a), container, prefix, fabric: false } => {
-                with(format!("abfss://{container}@{a}.dfs.core.windows.net"), prefix)
-            }
-            TargetUrl::Azure { account: None, container, prefix, .. } => with(format!("az://{container}"), prefix),
+            TargetUrl::Azure { account: None, container, prefix } => with(format!("az://{container}"), prefix),
             TargetUrl::S3 { bucket, prefix } => with(format!("s3://{bucket}"), prefix),
             TargetUrl::Gcs { bucket, prefix } => with(format!("gs://{bucket}"), prefix),
         }
@@ -190,17 +234,27 @@ impl TargetUrl {
         fn nested(a: &str, b: &str) -> bool {
             a.is_empty() || b.is_empty() || a == b || b.starts_with(&format!("{a}/")) || a.starts_with(&format!("{b}/"))
         }
+        if let (Some((aa, ac, ap)), Some((ba, bc, bp))) = (self.azure_place(), other.azure_place()) {
+            return (aa == ba || aa.is_none() || ba.is_none()) && ac == bc && nested(ap, bp);
+        }
         match (self, other) {
             (TargetUrl::Local(a), TargetUrl::Local(b)) => a.starts_with(b) || b.starts_with(a),
-            (
-                TargetUrl::Azure { account: aa, container: ac, prefix: ap, .. },
-                TargetUrl::Azure { account: ba, container: bc, prefix: bp, .. },
-            ) => (aa == ba || aa.is_none() || ba.is_none()) && ac == bc && nested(ap, bp),
             (TargetUrl::S3 { bucket: a, prefix: ap }, TargetUrl::S3 { bucket: b, prefix: bp })
             | (TargetUrl::Gcs { bucket: a, prefix: ap }, TargetUrl::Gcs { bucket: b, prefix: bp }) => {
                 a == b && nested(ap, bp)
             }
             _ => false,
+        }
+    }
+}
+
+impl TargetUrl {
+    /// Where an Azure target's objects are, whichever API reaches them: (account, container, prefix).
+    fn azure_place(&self) -> Option<(Option<&str>, &str, &str)> {
+        match self {
+            TargetUrl::Azure { account, container, prefix } => Some((account.as_deref(), container, prefix)),
+            TargetUrl::Dfs { account, filesystem, prefix, .. } => Some((Some(account.as_str()), filesystem, prefix)),
+            _ => None,
         }
     }
 }
@@ -247,12 +301,76 @@ fn clean_prefix(path: &str) -> std::result::Result<String, String> {
     Ok(parts.join("/"))
 }
 
-/// Where a mirror writes: a local folder or an object store. Same operations on both; see
-/// [`LocalTarget`] and [`CloudTarget`].
+/// Where a data file of a table folder is: published in the folder, or moved by the landing zone's
+/// reader (Fabric's replicator moves processed files into `_ProcessedFiles`, later
+/// `_FilesReadyToDelete`, purged after seven days, and leaves the newest in place: fabric-docs
+/// `docs/mirroring/open-mirroring-landing-zone-format.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Place {
+    Published,
+    Processed,
+    ReadyToDelete,
+}
+
+impl Place {
+    /// The reader's folders, in the order files move through them.
+    pub const CONSUMED: [Place; 2] = [Place::Processed, Place::ReadyToDelete];
+
+    /// The subfolder of a table folder (empty for the folder itself).
+    pub fn folder(self) -> &'static str {
+        match self {
+            Place::Published => "",
+            Place::Processed => "_ProcessedFiles",
+            Place::ReadyToDelete => "_FilesReadyToDelete",
+        }
+    }
+
+    pub fn of_folder(name: &str) -> Option<Place> {
+        Place::CONSUMED.into_iter().find(|p| p.folder() == name)
+    }
+
+    /// The path of data file `number` relative to its table folder.
+    pub fn file(self, number: u64) -> String {
+        match self {
+            Place::Published => names::data_file_name(number),
+            p => format!("{}/{}", p.folder(), names::data_file_name(number)),
+        }
+    }
+}
+
+/// A data file of a table folder, wherever it is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DataFile {
+    pub number: u64,
+    pub place: Place,
+}
+
+/// The data files of a table folder by number, each once (a file seen in two places while the reader
+/// moves it is taken where it was published), ascending.
+pub fn by_number(mut files: Vec<DataFile>) -> Vec<DataFile> {
+    files.sort();
+    files.dedup_by_key(|f| f.number);
+    files
+}
+
+/// Where a mirror writes: a local folder, an object store through its object API, or a hierarchical
+/// namespace (OneLake, ADLS Gen2) through the DFS API. Same operations on all; see [`LocalTarget`],
+/// [`CloudTarget`] and [`DfsTarget`].
 #[derive(Debug)]
 pub enum Target {
     Local(LocalTarget),
     Cloud(Arc<CloudTarget>),
+    Dfs(Arc<DfsTarget>),
+}
+
+macro_rules! each {
+    ($self:expr, $t:ident => $e:expr) => {
+        match $self {
+            Target::Local($t) => $e,
+            Target::Cloud($t) => $e,
+            Target::Dfs($t) => $e,
+        }
+    };
 }
 
 impl Target {
@@ -263,88 +381,92 @@ impl Target {
                 cloud::validate_options(url, options)?;
                 Ok(Target::Local(LocalTarget::new(root.clone())))
             }
+            TargetUrl::Dfs { .. } => Ok(Target::Dfs(Arc::new(DfsTarget::open(url, options, settings)?))),
             _ => Ok(Target::Cloud(Arc::new(CloudTarget::open(url, options, settings)?))),
         }
     }
 
     pub fn probe(&self) -> Result<()> {
-        match self {
-            Target::Local(t) => t.probe(),
-            Target::Cloud(t) => t.probe(),
-        }
+        each!(self, t => t.probe())
     }
 
     pub fn is_empty(&self) -> Result<bool> {
-        match self {
-            Target::Local(t) => t.is_empty(),
-            Target::Cloud(t) => t.is_empty(),
-        }
+        each!(self, t => t.is_empty())
     }
 
     pub fn create_temp_data_file(&self, rel: &str, number: u64) -> Result<TempFile> {
         match self {
             Target::Local(t) => t.create_temp_data_file(rel, number).map(TempFile::Local),
             Target::Cloud(t) => t.create_temp_data_file(rel, number).map(TempFile::Cloud),
+            Target::Dfs(t) => t.create_temp_data_file(rel, number).map(TempFile::Dfs),
         }
     }
 
     pub fn discard_temp_data_file(&self, rel: &str, number: u64) -> Result<()> {
-        match self {
-            Target::Local(t) => t.discard_temp_data_file(rel, number),
-            Target::Cloud(t) => t.discard_temp_data_file(rel, number),
-        }
+        each!(self, t => t.discard_temp_data_file(rel, number))
     }
 
     pub fn publish_temp_data_file(&self, rel: &str, number: u64) -> Result<()> {
-        match self {
-            Target::Local(t) => t.publish_temp_data_file(rel, number),
-            Target::Cloud(t) => t.publish_temp_data_file(rel, number),
-        }
+        each!(self, t => t.publish_temp_data_file(rel, number))
     }
 
     pub fn publish_data_file(&self, rel: &str, number: u64, bytes: &[u8]) -> Result<()> {
-        match self {
-            Target::Local(t) => t.publish_data_file(rel, number, bytes),
-            Target::Cloud(t) => t.publish_data_file(rel, number, bytes),
-        }
+        each!(self, t => t.publish_data_file(rel, number, bytes))
     }
 
     pub fn put_document(&self, rel_dir: &str, name: &str, bytes: &[u8]) -> Result<()> {
-        match self {
-            Target::Local(t) => t.put_document(rel_dir, name, bytes),
-            Target::Cloud(t) => t.put_document(rel_dir, name, bytes),
-        }
+        each!(self, t => t.put_document(rel_dir, name, bytes))
     }
 
-    pub fn clear_table_folder(&self, rel: &str) -> Result<()> {
-        match self {
-            Target::Local(t) => t.clear_table_folder(rel),
-            Target::Cloud(t) => t.clear_table_folder(rel),
-        }
+    /// Deletes table folder `rel` itself, with everything in it: the documented way to reset one
+    /// table of a landing zone (its reader tracks the folder, so files deleted inside a kept folder
+    /// would not reset it). A missing folder is fine. Returns whether there was a folder.
+    pub fn reset_table_folder(&self, rel: &str) -> Result<bool> {
+        each!(self, t => t.reset_table_folder(rel))
     }
 
     pub fn remove_temporary_files(&self, rel: &str) -> Result<usize> {
-        match self {
-            Target::Local(t) => t.remove_temporary_files(rel),
-            Target::Cloud(t) => t.remove_temporary_files(rel),
-        }
+        each!(self, t => t.remove_temporary_files(rel))
     }
 
-    pub fn data_file_numbers(&self, rel: &str) -> Result<Vec<u64>> {
-        match self {
-            Target::Local(t) => t.data_file_numbers(rel),
-            Target::Cloud(t) => t.data_file_numbers(rel),
-        }
+    /// The data files of folder `rel`, wherever they are (see [`Place`]), each number once, ascending.
+    pub fn data_files(&self, rel: &str) -> Result<Vec<DataFile>> {
+        each!(self, t => t.data_files(rel)).map(by_number)
     }
 
-    /// The whole content of published data file `number` of folder `rel`.
-    pub fn read_data_file(&self, rel: &str, number: u64) -> Result<bytes::Bytes> {
-        match self {
-            Target::Local(t) => {
-                let path = t.root().join(rel).join(names::data_file_name(number));
-                fs::read(&path).map(bytes::Bytes::from).map_err(|e| Error::io("read", &path, &e))
+    /// The whole content of data file `f` of folder `rel`. A file the landing zone's reader moved on
+    /// since it was listed is read in its next place; None when it is gone (purged).
+    pub fn read_data_file(&self, rel: &str, f: &DataFile) -> Result<Option<bytes::Bytes>> {
+        for place in [Place::Published, Place::Processed, Place::ReadyToDelete] {
+            if place < f.place {
+                continue;
             }
-            Target::Cloud(t) => t.read(&format!("{rel}/{}", names::data_file_name(number))),
+            let path = format!("{rel}/{}", place.file(f.number));
+            let found = match self {
+                Target::Local(t) => {
+                    let path = t.root().join(path);
+                    match fs::read(&path) {
+                        Ok(b) => Some(bytes::Bytes::from(b)),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                        Err(e) => return Err(Error::io("read", &path, &e)),
+                    }
+                }
+                Target::Cloud(t) => t.try_read(&path)?,
+                Target::Dfs(t) => t.try_read(&path)?,
+            };
+            if found.is_some() {
+                return Ok(found);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether the landing zone's reader still holds the table of folder `rel`: known on OneLake
+    /// (the mirrored database's `Tables` folder), None elsewhere.
+    pub fn table_downstream(&self, rel: &str) -> Result<Option<bool>> {
+        match self {
+            Target::Dfs(t) => t.table_downstream(rel),
+            _ => Ok(None),
         }
     }
 }
@@ -353,6 +475,7 @@ impl Target {
 pub enum TempFile {
     Local(LocalTempFile),
     Cloud(CloudTempFile),
+    Dfs(DfsTempFile),
 }
 
 impl TempFile {
@@ -361,6 +484,7 @@ impl TempFile {
         match self {
             TempFile::Local(f) => f.sync(),
             TempFile::Cloud(f) => f.sync(),
+            TempFile::Dfs(f) => f.sync(),
         }
     }
 }
@@ -370,12 +494,14 @@ impl Write for TempFile {
         match self {
             TempFile::Local(f) => f.write(buf),
             TempFile::Cloud(f) => f.write(buf),
+            TempFile::Dfs(f) => f.write(buf),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
             TempFile::Local(f) => f.flush(),
             TempFile::Cloud(f) => f.flush(),
+            TempFile::Dfs(f) => f.flush(),
         }
     }
 }
@@ -500,28 +626,19 @@ impl LocalTarget {
         sync_dir(&dir)
     }
 
-    /// Removes every file azure_cdc writes in a table folder (data files, temporary files, metadata),
-    /// so that the table can be snapshotted again from file number 1. Other files are left alone.
-    pub fn clear_table_folder(&self, rel: &str) -> Result<()> {
+    /// Deletes table folder `rel` with everything in it (a missing one is fine), and syncs its parent.
+    /// Returns whether there was a folder.
+    pub fn reset_table_folder(&self, rel: &str) -> Result<bool> {
         let dir = self.root.join(rel);
-        let entries = match fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(Error::io("read folder", &dir, &e)),
-        };
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::io("read folder", &dir, &e))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let ours = names::parse_data_file_name(&name).is_some()
-                || name.strip_prefix('_').and_then(names::parse_data_file_name).is_some()
-                || name == crate::landing_zone::METADATA_FILE
-                || name == format!("_{}.tmp", crate::landing_zone::METADATA_FILE);
-            if ours {
-                let p = entry.path();
-                fs::remove_file(&p).map_err(|e| Error::io("remove", &p, &e))?;
-            }
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::io("remove folder", &dir, &e)),
         }
-        sync_dir(&dir)
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
+        Ok(true)
     }
 
     /// Removes temporary data files (`_<number>.parquet`) left in a table folder by a process that
@@ -549,23 +666,25 @@ impl LocalTarget {
         Ok(removed)
     }
 
-    /// Numbers of the data files published in a table folder, ascending.
-    pub fn data_file_numbers(&self, rel: &str) -> Result<Vec<u64>> {
-        let dir = self.root.join(rel);
+    /// The data files of a table folder: published ones, and those a reader moved into its
+    /// processed-files folders.
+    pub fn data_files(&self, rel: &str) -> Result<Vec<DataFile>> {
         let mut v = Vec::new();
-        match fs::read_dir(&dir) {
-            Ok(entries) => {
-                for entry in entries {
-                    let entry = entry.map_err(|e| Error::io("read folder", &dir, &e))?;
-                    if let Some(n) = names::parse_data_file_name(&entry.file_name().to_string_lossy()) {
-                        v.push(n);
+        for place in [Place::Published, Place::Processed, Place::ReadyToDelete] {
+            let dir = self.root.join(rel).join(place.folder());
+            match fs::read_dir(&dir) {
+                Ok(entries) => {
+                    for entry in entries {
+                        let entry = entry.map_err(|e| Error::io("read folder", &dir, &e))?;
+                        if let Some(number) = names::parse_data_file_name(&entry.file_name().to_string_lossy()) {
+                            v.push(DataFile { number, place });
+                        }
                     }
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("read folder", &dir, &e)),
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("read folder", &dir, &e)),
         }
-        v.sort_unstable();
         Ok(v)
     }
 }
@@ -709,6 +828,8 @@ pub(crate) mod tests {
             "file:///a/./b",
             "ftp://host/x",
             "abfss://ws@onelake.dfs.fabric.microsoft.com/item/Tables",
+            "abfss://ws@onelake.dfs.fabric.microsoft.com/item/Files/LandingZone/deeper",
+            "abfss://ws@evil-onelake.dfs.fabric.microsoft.com.example.com/item/Files/LandingZone",
             "abfss://Bad_Container@acct.dfs.core.windows.net/x",
             "abfss://c0ntainer@evil.example.com/x",
             "https://example.com/c/x",
@@ -728,43 +849,67 @@ pub(crate) mod tests {
 
     #[test]
     fn parses_object_store_urls() {
+        let onelake = |host: &str, ws: &str, prefix: &str| TargetUrl::Dfs {
+            host: host.into(),
+            account: "onelake".into(),
+            filesystem: ws.into(),
+            prefix: prefix.into(),
+            onelake: true,
+        };
         let cases = [
             (
                 "abfss://ws@onelake.dfs.fabric.microsoft.com/item.MountedRelationalDatabase/Files/LandingZone",
-                TargetUrl::Azure {
-                    account: Some("onelake".into()),
-                    container: "ws".into(),
-                    prefix: "item.MountedRelationalDatabase/Files/LandingZone".into(),
-                    fabric: true,
-                },
+                onelake("onelake.dfs.fabric.microsoft.com", "ws", "item.MountedRelationalDatabase/Files/LandingZone"),
                 "abfss://ws@onelake.dfs.fabric.microsoft.com/item.MountedRelationalDatabase/Files/LandingZone",
             ),
             (
                 "https://onelake.dfs.fabric.microsoft.com/0d2f1e5c-aaaa-bbbb-cccc-1234567890ab/7c9e6679-7425-40de-944b-e07fc1f90ae7/Files/LandingZone/",
-                TargetUrl::Azure {
-                    account: Some("onelake".into()),
-                    container: "0d2f1e5c-aaaa-bbbb-cccc-1234567890ab".into(),
-                    prefix: "7c9e6679-7425-40de-944b-e07fc1f90ae7/Files/LandingZone".into(),
-                    fabric: true,
-                },
+                onelake(
+                    "onelake.dfs.fabric.microsoft.com",
+                    "0d2f1e5c-aaaa-bbbb-cccc-1234567890ab",
+                    "7c9e6679-7425-40de-944b-e07fc1f90ae7/Files/LandingZone",
+                ),
                 "abfss://0d2f1e5c-aaaa-bbbb-cccc-1234567890ab@onelake.dfs.fabric.microsoft.com/7c9e6679-7425-40de-944b-e07fc1f90ae7/Files/LandingZone",
             ),
             (
+                // Regional host; the Blob host name of OneLake is served by its DFS host.
+                "https://westus-onelake.blob.fabric.microsoft.com/ws/db.MountedRelationalDatabase/Files/LandingZone",
+                onelake("westus-onelake.dfs.fabric.microsoft.com", "ws", "db.MountedRelationalDatabase/Files/LandingZone"),
+                "abfss://ws@westus-onelake.dfs.fabric.microsoft.com/db.MountedRelationalDatabase/Files/LandingZone",
+            ),
+            (
+                // A workspace's private link.
+                "abfss://ws@0d2f1e5caaaabbbbcccc1234567890ab.z0d.onelake.fabric.microsoft.com/db/Files/LandingZone",
+                onelake("0d2f1e5caaaabbbbcccc1234567890ab.z0d.onelake.fabric.microsoft.com", "ws", "db/Files/LandingZone"),
+                "abfss://ws@0d2f1e5caaaabbbbcccc1234567890ab.z0d.onelake.fabric.microsoft.com/db/Files/LandingZone",
+            ),
+            (
+                "abfss://ws@0d2f1e5caaaabbbbcccc1234567890ab.z0d.dfs.fabric.microsoft.com/db/Files/LandingZone",
+                onelake("0d2f1e5caaaabbbbcccc1234567890ab.z0d.dfs.fabric.microsoft.com", "ws", "db/Files/LandingZone"),
+                "abfss://ws@0d2f1e5caaaabbbbcccc1234567890ab.z0d.dfs.fabric.microsoft.com/db/Files/LandingZone",
+            ),
+            (
                 "abfss://lake@myacct.dfs.core.windows.net/mirrors//sales",
-                TargetUrl::Azure { account: Some("myacct".into()), container: "lake".into(), prefix: "mirrors/sales".into(), fabric: false },
+                TargetUrl::Dfs {
+                    host: "myacct.dfs.core.windows.net".into(),
+                    account: "myacct".into(),
+                    filesystem: "lake".into(),
+                    prefix: "mirrors/sales".into(),
+                    onelake: false,
+                },
                 "abfss://lake@myacct.dfs.core.windows.net/mirrors/sales",
             ),
             (
                 "https://myacct.blob.core.windows.net/lake/mirrors/sales",
-                TargetUrl::Azure { account: Some("myacct".into()), container: "lake".into(), prefix: "mirrors/sales".into(), fabric: false },
-                "abfss://lake@myacct.dfs.core.windows.net/mirrors/sales",
+                TargetUrl::Azure { account: Some("myacct".into()), container: "lake".into(), prefix: "mirrors/sales".into() },
+                "https://myacct.blob.core.windows.net/lake/mirrors/sales",
             ),
             (
                 "az://lake",
-                TargetUrl::Azure { account: None, container: "lake".into(), prefix: "".into(), fabric: false },
+                TargetUrl::Azure { account: None, container: "lake".into(), prefix: "".into() },
                 "az://lake",
             ),
-            ("s3://my-bucket/a/b", TargetUrl::S3 { bucket: "my-bucket".into(), prefix: "a/b".into() }, "s3://my-bucket/a/b"),
+        ("s3://my-bucket/a/b", TargetUrl::S3 { bucket: "my-bucket".into(), prefix: "a/b".into() }, "s3://my-bucket/a/b"),
             ("gs://my.bucket", TargetUrl::Gcs { bucket: "my.bucket".into(), prefix: "".into() }, "gs://my.bucket"),
         ];
         for (url, parsed, canonical) in cases {
@@ -783,6 +928,8 @@ pub(crate) mod tests {
         assert!(!p("az://cc1/a").overlaps(&p("az://cc1/ab")));
         assert!(!p("az://cc1/a").overlaps(&p("az://dd1/a")));
         assert!(!p("abfss://cc1@one.dfs.core.windows.net/a").overlaps(&p("abfss://cc1@two.dfs.core.windows.net/a")));
+        // The same account through its Blob and its DFS API.
+        assert!(p("https://one.blob.core.windows.net/cc1/a").overlaps(&p("abfss://cc1@one.dfs.core.windows.net/a/b")));
         assert!(p("file:///x/y").overlaps(&p("file:///x")));
         assert!(!p("s3://bkt/a").overlaps(&p("gs://bkt/a")));
     }
@@ -800,14 +947,26 @@ pub(crate) mod tests {
         assert_eq!(e.kind, ErrorKind::Internal);
         assert_eq!(fs::read(dir.join("s.schema/t/00000000000000000002.parquet")).unwrap(), b"two");
         assert!(t.publish_data_file("s.schema/t", 3, b"").is_err());
-        assert_eq!(t.data_file_numbers("s.schema/t").unwrap(), vec![1, 2]);
+        let numbers = |t: &LocalTarget| {
+            by_number(t.data_files("s.schema/t").unwrap()).iter().map(|f| f.number).collect::<Vec<_>>()
+        };
+        assert_eq!(numbers(&t), vec![1, 2]);
         assert!(!dir.join("s.schema/t/_00000000000000000002.parquet").exists());
+        // A reader moved file 1 away: it is still found, in its new place.
+        fs::create_dir_all(dir.join("s.schema/t/_ProcessedFiles")).unwrap();
+        fs::rename(
+            dir.join("s.schema/t/00000000000000000001.parquet"),
+            dir.join("s.schema/t/_ProcessedFiles/00000000000000000001.parquet"),
+        )
+        .unwrap();
+        assert_eq!(numbers(&t), vec![1, 2]);
+        assert_eq!(by_number(t.data_files("s.schema/t").unwrap())[0], DataFile { number: 1, place: Place::Processed });
         t.put_document("s.schema/t", "_metadata.json", b"{}").unwrap();
         fs::write(dir.join("s.schema/t/_00000000000000000003.parquet"), b"partial").unwrap();
-        fs::write(dir.join("s.schema/t/notes.txt"), b"user file").unwrap();
-        t.clear_table_folder("s.schema/t").unwrap();
-        let left: Vec<_> = fs::read_dir(dir.join("s.schema/t")).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(left, vec![std::ffi::OsString::from("notes.txt")]);
+        assert!(t.reset_table_folder("s.schema/t").unwrap());
+        assert!(!dir.join("s.schema/t").exists(), "the folder itself goes");
+        assert!(dir.join("s.schema").exists());
+        assert!(!t.reset_table_folder("s.schema/t").unwrap());
         fs::remove_dir_all(dir).unwrap();
     }
 }

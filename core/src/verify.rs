@@ -367,6 +367,27 @@ impl<'a> Replayer<'a> {
     }
 }
 
+/// The numbers missing before the first of `numbers` (sorted ascending): the oldest files of a
+/// folder, which its reader deleted after processing them.
+pub fn purged_numbers(numbers: &[u64]) -> Vec<u64> {
+    (1..numbers.first().copied().unwrap_or(1)).collect()
+}
+
+/// `1-3, 7, 9-10` for [1, 2, 3, 7, 9, 10] (sorted ascending).
+pub fn number_ranges(numbers: &[u64]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < numbers.len() {
+        let mut j = i;
+        while j + 1 < numbers.len() && numbers[j + 1] == numbers[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j { numbers[i].to_string() } else { format!("{}-{}", numbers[i], numbers[j]) });
+        i = j + 1;
+    }
+    parts.join(", ")
+}
+
 /// Replays `files` (in number order, from 1) up to the transactions `vis` sees.
 pub fn replay(enc: &RowEncoder, files: &[FileRead], vis: &Visibility) -> Result<Replay> {
     let mut r = Replayer::new(enc, vis);
@@ -440,6 +461,14 @@ pub fn compare(enc: &RowEncoder, source: &Image, mirror: &Image) -> Comparison {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn missing_files_are_named() {
+        assert!(purged_numbers(&[]).is_empty());
+        assert!(purged_numbers(&[1, 2, 5]).is_empty(), "a gap is not a purge");
+        assert_eq!(purged_numbers(&[4, 5, 8]), vec![1, 2, 3]);
+        assert_eq!(number_ranges(&[1, 2, 3, 6, 7, 9]), "1-3, 6-7, 9");
+    }
     use crate::batch::{BatchBuilder, ColumnSpec, Value};
     use crate::changes::{change_columns, RowMarker};
     use crate::typemap::ColumnKind;

@@ -227,9 +227,17 @@ def gcs():
     s.close()
 
 
-@pytest.fixture(params=["s3", "gcs"])
+@pytest.fixture(scope="session")
+def onelake():
+    from stores import OneLake
+    s = _store(OneLake)
+    yield s
+    s.close()
+
+
+@pytest.fixture(params=["s3", "gcs", "onelake"])
 def store(request):
-    """Each object store that is not Azure's (Azure has its own tests in test_targets.py)."""
+    """Each object store but Azure Blob (Azurite has its own tests in test_targets.py)."""
     return request.getfixturevalue(request.param)
 
 

@@ -342,3 +342,86 @@ class Gcs:
             with open(path, "wb") as f:
                 f.write(self.standin.read(bucket, name))
         return dest
+
+
+class OneLake:
+    """OneLake (onelake.OneLakeEmulator, in this process) behind a proxy: a workspace per "bucket",
+    each with one mirrored database whose Files/LandingZone is the target (whatever prefix a test
+    names: OneLake's landing zone is always that folder). A writer service principal (Contributor)
+    and a reader (Viewer) get their tokens from the emulator's Entra endpoint, which stays reachable
+    during an outage of the storage endpoint (they are different services)."""
+
+    name = "onelake"
+    ITEM = "sales.MountedRelationalDatabase"
+    HOST = "onelake.dfs.fabric.microsoft.com"
+
+    def __init__(self, port=BASE_PORT + 3, backend_port=BASE_PORT + 13, latency_s=0.0):
+        from onelake import OneLakeEmulator
+        self.port = port
+        self.emulator = OneLakeEmulator(backend_port, latency_s=latency_s)
+        self.proxy = Proxy(port, backend_port)
+        self.principals = {}
+        self.replicators = []
+
+    def start(self):
+        self.emulator.start()
+        self.principals = {"writer": self.emulator.add_principal({}), "reader": self.emulator.add_principal({})}
+        self.proxy.up()
+
+    def close(self):
+        for r in self.replicators:
+            r.stop()
+        self.proxy.down()
+        self.emulator.stop()
+
+    def down(self):
+        self.proxy.down()
+
+    def up(self):
+        self.proxy.up()
+
+    def create_bucket(self, name):
+        self.emulator.add_workspace(name)
+        self.emulator.add_mirrored_database(name, self.ITEM)
+        self.emulator.grant(name, self.principals["writer"]["client_id"], "Contributor")
+        self.emulator.grant(name, self.principals["reader"]["client_id"], "Viewer")
+
+    def url(self, bucket, prefix=None):
+        return f"abfss://{bucket}@{self.HOST}/{self.ITEM}/Files/LandingZone"
+
+    def credential_options(self, user="writer", **overrides):
+        o = {**self.principals[user], "endpoint": f"http://127.0.0.1:{self.port}", "allow_http": "true"}
+        o.update(overrides)
+        return {k: v for k, v in o.items() if v is not None}
+
+    def refused_options(self):
+        """The writer's client id with a secret Entra does not accept."""
+        return self.credential_options(client_secret="V3JvbmdTZWNyZXRXcm9uZ1NlY3JldA")
+
+    def read_only_options(self):
+        return self.credential_options(user="reader")
+
+    @property
+    def root(self):
+        return f"{self.ITEM}/Files/LandingZone"
+
+    def object_names(self, bucket, prefix=""):
+        """Files of the landing zone, named as if the landing zone were `prefix`."""
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        return sorted(prefix + n[len(self.root) + 1:] for n in self.emulator.names(bucket, self.root + "/"))
+
+    def download(self, bucket, prefix, dest):
+        for name in self.emulator.names(bucket, self.root + "/"):
+            path = os.path.join(dest, name[len(self.root) + 1:])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(self.emulator.get(bucket, name).data)
+        return dest
+
+    def replicator(self, bucket, **kw):
+        """Starts Fabric's replicator (onelake.Replicator) on the bucket's mirrored database."""
+        from onelake import Replicator
+        r = Replicator(self.emulator, bucket, self.ITEM, **kw)
+        r.start()
+        self.replicators.append(r)
+        return r

@@ -78,7 +78,7 @@ def test_snapshot_and_changes_on_azurite(db, azurite):
     db.wait_caught_up("m")
     names = azurite.blob_names(container, "sales/LandingZone/")
     assert "sales/LandingZone/_partnerEvents.json" in names
-    assert "sales/LandingZone/public.schema/Odd%20Name%2F%2E%2E/_metadata.json" in names, names
+    assert "sales/LandingZone/public.schema/Odd Name%2F.%2E/_metadata.json" in names, names
     assert not [n for n in names if n.rsplit("/", 1)[-1].startswith("_0")], "no temporary object is left"
     root, reps = assert_all_equal(db, azurite, container, "sales/LandingZone", ["a", "Odd Name/.."])
     assert reps["a"].files >= 2, "snapshot file and change files"
