@@ -8,6 +8,9 @@ accounts, 128 MB) and Azurite on 127.0.0.1, one run each:
 2. changes: 200,000 account updates in 200 transactions held in the slot (mirror paused), then the
    time from resume_mirror until all are published, local folder vs Azurite.
 3. verify: verify_mirror() on the mirror in Azurite (1 M + rows read back and compared).
+4. OneLake: the same snapshot and changes into the OneLake stand-in (tests/e2e/onelake.py, DFS API,
+   a service principal's tokens) answering every request after 20 ms (a 20 ms round trip), with
+   the requests per published data file counted by the stand-in.
 """
 
 import os
@@ -20,7 +23,7 @@ from psycopg.types.json import Jsonb
 
 TOP = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(TOP, "tests", "e2e"))
-from stores import Azurite  # noqa: E402
+from stores import Azurite, OneLake  # noqa: E402
 
 CLUSTER = os.path.join(TOP, "scripts", "cluster.sh")
 PGBIN = "/usr/lib/postgresql/15/bin"
@@ -112,9 +115,54 @@ def main():
         time.sleep(0.5)
         snapshot(conn, "azurite_5mb", "az://bench/parts", {"credential": "azurite"})
         conn.execute("SELECT azure_cdc.stop_mirror('azurite_5mb')")
+        conn.execute("ALTER SYSTEM RESET azure_cdc.onelake_buffer_size")
+        conn.execute("SELECT pg_reload_conf()")
+        onelake(conn)
     finally:
         sh(CLUSTER, "stop", DATA, "fast")
         az.close()
+
+
+def data_files(ol, bucket):
+    """Data files in the OneLake stand-in's landing zone (published, not temporary)."""
+    return len([n for n in ol.emulator.names(bucket, ol.root + "/")
+                if n.endswith(".parquet") and not n.rsplit("/", 1)[-1].startswith("_")])
+
+
+def onelake(conn):
+    ol = OneLake(latency_s=0.020)
+    ol.start()
+    try:
+        ol.create_bucket("bench")
+        conn.execute("SELECT azure_cdc.create_credential('onelake', %s)", (Jsonb(ol.credential_options()),))
+        ol.emulator.counts.clear()
+        snapshot(conn, "onelake", ol.url("bench"), {"credential": "onelake"})
+        files = data_files(ol, "bench")
+        requests = sum(ol.emulator.counts.values())
+        print(f"requests     onelake        snapshot: {requests} requests for {files} data files and "
+              f"{len(TABLES)} _metadata.json (with the probe, folders and _partnerEvents.json)")
+        ol.emulator.counts.clear()
+        changes(conn, "onelake")
+        new_files = data_files(ol, "bench") - files
+        counts = dict(ol.emulator.counts)
+        print(f"requests     onelake        changes: {sum(counts.values())} requests for {new_files} change files "
+              "(with resume_mirror's probe and the decoder's start): "
+              + ", ".join(f"{m} {k or 'path'} {n}" for (m, k), n in sorted(counts.items())))
+        # A steady stream: one transaction every 0.3 s for 10 s, each its own batch and file.
+        ol.emulator.counts.clear()
+        before = data_files(ol, "bench")
+        for i in range(30):
+            conn.execute("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = %s", (i + 1,))
+            time.sleep(0.3)
+        wait_caught_up(conn, "azure_cdc_onelake")
+        made = data_files(ol, "bench") - before
+        counts = dict(ol.emulator.counts)
+        print(f"requests     onelake        steady: {sum(counts.values())} requests for {made} change files = "
+              f"{sum(counts.values()) / max(made, 1):.1f} per file: "
+              + ", ".join(f"{m} {k or 'path'} {n}" for (m, k), n in sorted(counts.items())))
+        conn.execute("SELECT azure_cdc.stop_mirror('onelake')")
+    finally:
+        ol.close()
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ pub struct TableRow {
     pub columns: Option<String>,
     /// Seconds since its folder was deleted to reset it, while its new copy is not published.
     pub folder_deleted_ago: Option<f64>,
+    /// The next file number as last recorded (it may lag behind the folder, never run ahead of it).
+    pub next_file_number: i64,
 }
 
 const MIRROR_COLUMNS: &str = "mirror_id, mirror_name, target, state, slot_name::text, credential, all_tables, owner";
@@ -170,7 +172,7 @@ pub fn tables(mirror_id: i64) -> Result<Vec<TableRow>> {
             let t = c
             .select(
                 "SELECT relid, schema_name::text, table_name::text, state, key_columns::text[], seed_snapshot, partitions, columns, \
-                        pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() - folder_deleted_at) \
+                        pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() - folder_deleted_at), next_file_number \
                    FROM azure_cdc.mirror_tables \
                  WHERE mirror_id = $1 ORDER BY schema_name, table_name",
                 None,
@@ -190,6 +192,7 @@ pub fn tables(mirror_id: i64) -> Result<Vec<TableRow>> {
                         partitions: r.get::<String>(7).map_err(spi)?,
                         columns: r.get::<String>(8).map_err(spi)?,
                         folder_deleted_ago: r.get::<f64>(9).map_err(spi)?,
+                        next_file_number: r.get::<i64>(10).map_err(spi)?.ok_or_else(missing)?,
                     })
                 })
                 .collect()

@@ -122,6 +122,8 @@ struct Table {
     park_recorded: bool,
     /// Being reseeded: its changes are dropped until its copy is published (then the decoder rewinds).
     reseeding: bool,
+    /// The next file number the catalog recorded when the decoder started.
+    recorded_next: u64,
     /// While reseeding: when its folder was first deleted to reset it (from the catalog: seconds ago).
     deleted_ago: Option<f64>,
     /// While reseeding: its folder was deleted in this pass, and since when the reset waits for the
@@ -365,6 +367,7 @@ fn open_table(t: &catalog::TableRow, reseeding: bool) -> Result<Table> {
         parked: if reseeding { None } else { parked },
         park_recorded: false,
         reseeding,
+        recorded_next: t.next_file_number.max(1) as u64,
         deleted_ago: t.folder_deleted_ago,
         reset_since: None,
         seed: t.seed_snapshot.as_deref().map(reseed::parse_snapshot).transpose()?,
@@ -457,6 +460,24 @@ fn decode(index: usize, mirror_id: i64, change_cxt: pg_sys::MemoryContext) -> Re
     })?);
     for t in tables.values_mut() {
         let (next, published) = shipper::folder_state(&target, &t.folder)?;
+        if next < t.recorded_next && !t.reseeding && t.parked.is_none() {
+            // Files this mirror published are gone (the catalog's count lags the folder, never leads
+            // it): numbering again from there would regress numbers the reader has seen.
+            t.parked = Some(
+                Error::new(
+                    ErrorKind::TargetMissing,
+                    format!(
+                        "data files of table \"{}.{}\" are missing from the landing zone: the mirror published up to file {}, its folder holds up to file {}",
+                        t.schema,
+                        t.name,
+                        t.recorded_next - 1,
+                        next - 1
+                    ),
+                )
+                .with_hint("Something other than the mirror deleted them. resync_table publishes the table again in full."),
+            );
+            t.park_recorded = false;
+        }
         t.next_number = next;
         t.published = published;
     }

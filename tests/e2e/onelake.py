@@ -102,7 +102,10 @@ class OneLakeEmulator:
         self.nodes = {}  # (workspace, path) -> Node; path "item/Files/…", "" is the workspace
         self.roles = {}  # workspace -> {client_id: role}
         self.principals = {}  # client_id -> (tenant, secret)
+        self.managed = set()  # client ids of managed identities
+        self.federated = {}  # client id -> subject of its federated credential (workload identity)
         self.key = os.urandom(32)  # signs the tokens this "Entra" issues
+        self.federation_key = os.urandom(32)  # signs the platform's tokens that workload identities present
         self.tenant = str(uuid.uuid4())
         self.counts = collections.Counter()
         self.faults = []  # [(predicate, mode)] one-shot faults, see fail_next
@@ -153,6 +156,32 @@ class OneLakeEmulator:
                 self.roles.setdefault(ws, {})[client_id] = role
         return {"tenant_id": self.tenant, "client_id": client_id, "client_secret": secret,
                 "authority_host": self.endpoint}
+
+    def add_managed_identity(self, roles):
+        """A user-assigned managed identity of "the machine" (its token endpoint is this emulator's
+        /metadata/identity/oauth2/token); returns its client id."""
+        client_id = str(uuid.uuid4())
+        with self.lock:
+            self.managed.add(client_id)
+            for ws, role in roles.items():
+                self.roles.setdefault(ws, {})[client_id] = role
+        return client_id
+
+    def add_workload_identity(self, roles, subject="system:serviceaccount:db:postgres"):
+        """An app registration with a federated credential for `subject`; returns (options, the
+        federated token a platform would write into the token file)."""
+        client_id = str(uuid.uuid4())
+        with self.lock:
+            self.federated[client_id] = subject
+            for ws, role in roles.items():
+                self.roles.setdefault(ws, {})[client_id] = role
+        now = int(time.time())
+        claims = {"iss": "https://oidc.cluster.example", "sub": subject, "aud": "api://AzureADTokenExchange",
+                  "iat": now, "exp": now + 3600}
+        head = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+        body = b64url(json.dumps(claims).encode())
+        sig = hmac.new(self.federation_key, f"{head}.{body}".encode(), hashlib.sha256).digest()
+        return {"tenant_id": self.tenant, "client_id": client_id, "authority_host": self.endpoint}, f"{head}.{body}.{b64url(sig)}"
 
     def grant(self, ws, client_id, role):
         with self.lock:
@@ -486,6 +515,24 @@ class OneLakeEmulator:
             return refuse(400, "unsupported_grant_type", "AADSTS70003: the grant type is not supported.")
         if form.get("scope") != "https://storage.azure.com/.default":
             return refuse(400, "invalid_scope", "AADSTS70011: the scope is not valid for this stand-in.")
+        if "client_assertion" in form:
+            # Workload identity federation: the assertion is the platform's token, which must be
+            # signed by the trusted issuer, for api://AzureADTokenExchange, unexpired, and name the
+            # subject of the app's federated credential.
+            subject = self.federated.get(form.get("client_id", ""))
+            try:
+                if form.get("client_assertion_type") != "urn:ietf:params:oauth:client-assertion-type:jwt-bearer":
+                    raise ValueError("assertion type")
+                head, body, sig = form["client_assertion"].strip().split(".")
+                want = hmac.new(self.federation_key, f"{head}.{body}".encode(), hashlib.sha256).digest()
+                claims = json.loads(b64url_decode(body))
+                if (not hmac.compare_digest(want, b64url_decode(sig)) or claims.get("aud") != "api://AzureADTokenExchange"
+                        or claims.get("sub") != subject or claims.get("exp", 0) < time.time() or tenant != self.tenant):
+                    raise ValueError("assertion")
+            except Exception:
+                return refuse(401, "invalid_client", "AADSTS70021: No matching federated identity record found for presented assertion.")
+            return 200, {"Content-Type": "application/json"}, json.dumps({
+                "token_type": "Bearer", "expires_in": 3599, "access_token": self.token(form["client_id"])}).encode()
         known = self.principals.get(form.get("client_id", ""))
         if known is None or known[0] != tenant:
             return refuse(400, "unauthorized_client", "AADSTS700016: application not found in the directory.")
@@ -494,6 +541,26 @@ class OneLakeEmulator:
         return 200, {"Content-Type": "application/json"}, json.dumps({
             "token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599,
             "access_token": self.token(form["client_id"])}).encode()
+
+    def issue_managed_token(self, query, headers):
+        """The instance metadata service's token endpoint (GET ...?api-version=2019-08-01&resource=
+        https://storage.azure.com[&client_id=...], header Metadata: true); expires_on is a string of
+        epoch seconds (learn.microsoft.com/entra/identity/managed-identities-azure-resources/
+        how-to-use-vm-token)."""
+        def refuse(status, error, description):
+            return status, {"Content-Type": "application/json"}, json.dumps(
+                {"error": error, "error_description": description}).encode()
+
+        if headers.get("Metadata", headers.get("metadata")) != "true":
+            return refuse(400, "invalid_request", "Required metadata header not specified")
+        if query.get("resource", "").rstrip("/") != "https://storage.azure.com":
+            return refuse(400, "invalid_resource", "The resource is not valid for this stand-in.")
+        client_id = query.get("client_id")
+        if client_id not in self.managed:
+            return refuse(400, "invalid_request", "Identity not found")
+        return 200, {"Content-Type": "application/json"}, json.dumps({
+            "access_token": self.token(client_id), "expires_on": str(int(time.time()) + 3599),
+            "resource": "https://storage.azure.com", "token_type": "Bearer"}).encode()
 
     def take_fault(self, method, path, query, headers):
         with self.lock:
@@ -533,6 +600,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     headers[want] = headers.pop(k)
         if em.latency_s:
             time.sleep(em.latency_s)
+        if method == "GET" and url.path == "/metadata/identity/oauth2/token":
+            status, h, out = em.issue_managed_token(query, headers)
+            return self._reply(status, h, out, method)
         if method == "POST" and url.path.endswith("/oauth2/v2.0/token"):
             tenant = url.path.strip("/").split("/")[0]
             status, h, out = em.issue_token(tenant, dict(urllib.parse.parse_qsl(body.decode())))

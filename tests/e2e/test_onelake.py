@@ -165,9 +165,39 @@ def test_the_stand_in_is_strict(onelake):
 
 # ---- a mirror on OneLake ------------------------------------------------------------------------
 
-def test_credentials_onelake_refuses(db, onelake):
+def test_onelake_credentials(db, onelake):
     ws = new_workspace(onelake)
+    em = onelake.emulator
     db.sql("CREATE TABLE a (id int PRIMARY KEY)")
+    endpoint = {"endpoint": f"http://127.0.0.1:{onelake.port}", "allow_http": "true"}
+    # Each kind of Entra identity: a service principal (the other tests), a user-assigned managed
+    # identity, a workload identity's federated token file, and a token given as it is.
+    mi = em.add_managed_identity({ws: "Contributor"})
+    wi, federated = em.add_workload_identity({ws: "Contributor"})
+    token_file = os.path.join(db.cluster.base, f"federated_{ws}.jwt")
+    with open(token_file, "w") as f:
+        f.write(federated)
+    os.chmod(token_file, 0o644)
+    identities = {
+        "managed": {"msi_endpoint": f"{em.endpoint}/metadata/identity/oauth2/token", "client_id": mi, **endpoint},
+        "workload": {**wi, "federated_token_file": token_file, **endpoint},
+        "given": {"bearer_token": em.token(onelake.principals["writer"]["client_id"]), **endpoint},
+    }
+    for kind, options in identities.items():
+        db.sql("SELECT azure_cdc.create_credential(%s, %s)", (kind, Jsonb(options)))
+        db.sql("SELECT azure_cdc.start_mirror(%s, %s, NULL, %s)", (kind, onelake.url(ws), Jsonb({"credential": kind})))
+        db.wait_snapshot(kind)
+        db.sql("SELECT azure_cdc.stop_mirror(%s)", (kind,))
+        db.sql("SELECT azure_cdc.drop_mirror(%s)", (kind,))
+        with em.lock:
+            for p in em.descendants(ws, onelake.root):
+                del em.nodes[(ws, p)]
+    # A workload identity whose token names another subject is refused by Entra.
+    other, _ = em.add_workload_identity({ws: "Contributor"}, subject="system:serviceaccount:x:y")
+    db.sql("SELECT azure_cdc.create_credential('other', %s)", (Jsonb({**other, "federated_token_file": token_file, **endpoint}),))
+    with pytest.raises(psycopg.Error) as e:
+        db.sql("SELECT azure_cdc.start_mirror('w', %s, NULL, %s)", (onelake.url(ws), Jsonb({"credential": "other"})))
+    assert e.value.sqlstate == "28P01", str(e.value)
     # OneLake takes Entra tokens only: an account key or SAS token never reaches it.
     db.sql("SELECT azure_cdc.create_credential('key', %s)", (Jsonb({"account_key": "a2V5"}),))
     with pytest.raises(psycopg.Error) as e:
@@ -393,3 +423,35 @@ def test_verify_after_the_replicator_purged_files(db, onelake):
     db.sql("SELECT pg_terminate_backend(%s)", (db.decoder_pid("m"),))
     db.sql("INSERT INTO a VALUES (2000, 'after')")
     assert_replicated(db, onelake, ws, rep, ["a"])
+
+
+def test_files_deleted_behind_the_mirrors_back_park_the_table(db, onelake):
+    ws = new_workspace(onelake)
+    em = onelake.emulator
+    db.sql("CREATE TABLE a (id int PRIMARY KEY, v text)")
+    db.sql("CREATE TABLE b (id int PRIMARY KEY, v text)")
+    db.sql("INSERT INTO a SELECT g, 'v' FROM generate_series(1, 100) g")
+    db.sql("INSERT INTO b SELECT g, 'v' FROM generate_series(1, 100) g")
+    start(db, onelake, ws)
+    db.wait_snapshot("m")
+    db.sql("UPDATE a SET v = 'w'")
+    db.wait_caught_up("m")
+    wait_for("a's change file to be recorded", lambda: db.status("m")[("public", "a")]["files"] >= 2)
+    # Someone deletes a's files while the decoder is down: numbering again from 1 would publish
+    # numbers the reader has already applied, so the table is parked instead.
+    db.sql("SELECT azure_cdc.pause_mirror('m')")
+    with em.lock:
+        for p in em.descendants(ws, f"{onelake.root}/public.schema/a"):
+            if p.endswith(".parquet"):
+                del em.nodes[(ws, p)]
+    db.sql("SELECT azure_cdc.resume_mirror('m')")
+    db.sql("INSERT INTO b VALUES (1000, 'x')")
+    wait_for("a to be parked", lambda: db.status("m")[("public", "a")]["state"] == "Failed")
+    assert "missing from the landing zone" in db.status("m")[("public", "a")]["error"]
+    db.wait_caught_up("m")
+    assert not [n for n in em.names(ws, f"{onelake.root}/public.schema/a/") if n.endswith(".parquet")]
+    db.sql("SELECT azure_cdc.resync_table('m', 'a')")
+    reseeded(db, "a")
+    db.wait_caught_up("m")
+    rows = db.sql("SELECT table_name, verdict FROM azure_cdc.verify_mirror('m')")
+    assert sorted(rows) == [("a", "OK"), ("b", "OK")], rows
