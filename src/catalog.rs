@@ -749,11 +749,11 @@ pub fn snapshot_restarted(mirror_id: i64) -> Result<()> {
     )
 }
 
-/// The folders of these tables were deleted to reset them: noted (the first time) until their new
-/// copies are published.
+/// The folders of these tables were deleted to reset them (they held something): noted until their
+/// new copies are published.
 pub fn folders_deleted(mirror_id: i64, relids: &[pg_sys::Oid]) -> Result<()> {
     run(
-        "UPDATE azure_cdc.mirror_tables SET folder_deleted_at = COALESCE(folder_deleted_at, pg_catalog.clock_timestamp()) \
+        "UPDATE azure_cdc.mirror_tables SET folder_deleted_at = pg_catalog.clock_timestamp() \
           WHERE mirror_id = $1 AND relid = ANY($2)",
         &[mirror_id.into(), relids.to_vec().into()],
     )

@@ -45,7 +45,7 @@ use azure_cdc_core::datafile::PublishedFile;
 use azure_cdc_core::error::Disposition;
 use azure_cdc_core::lifecycle::{MirrorState, TableEvent, TableState};
 use azure_cdc_core::names;
-use azure_cdc_core::reseed::{self, Hold, Reason};
+use azure_cdc_core::reseed::{self, Hold, Reason, ResetWait};
 use azure_cdc_core::shipper::{self, ShipBatch, Shipped, Shipper, TableChanges};
 use azure_cdc_core::target::{Target, TargetUrl};
 use azure_cdc_core::verify::{full_xid, Visibility};
@@ -126,9 +126,9 @@ struct Table {
     recorded_next: u64,
     /// While reseeding: when its folder was first deleted to reset it (from the catalog: seconds ago).
     deleted_ago: Option<f64>,
-    /// While reseeding: its folder was deleted in this pass, and since when the reset waits for the
-    /// landing zone's reader to drop the table.
-    reset_since: Option<Instant>,
+    /// While reseeding: its folder was deleted in this pass; since when (the latest deletion) and
+    /// what is known of the landing zone's reader dropping the table.
+    reset: Option<(Instant, ResetWait)>,
     /// The snapshot of its last reseed's copy: its changes of transactions this sees are in the copy.
     seed: Option<Visibility>,
     /// Counters not yet written to the catalog.
@@ -369,7 +369,7 @@ fn open_table(t: &catalog::TableRow, reseeding: bool) -> Result<Table> {
         reseeding,
         recorded_next: t.next_file_number.max(1) as u64,
         deleted_ago: t.folder_deleted_ago,
-        reset_since: None,
+        reset: None,
         seed: t.seed_snapshot.as_deref().map(reseed::parse_snapshot).transpose()?,
         unrecorded: Counters::default(),
     })
@@ -893,7 +893,7 @@ impl Decoder {
                         );
                     }
                     if !t.reseeding {
-                        t.reset_since = None;
+                        t.reset = None;
                     }
                     t.reseeding = true;
                     t.parked = None;
@@ -945,24 +945,32 @@ impl Decoder {
 
     /// Resets the reseeded tables (their folders deleted, in this pass, once everything handed to
     /// the shipper is published) and tells whether the landing zone's reader has dropped them all,
-    /// so that the copy may create their folders again. Looks at most every 2 s; a table the reader
-    /// still holds after `azure_cdc.table_reset_timeout` is parked (and a hold with no reseeded table
-    /// left ends).
+    /// so that the copy may create their folders again ([`ResetWait`]). Looks at most every 2 s; a
+    /// table not known dropped `azure_cdc.table_reset_timeout` after its folder was deleted is parked
+    /// (and a hold with no reseeded table left ends).
     fn reset_folders(&mut self, ctx: *mut pg_sys::LogicalDecodingContext) -> Result<bool> {
         let pending: Vec<(u32, String)> = self
             .tables
             .iter()
-            .filter(|(_, t)| t.reseeding && t.reset_since.is_none())
+            .filter(|(_, t)| t.reseeding && t.reset.is_none())
             .map(|(relid, t)| (*relid, t.folder.clone()))
             .collect();
         if !pending.is_empty() {
             self.drain(ctx)?;
-            crate::reseed::delete_folders(self.mirror_id, &self.target, &pending)?;
+            let deleted = crate::reseed::delete_folders(self.mirror_id, &self.target, &pending)?;
             let now = Instant::now();
             for (relid, _) in &pending {
                 if let Some(t) = self.tables.get_mut(relid) {
-                    let ago = Duration::from_secs_f64(t.deleted_ago.unwrap_or(0.0).max(0.0));
-                    t.reset_since = Some(now.checked_sub(ago).unwrap_or(now));
+                    // Timed from the latest deletion: this one, or an earlier attempt's whose copy
+                    // was not published (its folder then held files the reader may have read).
+                    let since = if deleted.contains(relid) {
+                        now
+                    } else {
+                        let ago = Duration::from_secs_f64(t.deleted_ago.unwrap_or(0.0).max(0.0));
+                        now.checked_sub(ago).unwrap_or(now)
+                    };
+                    let existed = deleted.contains(relid) || t.deleted_ago.is_some();
+                    t.reset = Some((since, ResetWait { existed, seen_held: false }));
                 }
             }
             self.next_reset_check = now;
@@ -970,26 +978,30 @@ impl Decoder {
         if Instant::now() < self.next_reset_check {
             return Ok(false);
         }
-        let reset: Vec<String> = self.tables.values().filter(|t| t.reseeding).map(|t| t.folder.clone()).collect();
-        let held = crate::reseed::held_downstream(&self.target, &reset)?;
-        if held.is_empty() {
+        self.next_reset_check = Instant::now() + Duration::from_secs(2);
+        let settle = crate::reseed::reset_settle();
+        let timeout = crate::gucs::table_reset_timeout();
+        let mut waiting = Vec::new();
+        let relids: Vec<u32> = self.tables.iter().filter(|(_, t)| t.reseeding).map(|(r, _)| *r).collect();
+        for relid in relids {
+            let Some(t) = self.tables.get(&relid) else { continue };
+            let held = self.target.table_downstream(&t.folder)?;
+            let Some(t) = self.tables.get_mut(&relid) else { continue };
+            let Some((since, wait)) = t.reset.as_mut() else { continue };
+            let waited = since.elapsed();
+            if !wait.done(held, waited, settle) {
+                waiting.push((relid, waited));
+            }
+        }
+        if waiting.is_empty() {
             return Ok(true);
         }
-        self.next_reset_check = Instant::now() + Duration::from_secs(2);
-        let timeout = crate::gucs::table_reset_timeout();
-        let expired: Vec<(u32, Duration)> = self
-            .tables
-            .iter()
-            .filter(|(_, t)| t.reseeding && held.contains(&t.folder))
-            .filter_map(|(relid, t)| t.reset_since.map(|since| (*relid, since.elapsed())))
-            .filter(|(_, waited)| *waited >= timeout)
-            .collect();
-        for (relid, waited) in expired {
+        for (relid, waited) in waiting.into_iter().filter(|(_, w)| *w >= timeout) {
             let folder = self.tables.get(&relid).map(|t| t.folder.clone()).unwrap_or_default();
             self.park(relid, crate::reseed::not_dropped_error(&folder, waited));
             if let Some(t) = self.tables.get_mut(&relid) {
                 t.reseeding = false;
-                t.reset_since = None;
+                t.reset = None;
                 t.deleted_ago = None;
             }
         }

@@ -144,6 +144,7 @@ fn server_parameters_have_their_defaults_and_ranges() {
         ("azure_cdc.max_snapshot_workers", "3"),
         ("azure_cdc.snapshot_buffer_size", "1000MB"),
         ("azure_cdc.parquet_compression", "zstd"),
+        ("azure_cdc.table_reset_timeout", "15min"),
     ] {
         let shown = Spi::get_one::<String>(&format!("SHOW {name}")).unwrap().unwrap();
         assert_eq!(shown, value, "{name}");
@@ -166,7 +167,8 @@ fn server_parameters_have_their_defaults_and_ranges() {
          azure_cdc.max_snapshot_workers sighup 1 16; \
          azure_cdc.onelake_buffer_size sighup 5 4000 MB; \
          azure_cdc.parquet_compression sighup {zstd,snappy,gzip,uncompressed}; \
-         azure_cdc.snapshot_buffer_size sighup 10 4000 MB"
+         azure_cdc.snapshot_buffer_size sighup 10 4000 MB; \
+         azure_cdc.table_reset_timeout sighup 0 86400 s"
     );
 }
 

@@ -4,8 +4,8 @@
 //! in [`azure_cdc_core::reseed`]; the decoder ([`crate::decoder`]) holds, waits and rewinds.
 //!
 //! Before the copy the decoder has deleted each table's folder ([`delete_folders`]) and, on OneLake,
-//! waited until Fabric dropped the table ([`held_downstream`]), so the copy lands in a new folder that
-//! the landing zone's reader takes as a new table.
+//! waited until Fabric dropped the table ([`azure_cdc_core::reseed::ResetWait`]), so the copy lands
+//! in a new folder that the landing zone's reader takes as a new table.
 //!
 //! One copy: in one repeatable-read transaction (one snapshot `S` for every table copied together),
 //! for each table: create its folder, write `_metadata.json` with its key columns as they are now,
@@ -36,35 +36,31 @@ use crate::tuples::TupleConverter;
 /// `docs/mirroring/open-mirroring-best-practices.md`: delete the table's folder, wait until the table
 /// has left the mirrored database, recreate the folder with a full load). Notes in the catalog when
 /// the folders that existed were deleted (in a transaction of its own unless one is open).
-pub fn delete_folders(mirror_id: i64, target: &Target, tables: &[(u32, String)]) -> Result<()> {
+/// Returns the tables whose folder held something (and was deleted now); the catalog notes when.
+pub fn delete_folders(mirror_id: i64, target: &Target, tables: &[(u32, String)]) -> Result<Vec<u32>> {
     let mut deleted = Vec::new();
     for (relid, folder) in tables {
         if target.reset_table_folder(folder)? {
             pgrx::log!("azure_cdc: deleted folder \"{folder}\" to reset its table");
-            deleted.push(pg_sys::Oid::from(*relid));
+            deleted.push(*relid);
         }
     }
     if deleted.is_empty() {
-        return Ok(());
+        return Ok(deleted);
     }
+    let oids: Vec<pg_sys::Oid> = deleted.iter().map(|r| pg_sys::Oid::from(*r)).collect();
     // SAFETY: reading whether this process is inside a transaction.
     if unsafe { pg_sys::IsTransactionState() } {
-        catalog::folders_deleted(mirror_id, &deleted)
+        catalog::folders_deleted(mirror_id, &oids)?;
     } else {
-        pgrx::bgworkers::BackgroundWorker::transaction(|| catalog::folders_deleted(mirror_id, &deleted))
+        pgrx::bgworkers::BackgroundWorker::transaction(|| catalog::folders_deleted(mirror_id, &oids))?;
     }
+    Ok(deleted)
 }
 
-/// The folders among `folders` whose tables the landing zone's reader still holds (on OneLake:
-/// Fabric's mirrored database still has them); empty where nothing downstream is known.
-pub fn held_downstream(target: &Target, folders: &[String]) -> Result<Vec<String>> {
-    let mut held = Vec::new();
-    for f in folders {
-        if target.table_downstream(f)? == Some(true) {
-            held.push(f.clone());
-        }
-    }
-    Ok(held)
+/// The settle time of a reset ([`azure_cdc_core::reseed::RESET_SETTLE`], at most the timeout).
+pub fn reset_settle() -> std::time::Duration {
+    azure_cdc_core::reseed::RESET_SETTLE.min(crate::gucs::table_reset_timeout())
 }
 
 /// The error of a table the landing zone's reader has not dropped in time.
@@ -196,9 +192,17 @@ fn copy_one(
         let tree = catalog::partition_tree(relid)?;
         // SAFETY: rel is open.
         let partitioned = unsafe { (*(*rel).rd_rel).relkind } == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char;
-        // The decoder deleted the folder just before the copy (and waited for the reader to drop the
-        // table): this deletes nothing, unless something wrote there since.
-        target.reset_table_folder(&folder)?;
+        // The decoder deleted the folder just before the copy and waited for the reader to drop the
+        // table. Something written there since would make this a second reset without that wait.
+        if target.reset_table_folder(&folder)? {
+            return Err(Error::new(
+                ErrorKind::TargetIo,
+                format!(
+                    "the folder of table \"{}.{}\" was written after it was reset; it is reset again",
+                    t.schema, t.table
+                ),
+            ));
+        }
         target.put_document(&folder, landing_zone::METADATA_FILE, landing_zone::table_metadata(&keys).as_bytes())?;
         let mut builder = BatchBuilder::new(conv.specs())?;
         let mut sink = TableFileSink::new(

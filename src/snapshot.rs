@@ -37,6 +37,7 @@ use azure_cdc_core::error::Disposition;
 use azure_cdc_core::landing_zone;
 use azure_cdc_core::lifecycle::{MirrorState, TableEvent, TableState};
 use azure_cdc_core::names;
+use azure_cdc_core::reseed::ResetWait;
 use azure_cdc_core::target::{Target, TargetUrl};
 use azure_cdc_core::{Error, ErrorKind, Result};
 use pgrx::bgworkers::BackgroundWorker;
@@ -236,12 +237,15 @@ fn prepare(mirror_id: i64) -> Result<Option<(MirrorRow, Vec<TableRow>, Arc<Targe
             m.credential.as_deref(),
             crate::credentials::worker_settings(),
         )?);
-        let tables = catalog::tables(mirror_id)?;
+        let mut tables = catalog::tables(mirror_id)?;
         // Files an earlier attempt published may have been read already: each table is reset (its
         // folder deleted); run() waits until the landing zone's reader has dropped them.
         let folders: Vec<(u32, String)> =
             tables.iter().map(|t| (t.relid.to_u32(), names::table_folder(&t.schema, &t.table))).collect();
-        crate::reseed::delete_folders(mirror_id, &target, &folders)?;
+        let deleted = crate::reseed::delete_folders(mirror_id, &target, &folders)?;
+        for t in tables.iter_mut().filter(|t| deleted.contains(&t.relid.to_u32())) {
+            t.folder_deleted_ago = Some(0.0);
+        }
         let version = Spi::get_one::<String>("SELECT pg_catalog.current_setting('server_version')")
             .map_err(crate::errors::spi)?
             .unwrap_or_default();
@@ -386,21 +390,32 @@ fn end_stale_helpers(index: usize) -> Result<()> {
     }
 }
 
-/// Waits until the landing zone's reader has dropped the tables of `folders` (deleted to reset them),
-/// at most `azure_cdc.table_reset_timeout` since the earliest deletion (`deleted_ago` seconds ago).
-fn wait_until_dropped(target: &Target, folders: &[String], deleted_ago: f64) -> Result<()> {
-    let started = std::time::Instant::now() - std::time::Duration::from_secs_f64(deleted_ago.max(0.0));
+/// Waits until the landing zone's reader has dropped the tables whose folders were deleted to reset
+/// them ([`azure_cdc_core::reseed::ResetWait`]), each at most `azure_cdc.table_reset_timeout` since
+/// its latest deletion. `tables`: (folder, seconds since its latest deletion if it held something).
+fn wait_until_dropped(target: &Target, tables: &[(String, Option<f64>)]) -> Result<()> {
+    let now = std::time::Instant::now();
+    let mut waits: Vec<(String, std::time::Instant, ResetWait)> = tables
+        .iter()
+        .map(|(folder, ago)| {
+            let since = now.checked_sub(std::time::Duration::from_secs_f64(ago.unwrap_or(0.0).max(0.0))).unwrap_or(now);
+            (folder.clone(), since, ResetWait { existed: ago.is_some(), seen_held: false })
+        })
+        .collect();
     loop {
-        let held = crate::reseed::held_downstream(target, folders)?;
-        let Some(first) = held.first() else { return Ok(()) };
-        let timeout = crate::gucs::table_reset_timeout();
-        if started.elapsed() >= timeout {
-            return Err(crate::reseed::not_dropped_error(first, started.elapsed()));
+        let settle = crate::reseed::reset_settle();
+        let mut waiting = None;
+        for (folder, since, wait) in waits.iter_mut() {
+            let held = target.table_downstream(folder)?;
+            if !wait.done(held, since.elapsed(), settle) {
+                waiting.get_or_insert((folder.clone(), since.elapsed()));
+            }
         }
-        pgrx::log!(
-            "azure_cdc: waiting for the landing zone's reader to drop {} table(s) whose folders were deleted, such as \"{first}\"",
-            held.len()
-        );
+        let Some((first, waited)) = waiting else { return Ok(()) };
+        if waited >= crate::gucs::table_reset_timeout() {
+            return Err(crate::reseed::not_dropped_error(&first, waited));
+        }
+        pgrx::log!("azure_cdc: waiting for the landing zone's reader to drop the table of folder \"{first}\", deleted to reset it");
         if !BackgroundWorker::wait_latch(Some(std::time::Duration::from_secs(2))) {
             return Err(Error::new(ErrorKind::Internal, "the server is shutting down"));
         }
@@ -413,9 +428,9 @@ fn run(index: usize, mirror_id: i64) -> Result<()> {
         mark_snapshotted(index);
         return Ok(());
     };
-    let folders: Vec<String> = tables.iter().map(|t| names::table_folder(&t.schema, &t.table)).collect();
-    let deleted_ago = tables.iter().filter_map(|t| t.folder_deleted_ago).fold(0.0, f64::max);
-    wait_until_dropped(&target, &folders, deleted_ago)?;
+    let folders: Vec<(String, Option<f64>)> =
+        tables.iter().map(|t| (names::table_folder(&t.schema, &t.table), t.folder_deleted_ago)).collect();
+    wait_until_dropped(&target, &folders)?;
     // SAFETY: a fresh transaction that has read nothing yet, as create_with_snapshot requires.
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();

@@ -102,11 +102,21 @@ struct Request {
     query: Vec<(&'static str, String)>,
     headers: Vec<(&'static str, String)>,
     body: Bytes,
+    /// A rename's source (`/{filesystem}/{path}`, encoded): sent as `x-ms-rename-source`, with the
+    /// SAS token appended when the credential is one (the service authorizes the source with it).
+    rename_source: Option<String>,
 }
 
 impl Request {
     fn new(method: Method, path: &str) -> Request {
-        Request { method, path: path.to_string(), query: Vec::new(), headers: Vec::new(), body: Bytes::new() }
+        Request {
+            method,
+            path: path.to_string(),
+            query: Vec::new(),
+            headers: Vec::new(),
+            body: Bytes::new(),
+            rename_source: None,
+        }
     }
     fn query(mut self, k: &'static str, v: impl Into<String>) -> Request {
         self.query.push((k, v.into()));
@@ -172,11 +182,25 @@ impl NoReply {
     }
 }
 
-/// Whether the text of a failed token request says the identity provider refused the credential.
+/// Whether the text of a failed token request says the identity provider refused the credential for
+/// good (OAuth 2.0 errors of RFC 6749 section 5.2, and the Microsoft Entra codes for a wrong or
+/// expired secret, an unknown application or tenant, and an unmatched federated credential). Other
+/// failures, such as Entra's AADSTS90033 "a transient error has occurred", are retried.
 fn token_refused(text: &str) -> bool {
-    ["400 Bad Request", "401 Unauthorized", "403 Forbidden", "invalid_client", "unauthorized_client", "AADSTS"]
-        .iter()
-        .any(|m| text.contains(m))
+    [
+        "invalid_client",
+        "unauthorized_client",
+        "invalid_grant",
+        "AADSTS7000215",
+        "AADSTS7000222",
+        "AADSTS700016",
+        "AADSTS70021",
+        "AADSTS90002",
+        "401 Unauthorized",
+        "403 Forbidden",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
 }
 
 /// Percent-encodes a path for a URL or `x-ms-rename-source`, keeping `/` between components.
@@ -264,6 +288,18 @@ impl Inner {
             headers.insert(HeaderName::from_static(k), value);
         }
         headers.insert(CONTENT_LENGTH, HeaderValue::from(r.body.len()));
+        if let Some(source) = &r.rename_source {
+            let source = match &*credential {
+                AzureCredential::SASToken(pairs) => {
+                    let query: Vec<String> =
+                        pairs.iter().map(|(k, v)| format!("{k}={}", encode_query_value(v))).collect();
+                    format!("{source}?{}", query.join("&"))
+                }
+                _ => source.clone(),
+            };
+            let value = HeaderValue::from_str(&source).map_err(|e| invalid(format!("invalid rename source: {e}")))?;
+            headers.insert(HeaderName::from_static("x-ms-rename-source"), value);
+        }
         AzureAuthorizer::new(&credential, &self.account)
             .try_authorize(&mut req)
             .map_err(|e| invalid(format!("could not sign the request: {e}")))?;
@@ -543,8 +579,8 @@ impl DfsTarget {
 
     /// Renames `from` to `to` (both inside the file system). `exclusive`: refuse an existing `to`.
     fn rename(&self, from: &str, to: &str, exclusive: bool) -> Result<Reply> {
-        let source = format!("/{}/{}", encode_path(&self.inner.filesystem), encode_path(from));
-        let mut r = Request::new(Method::PUT, to).header("x-ms-rename-source", source);
+        let mut r = Request::new(Method::PUT, to);
+        r.rename_source = Some(format!("/{}/{}", encode_path(&self.inner.filesystem), encode_path(from)));
         if exclusive {
             r = r.header("if-none-match", "*");
         }
@@ -563,6 +599,15 @@ impl DfsTarget {
         }
         self.flush(&tmp, bytes.len() as u64, &md5)?;
         let reply = self.rename(&tmp, &fin, false)?;
+        if reply.status == StatusCode::NOT_FOUND && reply.code() == "SourcePathNotFound" {
+            // The rename ran and its reply was lost (the retry found no source): the document is in
+            // place if it holds these bytes.
+            if let Some((false, _, Some(theirs))) = self.head(&fin)? {
+                if theirs == md5 {
+                    return Ok(());
+                }
+            }
+        }
         self.expect("publish", &fin, reply).map(|_| ())
     }
 
@@ -629,10 +674,17 @@ impl DfsTarget {
             // The final name is taken, or the temporary file is gone: either an earlier attempt of this
             // very publication succeeded (a reply lost, the request retried) or the landing zone holds
             // another file under this number.
-            let same = match (self.head(&fin)?, &ours) {
-                (Some((false, _, Some(theirs))), Some(ours)) => &theirs == ours,
+            let fin_md5 = self.head(&fin)?;
+            let same = match (&fin_md5, &ours) {
+                (Some((false, _, Some(theirs))), Some(ours)) => theirs == ours,
                 _ => false,
             };
+            if fin_md5.is_none() {
+                return Err(Error::new(
+                    ErrorKind::TargetIo,
+                    format!("the temporary file of data file \"{fin}\" disappeared before it was published"),
+                ));
+            }
             if !same {
                 return Err(Error::new(
                     ErrorKind::Internal,
@@ -684,8 +736,9 @@ impl DfsTarget {
                 r = r.query("continuation", c.clone());
             }
             let reply = self.call(r)?;
-            if reply.status == StatusCode::NOT_FOUND && continuation.is_none() {
-                found = false;
+            if reply.status == StatusCode::NOT_FOUND {
+                // Nothing there; after a continuation: the last page ran and its reply was lost.
+                found &= continuation.is_some();
                 break;
             }
             let reply = self.expect("delete folder", &path, reply)?;
@@ -715,17 +768,21 @@ impl DfsTarget {
     pub fn data_files(&self, rel: &str) -> Result<Vec<DataFile>> {
         let mut out = Vec::new();
         let Some(entries) = self.list(rel)? else { return Ok(out) };
-        for e in entries {
-            if e.is_dir {
-                if let Some(place) = Place::of_folder(&e.name) {
-                    for inner in self.list(&Self::join(rel, &e.name))?.unwrap_or_default() {
-                        if let Some(n) = names::parse_data_file_name(&inner.name).filter(|_| !inner.is_dir) {
-                            out.push(DataFile { number: n, place });
-                        }
-                    }
-                }
-            } else if let Some(n) = names::parse_data_file_name(&e.name) {
+        for e in &entries {
+            if let Some(n) = names::parse_data_file_name(&e.name).filter(|_| !e.is_dir) {
                 out.push(DataFile { number: n, place: Place::Published });
+            }
+        }
+        // In the order the reader moves files, so that a file moved from one to the next between
+        // two listings is seen in the second.
+        for place in Place::CONSUMED {
+            if !entries.iter().any(|e| e.is_dir && e.name == place.folder()) {
+                continue;
+            }
+            for inner in self.list(&Self::join(rel, place.folder()))?.unwrap_or_default() {
+                if let Some(n) = names::parse_data_file_name(&inner.name).filter(|_| !inner.is_dir) {
+                    out.push(DataFile { number: n, place });
+                }
             }
         }
         Ok(out)

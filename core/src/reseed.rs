@@ -89,6 +89,38 @@ impl Hold {
     }
 }
 
+/// How long a reset table whose folder held files waits, at least, for the landing zone's reader to
+/// notice the deletion when the reader was never seen holding the table (it may have been reading
+/// the folder without having created the table yet). Capped by `azure_cdc.table_reset_timeout`.
+pub const RESET_SETTLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// What is known of a table being reset (its folder deleted) downstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResetWait {
+    /// The folder held something when it was deleted (now or by an earlier attempt whose copy is
+    /// not published).
+    pub existed: bool,
+    /// The reader was seen holding the table after the deletion.
+    pub seen_held: bool,
+}
+
+impl ResetWait {
+    /// Whether the table may be published again, given whether the reader holds it now (None:
+    /// nothing downstream is known) and how long ago the folder was deleted. Seeing the table held
+    /// and then gone is proof that the reader dropped it; a table never seen held is taken as gone
+    /// only `settle` after the deletion, when the folder held files the reader may have read.
+    pub fn done(&mut self, held: Option<bool>, waited: std::time::Duration, settle: std::time::Duration) -> bool {
+        match held {
+            None => true,
+            Some(true) => {
+                self.seen_held = true;
+                false
+            }
+            Some(false) => !self.existed || self.seen_held || waited >= settle,
+        }
+    }
+}
+
 /// Parses PostgreSQL's text form of a snapshot (`pg_snapshot`, full transaction ids):
 /// `xmin:xmax:xip1,xip2,…`.
 pub fn parse_snapshot(text: &str) -> Result<Visibility> {
@@ -146,6 +178,24 @@ mod tests {
         for bad in ["", "1", "1:2", "x:2:", "5:4:", "1:5:7", "1:5:0", "1:5:a"] {
             assert!(parse_snapshot(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_reset_waits_for_proof_that_the_reader_dropped_the_table() {
+        use std::time::Duration as D;
+        let settle = D::from_secs(60);
+        // Nothing downstream known: publish again at once.
+        assert!(ResetWait { existed: true, seen_held: false }.done(None, D::ZERO, settle));
+        // A folder that held nothing: gone is gone.
+        assert!(ResetWait { existed: false, seen_held: false }.done(Some(false), D::ZERO, settle));
+        // Held, then gone: proof.
+        let mut w = ResetWait { existed: true, seen_held: false };
+        assert!(!w.done(Some(true), D::from_secs(1), settle));
+        assert!(w.done(Some(false), D::from_secs(2), settle));
+        // Never seen held although the folder held files: only after the settle time.
+        let mut w = ResetWait { existed: true, seen_held: false };
+        assert!(!w.done(Some(false), D::from_secs(59), settle));
+        assert!(w.done(Some(false), D::from_secs(60), settle));
     }
 
     #[test]

@@ -674,6 +674,8 @@ class ReplicatedTable(Replayed):
         self.kept = None  # (number, etag) of the newest file, left in place [LZ]
         self.failed = None
         self.serial = 0
+        self.first_applied = None  # when its first file was applied
+        self.visible = False  # its Tables/<schema>/<table> folder exists
 
 
 class Replicator:
@@ -692,19 +694,23 @@ class Replicator:
     - processed files move to `_ProcessedFiles`, the newest stays in place [LZ]; after
       `ready_after_s` they move to `_FilesReadyToDelete`, after `purge_after_s` they are deleted
       ("After seven days, the files are removed" [LZ]);
-    - a deleted folder drops the table after `drop_delay_s` (its `Tables/<schema>/<table>` folder
-      goes); a folder recreated (a new ETag) drops and rebuilds the table [LZ]; recreating it before
-      the table has left the mirrored database is a violation [BP: "Wait until the table disappears
+    - a table appears in `Tables/<schema>/<table>` `create_delay_s` after its first file was applied;
+      a deleted folder drops the table after `drop_delay_s` (that folder goes); a folder recreated (a
+      new ETag) drops and rebuilds the table [LZ]; recreating it before the replicator has dropped
+      the table, visible or still loading, is a violation [BP: "Wait until the table disappears
       from the mirrored database"].
 
     `violations` lists every breach of the producer's side of the contract; tests require none."""
 
     def __init__(self, emulator, ws, item, interval_s=0.1, drop_delay_s=1.0, ready_after_s=3600.0,
-                 purge_after_s=7 * 86400.0):
+                 purge_after_s=7 * 86400.0, create_delay_s=0.0):
         self.em, self.ws, self.item = emulator, ws, item
         self.root = f"{item}/Files/LandingZone"
         self.interval_s, self.drop_delay_s = interval_s, drop_delay_s
         self.ready_after_s, self.purge_after_s = ready_after_s, purge_after_s
+        # A table shows in Tables/ only this long after its first file was applied (a first load
+        # takes time); until then a producer cannot see that the replicator is reading the folder.
+        self.create_delay_s = create_delay_s
         self.tables = {}  # (schema folder, table folder) -> ReplicatedTable
         self.dropping = {}  # (schema folder, table folder) -> time the folder was seen gone
         self.moved = {}  # path in _ProcessedFiles / _FilesReadyToDelete -> time moved there
@@ -790,11 +796,6 @@ class Replicator:
         keys = json.loads(meta.data or b"{}").get("keyColumns", [])
         if t is None:
             t = self.tables[key] = ReplicatedTable(keys, node.etag)
-            tp = self.tables_path(key)
-            schema_dir = tp.rsplit("/", 1)[0]
-            if em.get(ws, schema_dir) is None:
-                em.put_internal(ws, schema_dir, Node(True))
-            em.put_internal(ws, tp, Node(True))
         elif keys != t.keys:
             self.violation(f"{folder}: keyColumns changed from {t.keys} to {keys}")
         if t.failed:
@@ -817,6 +818,15 @@ class Replicator:
             self.applied += 1
             t.kept = (t.next, f.etag)
             t.next += 1
+            if t.first_applied is None:
+                t.first_applied = time.time()
+        if not t.visible and t.first_applied is not None and time.time() - t.first_applied >= self.create_delay_s:
+            tp = self.tables_path(key)
+            schema_dir = tp.rsplit("/", 1)[0]
+            if em.get(ws, schema_dir) is None:
+                em.put_internal(ws, schema_dir, Node(True))
+            em.put_internal(ws, tp, Node(True))
+            t.visible = True
         # Processed files move to _ProcessedFiles; the newest stays in place [LZ].
         for n in sorted(files):
             if n < t.next - 1:

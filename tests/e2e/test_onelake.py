@@ -304,6 +304,25 @@ def test_a_reset_waits_until_fabric_has_dropped_the_table(db, onelake):
     verify_ok(db)
 
 
+def test_a_reset_waits_for_a_table_fabric_was_still_loading(db, onelake):
+    # The replicator applies the files but has not shown the table in Tables/ yet (a long first
+    # load): a reset cannot see it held, so it waits the settle time (here the timeout, 5 s) before
+    # it creates the folder again, and the replicator has dropped what it was building by then.
+    ws = new_workspace(onelake)
+    rep = onelake.replicator(ws, drop_delay_s=1.0, create_delay_s=10**6)
+    db.sql("CREATE TABLE a (id int PRIMARY KEY, v text)")
+    db.sql("INSERT INTO a SELECT g, 'v' FROM generate_series(1, 100) g")
+    with db.server_setting("azure_cdc.table_reset_timeout", "5s"):
+        start(db, onelake, ws)
+        db.wait_snapshot("m")
+        wait_for("the replicator to load a", lambda: applied_everything(onelake, ws, rep))
+        assert onelake.emulator.get(ws, f"{onelake.ITEM}/Tables/public/a") is None
+        db.sql("TRUNCATE a")
+        db.sql("INSERT INTO a VALUES (1, 'after')")
+        reseeded(db, "a")
+        assert_replicated(db, onelake, ws, rep, ["a"])
+
+
 class Workload:
     def __init__(self, db, seed):
         self.conn = db.cluster.connect(db.name)
@@ -450,8 +469,10 @@ def test_files_deleted_behind_the_mirrors_back_park_the_table(db, onelake):
     assert "missing from the landing zone" in db.status("m")[("public", "a")]["error"]
     db.wait_caught_up("m")
     assert not [n for n in em.names(ws, f"{onelake.root}/public.schema/a/") if n.endswith(".parquet")]
-    db.sql("SELECT azure_cdc.resync_table('m', 'a')")
-    reseeded(db, "a")
+    # No replicator reads this landing zone: the reset waits only the settle time (the timeout, 3 s).
+    with db.server_setting("azure_cdc.table_reset_timeout", "3s"):
+        db.sql("SELECT azure_cdc.resync_table('m', 'a')")
+        reseeded(db, "a")
     db.wait_caught_up("m")
     rows = db.sql("SELECT table_name, verdict FROM azure_cdc.verify_mirror('m')")
     assert sorted(rows) == [("a", "OK"), ("b", "OK")], rows
