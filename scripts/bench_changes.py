@@ -8,7 +8,10 @@
    with a mirror of all pgbench tables, alternated.
 3. lag: pgbench at about half its maximum TPS, batch timeout 200 ms; a probe row committed every
    50 ms; a watcher polls the landing zone and notes when each probe row's file is visible.
-4. memory: peak RSS of the decoder while one ~1 GB transaction is mirrored.
+4. reseed: a probe row committed every 50 ms into another table while a 10 M-row table is copied
+   again by resync_table: the probes' commit -> file visible during the copy, and the copy's time.
+5. memory: peak RSS of the decoder while one ~1 GB transaction is mirrored.
+Arguments choose parts: throughput, overhead, lag, reseed, memory (all by default).
 """
 
 import os
@@ -131,51 +134,89 @@ def overhead(conn):
     return a
 
 
+class Probes:
+    """A probe row committed into `table` every 50 ms from its own connection, and a watcher that
+    polls the table's landing-zone folder and notes when each probe row's file is visible."""
+
+    def __init__(self, root, table):
+        self.table = table
+        self.folder = os.path.join(root, "public.schema", table)
+        self.seen, self.visible, self.committed = set(), {}, {}
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.watch), threading.Thread(target=self.probe)]
+
+    def watch(self):
+        while not self.stop.is_set():
+            now = time.time()
+            if os.path.isdir(self.folder):
+                for f in sorted(os.listdir(self.folder)):
+                    if f[0].isdigit() and f not in self.seen:
+                        self.seen.add(f)
+                        for i in pq.read_table(os.path.join(self.folder, f), columns=["id"]).column("id").to_pylist():
+                            self.visible[i] = now
+            time.sleep(0.005)
+
+    def probe(self):
+        c = connect()
+        while not self.stop.is_set():
+            i = one(c, f"INSERT INTO {self.table} (at) VALUES (clock_timestamp()) RETURNING id")
+            self.committed[i] = time.time()
+            time.sleep(0.05)
+        c.close()
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        time.sleep(1.5)
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+    def report(self, since=0.0, until=float("inf")):
+        """Percentiles of commit -> visible over the probes committed in [since, until]."""
+        ids = [i for i, t in self.committed.items() if since <= t <= until]
+        lags = sorted(self.visible[i] - self.committed[i] for i in ids if i in self.visible)
+        missing = [i for i in ids if i not in self.visible]
+        p = lambda q: lags[min(len(lags) - 1, int(q * len(lags)))] * 1000
+        return (f"{len(lags)} probe commits, commit -> file visible: p50 {p(0.5):.0f} ms, p90 {p(0.9):.0f} ms, "
+                f"p99 {p(0.99):.0f} ms, max {lags[-1] * 1000:.0f} ms; not yet visible at the end: {len(missing)}")
+
+
 def lag(conn, max_tps):
     conn.execute("CREATE TABLE probe (id serial PRIMARY KEY, at timestamptz NOT NULL)")
     set_timeout(conn, "200ms")
     root, _ = start_mirror(conn, "lag", None)
-    folder = os.path.join(root, "public.schema", "probe")
-    seen, visible, stop = set(), {}, threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            now = time.time()
-            if os.path.isdir(folder):
-                for f in sorted(os.listdir(folder)):
-                    if f[0].isdigit() and f not in seen:
-                        seen.add(f)
-                        for i in pq.read_table(os.path.join(folder, f), columns=["id"]).column("id").to_pylist():
-                            visible[i] = now
-            time.sleep(0.005)
-
-    committed = {}
-
-    def probe():
-        c = connect()
-        while not stop.is_set():
-            i = one(c, "INSERT INTO probe (at) VALUES (clock_timestamp()) RETURNING id")
-            committed[i] = time.time()
-            time.sleep(0.05)
-        c.close()
-
-    threads = [threading.Thread(target=watch), threading.Thread(target=probe)]
-    for t in threads:
-        t.start()
     rate = int(max_tps / 2)
-    tps = pgbench("-c", "4", "-j", "2", "-T", "30", "-R", str(rate))
-    time.sleep(1.5)
-    stop.set()
-    for t in threads:
-        t.join()
-    lags = sorted(visible[i] - committed[i] for i in committed if i in visible)
-    missing = [i for i in committed if i not in visible]
+    with Probes(root, "probe") as probes:
+        tps = pgbench("-c", "4", "-j", "2", "-T", "30", "-R", str(rate))
     stop_mirror(conn, "lag")
-    p = lambda q: lags[min(len(lags) - 1, int(q * len(lags)))] * 1000
-    print(f"lag          pgbench -R {rate} (half of {max_tps:,.0f}) for 30 s -> {tps:,.0f} TPS; "
-          f"{len(lags)} probe commits; batch timeout 200 ms")
-    print(f"             commit -> file visible: p50 {p(0.5):.0f} ms, p90 {p(0.9):.0f} ms, p99 {p(0.99):.0f} ms, "
-          f"max {lags[-1] * 1000:.0f} ms (target p99 < 1000 ms); not yet visible at the end: {len(missing)}")
+    print(f"lag          pgbench -R {rate} (half of {max_tps:,.0f}) for 30 s -> {tps:,.0f} TPS; batch timeout 200 ms")
+    print(f"             {probes.report()} (target p99 < 1000 ms)")
+
+
+def reseed(conn):
+    """Another table's lag while a 10 M-row table is copied again (resync_table), and the copy's time."""
+    conn.execute("CREATE TABLE big (id int PRIMARY KEY, v int NOT NULL)")
+    conn.execute("INSERT INTO big SELECT g, g FROM generate_series(1, 10000000) g")
+    conn.execute("VACUUM ANALYZE big")
+    conn.execute("CREATE TABLE probe2 (id serial PRIMARY KEY, at timestamptz NOT NULL)")
+    set_timeout(conn, "200ms")
+    root, _ = start_mirror(conn, "reseed", ["big", "probe2"])
+    with Probes(root, "probe2") as probes:
+        time.sleep(3)
+        t0 = time.time()
+        conn.execute("SELECT azure_cdc.resync_table('reseed', 'big')")
+        while not one(conn, "SELECT count(*) FROM azure_cdc.events WHERE mirror_name = 'reseed' AND event = 'Reseeded'"):
+            time.sleep(0.05)
+        copied = time.time() - t0
+        time.sleep(3)
+    stop_mirror(conn, "reseed")
+    print(f"reseed       resync_table of 10,000,000 rows: requested -> Reseeded in {copied:.2f} s")
+    print(f"             another table meanwhile: {probes.report(t0, t0 + copied)} (target p99 < 1000 ms)")
+    print(f"             before and after: {probes.report(0, t0 - 0.001)}")
 
 
 def memory(conn, decoding_work_mem=None):
@@ -244,7 +285,7 @@ def main():
         conn = connect()
         conn.execute("CREATE EXTENSION azure_cdc")
         conn.execute("VACUUM ANALYZE")
-        which = sys.argv[1:] or ["throughput", "overhead", "lag", "memory"]
+        which = sys.argv[1:] or ["throughput", "overhead", "lag", "reseed", "memory"]
         max_tps = None
         if "throughput" in which:
             throughput(conn)
@@ -252,6 +293,8 @@ def main():
             max_tps = overhead(conn)
         if "lag" in which:
             lag(conn, max_tps)
+        if "reseed" in which:
+            reseed(conn)
         if "memory" in which:
             memory(conn)
             # The same with a smaller reorder buffer, to tell its share from azure_cdc's.

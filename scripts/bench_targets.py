@@ -11,6 +11,10 @@ accounts, 128 MB) and Azurite on 127.0.0.1, one run each:
 4. OneLake: the same snapshot and changes into the OneLake stand-in (tests/e2e/onelake.py, DFS API,
    a service principal's tokens) answering every request after 20 ms (a 20 ms round trip), with
    the requests per published data file counted by the stand-in.
+5. wide: one transaction updating one row in each of 200 tables, from its commit until the slot is
+   confirmed past it (every table's change file published), with azure_cdc.max_parallel_uploads 1
+   and 16, into a local folder and into the OneLake stand-in at a 20 ms round trip. The batch timeout
+   is 100 ms here, so each figure includes up to 100 ms of waiting for the batch to close.
 """
 
 import os
@@ -118,6 +122,7 @@ def main():
         conn.execute("ALTER SYSTEM RESET azure_cdc.onelake_buffer_size")
         conn.execute("SELECT pg_reload_conf()")
         onelake(conn)
+        wide(conn)
     finally:
         sh(CLUSTER, "stop", DATA, "fast")
         az.close()
@@ -163,6 +168,60 @@ def onelake(conn):
         conn.execute("SELECT azure_cdc.stop_mirror('onelake')")
     finally:
         ol.close()
+
+
+WIDE = 200
+
+
+def wide_round(conn, name, parallel, rounds=3):
+    conn.execute("ALTER SYSTEM SET azure_cdc.max_parallel_uploads = %s" % int(parallel))
+    conn.execute("SELECT pg_reload_conf()")
+    time.sleep(1)
+    took = []
+    for r in range(rounds):
+        conn.execute("BEGIN")
+        for i in range(WIDE):
+            conn.execute(f"UPDATE wide.t{i:03} SET v = v + 1")
+        conn.execute("COMMIT")
+        t0 = time.time()
+        wait_caught_up(conn, "azure_cdc_" + name)
+        took.append(time.time() - t0)
+    print(f"wide         {name:<14} max_parallel_uploads {parallel:>2}: one transaction over {WIDE} tables published in "
+          + ", ".join(f"{t:5.2f} s" for t in took))
+
+
+def wide(conn):
+    conn.execute("CREATE SCHEMA wide")
+    for i in range(WIDE):
+        conn.execute(f"CREATE TABLE wide.t{i:03} (id int PRIMARY KEY, v int)")
+        conn.execute(f"INSERT INTO wide.t{i:03} VALUES (1, 0)")
+    tables = [f"wide.t{i:03}" for i in range(WIDE)]
+
+    def start(name, url, options):
+        conn.execute("SELECT azure_cdc.start_mirror(%s, %s, %s, %s)", (name, url, tables, Jsonb(options)))
+        while one(conn, "SELECT state FROM azure_cdc.mirrors WHERE mirror_name = %s", (name,)) != "Running":
+            time.sleep(0.05)
+        while not one(conn, "SELECT decoder_pid FROM azure_cdc.get_mirror_status() WHERE mirror_name = %s", (name,)):
+            time.sleep(0.05)
+        wait_caught_up(conn, "azure_cdc_" + name)
+
+    start("wide_local", "file://" + os.path.join(BASE, "mirrors", "wide"), {})
+    for parallel in (1, 16):
+        wide_round(conn, "wide_local", parallel)
+    conn.execute("SELECT azure_cdc.stop_mirror('wide_local')")
+    ol = OneLake(latency_s=0.020)
+    ol.start()
+    try:
+        ol.create_bucket("wide")
+        conn.execute("SELECT azure_cdc.create_credential('onelake_wide', %s)", (Jsonb(ol.credential_options()),))
+        start("wide_onelake", ol.url("wide"), {"credential": "onelake_wide"})
+        for parallel in (1, 16):
+            wide_round(conn, "wide_onelake", parallel)
+        conn.execute("SELECT azure_cdc.stop_mirror('wide_onelake')")
+    finally:
+        ol.close()
+    conn.execute("ALTER SYSTEM RESET azure_cdc.max_parallel_uploads")
+    conn.execute("SELECT pg_reload_conf()")
 
 
 if __name__ == "__main__":

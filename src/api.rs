@@ -369,6 +369,12 @@ fn stop_mirror_impl(mirror_name: &str) -> Result<String> {
     if m.state == MirrorState::Stopped.as_str() {
         return Ok(format!("mirror \"{mirror_name}\" is already stopped"));
     }
+    // Dropping the slot cannot be rolled back (nor can stopping the workers): refused inside a
+    // transaction block, as DROP SUBSCRIPTION refuses when it drops a slot. A stop that rolled back
+    // would leave a Running mirror without its slot.
+    // SAFETY: raises an ERROR (25001) inside a transaction block; else marks the transaction to
+    // commit at once. Main thread of a backend.
+    unsafe { pg_sys::PreventInTransactionBlock(true, c"azure_cdc.stop_mirror()".as_ptr()) };
     let entry = shmem::find(database_oid(), m.id);
     if let Some(index) = entry {
         stop_workers(index, mirror_name)?;
@@ -397,7 +403,7 @@ pub(crate) fn unknown_mirror(name: &str) -> Error {
 }
 
 /// Stops a mirror: its workers end, its replication slot is dropped, its tables become Stopped. The
-/// landing zone is kept.
+/// landing zone is kept. Not inside a transaction block (a dropped slot cannot be brought back).
 #[pg_extern]
 fn stop_mirror(mirror_name: &str) -> String {
     stop_mirror_impl(mirror_name).or_raise()

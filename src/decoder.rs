@@ -210,6 +210,8 @@ struct Decoder {
     error_cleared: bool,
     /// When to look again whether the landing zone's reader has dropped the tables being reset.
     next_reset_check: Instant,
+    /// The copier copying this pass's reseeded tables, while it runs.
+    copier: Option<pgrx::bgworkers::DynamicBackgroundWorker>,
 }
 
 /// Entry point of the decoder worker. `arg` is the mirror's index in the shared registry.
@@ -220,6 +222,9 @@ pub extern "C-unwind" fn azure_cdc_decoder_main(arg: pg_sys::Datum) {
     let Some((index, entry)) = worker::start(arg, "is not decoded") else { return };
     let mirror_id = entry.mirror_id;
     let result = worker::catching(|| run(index, mirror_id));
+    // The process ends now: a batch still being published is abandoned (never acknowledged, so
+    // decoded again by the next decoder) rather than waited for.
+    azure_cdc_core::cloud::mark_process_exiting();
     DECODER.with(|d| d.borrow_mut().take());
     shmem::set_stream_stats(index, StreamStats::default());
     shmem::set_worker_pid(index, 0);
@@ -275,7 +280,7 @@ fn load(mirror_id: i64) -> Result<Option<Loaded>> {
         }
         // SAFETY: drop catalog entries this transaction built from the current catalog, so that
         // decoding builds its own from the historic snapshots.
-        unsafe { pg_sys::InvalidateSystemCaches() };
+        unsafe { reset_caches() };
         Ok(Some(Loaded::Ready(m, tables, known)))
     })
 }
@@ -375,6 +380,41 @@ fn open_table(t: &catalog::TableRow, reseeding: bool) -> Result<Table> {
     })
 }
 
+/// What the reseed step asks of the pass loop.
+enum Reseed {
+    Nothing,
+    /// The tables are ready to be copied.
+    Copy(PendingCopy),
+    /// The copier has copied and recorded them.
+    Copied,
+}
+
+/// Ends a copier left running (by an earlier pass or decoder process) and forgets its job, so that
+/// at most one copier of a mirror runs, and only with the job of the pass that started it.
+fn end_copier(index: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let e = shmem::entry(index);
+        let pid = e.helper_pids[shmem::COPIER_SLOT];
+        if !shmem::worker_alive(pid, e.database) {
+            shmem::clear_copy_job(index);
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::new(
+                ErrorKind::ObjectInUse,
+                format!("the copier (pid {pid}) of an earlier pass did not exit"),
+            ));
+        }
+        if e.copy.state == shmem::CopyState::Running {
+            shmem::terminate_worker(pid, e.database);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        pg_sys::check_for_interrupts!();
+        worker::exit_if_postmaster_died();
+    }
+}
+
 /// The copy step of a reseed, made between two passes.
 struct PendingCopy {
     /// The mirror's owner: a table it may no longer mirror is parked instead of copied.
@@ -443,6 +483,7 @@ fn decode(index: usize, mirror_id: i64, change_cxt: pg_sys::MemoryContext) -> Re
     // load() or by the next generation check; read after load(), a change made in between would be
     // neither.
     let generation = shmem::entry(index).tables_generation;
+    end_copier(index)?;
     let (mirror, mut tables, known) = match load(mirror_id)? {
         None => {
             pgrx::log!("azure_cdc: mirror {mirror_id} is not running; decoder exits");
@@ -488,7 +529,7 @@ fn decode(index: usize, mirror_id: i64, change_cxt: pg_sys::MemoryContext) -> Re
     // SAFETY: main thread, no transaction open (load committed), no slot acquired yet.
     let ctx = unsafe { crate::slot::open_decoding(&mirror.slot_name)? };
     // SAFETY: the slot is acquired by this process (open_decoding).
-    let confirmed = unsafe { (*pg_sys::MyReplicationSlot).data.confirmed_flush };
+    let confirmed = unsafe { crate::slot::confirmed_flush() };
     pgrx::log!(
         "azure_cdc: mirror \"{}\": decoding slot {} from {} ({} tables)",
         mirror.name,
@@ -526,6 +567,7 @@ fn decode(index: usize, mirror_id: i64, change_cxt: pg_sys::MemoryContext) -> Re
             last_catalog_write: Instant::now(),
             error_cleared: false,
             next_reset_check: Instant::now(),
+            copier: None,
         })
     });
     with_decoder(|d| {
@@ -538,6 +580,7 @@ fn decode(index: usize, mirror_id: i64, change_cxt: pg_sys::MemoryContext) -> Re
     })?;
     loop {
         pg_sys::check_for_interrupts!();
+        worker::exit_if_postmaster_died();
         // SAFETY: reading a signal flag set by PostgreSQL's SIGHUP handler, on the main thread.
         if unsafe { pg_sys::ConfigReloadPending } != 0 {
             // SAFETY: as every process does after SIGHUP.
@@ -582,19 +625,40 @@ fn decode(index: usize, mirror_id: i64, change_cxt: pg_sys::MemoryContext) -> Re
             d.record_catalog(mirror_id, false)
         })?;
         with_decoder(|d| d.check_vanished(ctx))?;
-        if let Some(copy) = with_decoder(|d| d.step_reseed(ctx, e.tables_generation))? {
-            // The slot is released before the copy: a process that decodes a slot is left out of the
-            // horizon other backends prune dead rows by, so its snapshot would not keep the row
-            // versions the copy must read.
-            // SAFETY: ctx is this pass's context, not used after this.
-            unsafe { close_pass(ctx) };
-            pgrx::log!("azure_cdc: mirror {mirror_id}: copying {} reseeded table(s)", copy.tables.len());
-            crate::reseed::copy_tables(mirror_id, copy.owner, index, &copy.target, &copy.tables, &copy.must_see)?;
-            return Ok(Next::Rewind);
+        match with_decoder(|d| d.step_reseed(ctx, e.tables_generation))? {
+            Reseed::Nothing => {}
+            Reseed::Copied => {
+                // The copier has recorded its tables: decode again from the hold.
+                // SAFETY: ctx is this pass's context, not used after this.
+                unsafe { close_pass(ctx) };
+                return Ok(Next::Rewind);
+            }
+            Reseed::Copy(copy) => {
+                // The copier copies while this decoder goes on with the other tables; when it cannot
+                // be started (no free worker slot, a job too large for the registry), the decoder
+                // copies itself, and the other tables wait.
+                if !with_decoder(|d| d.start_copier(&copy))? {
+                    // The slot is released before the copy: a process that decodes a slot is left
+                    // out of the horizon other backends prune dead rows by, so its snapshot would not
+                    // keep the row versions the copy must read.
+                    // SAFETY: ctx is this pass's context, not used after this.
+                    unsafe { close_pass(ctx) };
+                    pgrx::log!("azure_cdc: mirror {mirror_id}: copying {} reseeded table(s)", copy.tables.len());
+                    crate::reseed::copy_tables(
+                        mirror_id,
+                        copy.owner,
+                        (index, 0),
+                        &copy.target,
+                        &copy.tables,
+                        &copy.must_see,
+                    )?;
+                    return Ok(Next::Rewind);
+                }
+            }
         }
         if !read_any {
             let wait = with_decoder(|d| Ok(d.next_wakeup()))?;
-            if !BackgroundWorker::wait_latch(Some(wait)) {
+            if !worker::wait(wait) {
                 return Ok(Next::Exit);
             }
         }
@@ -729,7 +793,12 @@ impl Decoder {
         }
         let seq = self.inflight.push(confirm_lsn);
         self.inflight_info.push_back((rows, first_commit, bytes));
-        let mut batch = ShipBatch { seq, compression: crate::gucs::parquet_compression(), tables };
+        let mut batch = ShipBatch {
+            seq,
+            compression: crate::gucs::parquet_compression(),
+            parallel: crate::gucs::max_parallel_uploads(),
+            tables,
+        };
         loop {
             match self.shipper.try_send(batch)? {
                 None => return Ok(()),
@@ -737,6 +806,7 @@ impl Decoder {
                     batch = back;
                     self.collect_acks(Duration::from_millis(50))?;
                     pg_sys::check_for_interrupts!();
+                    worker::exit_if_postmaster_died();
                 }
             }
         }
@@ -774,7 +844,7 @@ impl Decoder {
         BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| -> Result<()> {
             // SAFETY: see load(): this transaction must neither use nor leave catalog entries built
             // under the historic snapshots of decoding.
-            unsafe { pg_sys::InvalidateSystemCaches() };
+            unsafe { reset_caches() };
             if clear_error {
                 catalog::mirror_recovered(mirror_id)?;
             }
@@ -802,7 +872,7 @@ impl Decoder {
                 }
             }
             // SAFETY: as above.
-            unsafe { pg_sys::InvalidateSystemCaches() };
+            unsafe { reset_caches() };
             Ok(())
         }))?;
         self.error_cleared |= clear_error;
@@ -821,7 +891,7 @@ impl Decoder {
         let (reseeding, running) = BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
             // SAFETY: see load(): catalog entries built under decoding's historic snapshots must not
             // be used here, nor the ones built here by decoding.
-            unsafe { pg_sys::InvalidateSystemCaches() };
+            unsafe { reset_caches() };
             let r = (|| -> Result<(Vec<catalog::TableRow>, String)> {
                 for (relid, reason) in &requests {
                     let oid = pg_sys::Oid::from(*relid);
@@ -861,7 +931,7 @@ impl Decoder {
                 Ok((tables, running))
             })();
             // SAFETY: as above.
-            unsafe { pg_sys::InvalidateSystemCaches() };
+            unsafe { reset_caches() };
             r
         }))?;
         // Tables the catalog no longer follows (removed by remove_tables, or Failed / Dropped as
@@ -906,8 +976,11 @@ impl Decoder {
         }
         if any && self.hold.is_none() {
             let waiting: Vec<u64> = reseed::parse_snapshot(&running)?.running.into_iter().collect();
-            // SAFETY: between records: every decoded commit is before EndRecPtr.
-            let hold_lsn = unsafe { (*(*ctx).reader).EndRecPtr };
+            // SAFETY: between records: every decoded commit is before EndRecPtr. Before the first
+            // record EndRecPtr is where reading starts, behind the slot's confirmed position, which
+            // the hold must not take back: what was confirmed is published, and decoding never
+            // delivers a transaction committed before it again.
+            let hold_lsn = unsafe { (*(*ctx).reader).EndRecPtr.max(crate::slot::confirmed_flush()) };
             pgrx::log!("azure_cdc: mirror {mirror_id}: reseed holds the slot at {}", crate::slot::lsn_text(hold_lsn));
             self.hold = Some(Hold { hold_lsn, running_at_hold: waiting.clone(), waiting });
         }
@@ -917,16 +990,15 @@ impl Decoder {
     /// Between passes of the main loop: acts on a change of the tables' generation (resync_table),
     /// and once every transaction a hold waits for has ended, readies the copy of the reseeded
     /// tables. Returns the copy to make once this pass has ended (then the decoder rewinds).
-    fn step_reseed(
-        &mut self,
-        ctx: *mut pg_sys::LogicalDecodingContext,
-        generation: u32,
-    ) -> Result<Option<PendingCopy>> {
+    fn step_reseed(&mut self, ctx: *mut pg_sys::LogicalDecodingContext, generation: u32) -> Result<Reseed> {
         if generation != self.generation {
             self.generation = generation;
             self.begin_holds(ctx)?;
         }
-        let Some(waiting) = self.hold.as_ref().map(|h| h.waiting.clone()) else { return Ok(None) };
+        if self.copier.is_some() {
+            return self.poll_copier();
+        }
+        let Some(waiting) = self.hold.as_ref().map(|h| h.waiting.clone()) else { return Ok(Reseed::Nothing) };
         if !waiting.is_empty() {
             let still = BackgroundWorker::transaction(|| still_running(&waiting));
             let done = still.is_empty();
@@ -934,13 +1006,83 @@ impl Decoder {
                 h.waiting = still;
             }
             if !done {
-                return Ok(None);
+                return Ok(Reseed::Nothing);
             }
         }
         if !self.reset_folders(ctx)? {
-            return Ok(None);
+            return Ok(Reseed::Nothing);
         }
-        self.ready_copy(ctx).map(Some)
+        self.ready_copy(ctx).map(Reseed::Copy)
+    }
+
+    /// Starts the mirror's copier with `copy` as its job. False when it cannot run it (the decoder
+    /// then copies itself).
+    fn start_copier(&mut self, copy: &PendingCopy) -> Result<bool> {
+        let relids: Vec<u32> = copy.tables.iter().map(|t| t.relid).collect();
+        if !shmem::set_copy_job(self.index, &relids, &copy.must_see) {
+            return Ok(false);
+        }
+        let e = shmem::entry(self.index);
+        let name =
+            names::worker_name(names::WorkerKind::Copier, &e.database.to_string(), Some(&e.mirror_id.to_string()));
+        let started = pgrx::bgworkers::BackgroundWorkerBuilder::new(&name)
+            .set_type(names::WorkerKind::Copier.backend_type())
+            .set_library("azure_cdc")
+            .set_function("azure_cdc_copier_main")
+            .enable_spi_access()
+            .set_argument(Some(pg_sys::Datum::from(self.index)))
+            // SAFETY: MyProcPid is set at process start.
+            .set_notify_pid(unsafe { pg_sys::MyProcPid })
+            .load_dynamic();
+        match started {
+            Ok(w) => {
+                pgrx::log!(
+                    "azure_cdc: mirror {}: the copier copies {} reseeded table(s); the other tables go on",
+                    self.mirror_id,
+                    relids.len()
+                );
+                self.copier = Some(w);
+                Ok(true)
+            }
+            Err(_) => {
+                shmem::clear_copy_job(self.index);
+                pgrx::log!(
+                    "azure_cdc: mirror {}: no free background worker slot for the copier; the decoder copies",
+                    self.mirror_id
+                );
+                Ok(false)
+            }
+        }
+    }
+
+    /// Whether the copier has finished: its tables are recorded (decode again from the hold), or it
+    /// failed (this decoder's attempt fails with its error, and the tables are copied again by the
+    /// next one).
+    fn poll_copier(&mut self) -> Result<Reseed> {
+        let (state, _, _) = shmem::copy_job(self.index);
+        let stopped = self
+            .copier
+            .as_ref()
+            .is_some_and(|w| matches!(w.pid(), Err(pgrx::bgworkers::BackgroundWorkerStatus::Stopped)));
+        match state {
+            shmem::CopyState::Done => {
+                self.copier = None;
+                Ok(Reseed::Copied)
+            }
+            shmem::CopyState::Failed => {
+                self.copier = None;
+                Err(shmem::copy_failure(self.index)
+                    .unwrap_or_else(|| Error::new(ErrorKind::Internal, "the copier failed")))
+            }
+            _ if stopped => {
+                self.copier = None;
+                Err(Error::new(
+                    ErrorKind::Internal,
+                    "the copier exited before it finished its copy; see the server log",
+                ))
+            }
+            _ => Ok(Reseed::Nothing),
+        }
     }
 
     /// Resets the reseeded tables (their folders deleted, in this pass, once everything handed to
@@ -1021,6 +1163,7 @@ impl Decoder {
         while !self.inflight.is_empty() {
             self.collect_acks(Duration::from_millis(100))?;
             pg_sys::check_for_interrupts!();
+            worker::exit_if_postmaster_died();
         }
         if let Some(lsn) = self.confirm_pending.take() {
             self.confirm(lsn);
@@ -1091,7 +1234,7 @@ impl Decoder {
         let mut refused = Vec::new();
         BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| -> Result<()> {
             // SAFETY: see load().
-            unsafe { pg_sys::InvalidateSystemCaches() };
+            unsafe { reset_caches() };
             for relid in &candidates {
                 let oid = pg_sys::Oid::from(*relid);
                 match catalog::relation_by_oid(oid)? {
@@ -1119,7 +1262,7 @@ impl Decoder {
                 dropped.push(row.relid.to_u32());
             }
             // SAFETY: see load().
-            unsafe { pg_sys::InvalidateSystemCaches() };
+            unsafe { reset_caches() };
             Ok(())
         }))?;
         // This transaction read the current catalog: the invalidations its own cache reset raised
@@ -1385,6 +1528,7 @@ unsafe fn ensure_plan(
     if t.plans.contains_key(&relid) {
         return Ok(true);
     }
+    pgrx::debug1!("azure_cdc: building the conversion plan of relation {relid}");
     // A plan is (re)built after every invalidation of the table: the mirror's owner must still be
     // allowed to mirror it as of this point of the stream (ALTER TABLE … OWNER TO, FORCE ROW LEVEL
     // SECURITY), or the table is parked before any later change of it is published.
@@ -1841,12 +1985,46 @@ unsafe extern "C-unwind" fn truncate_cb(
 /// any of their later changes is converted.
 #[pg_guard]
 unsafe extern "C-unwind" fn casts_changed(_arg: pg_sys::Datum, _cache: std::ffi::c_int, _hash: u32) {
+    if OWN_RESET.with(Cell::get) {
+        return;
+    }
     ALL_STALE.with(|a| a.set(true));
+}
+
+thread_local! {
+    /// Set while the decoder itself resets the caches ([`reset_caches`]).
+    static OWN_RESET: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Discards every catalog cache entry of this process (so that entries built under decoding's
+/// historic snapshots and under the current catalog never meet; see `load`). The callbacks this
+/// runs are not taken for changes of the mirrored relations: nothing changed, and taking them would
+/// rebuild every plan and look every table up again after each of the decoder's catalog writes.
+/// Invalidations that did happen reach the callbacks on their own, by relation (decoded
+/// transactions' invalidations; the current catalog's, at the start of each transaction), or as a
+/// reset PostgreSQL itself makes when this process fell behind on them.
+///
+/// # Safety
+/// Main thread, inside a transaction, outside decoding callbacks.
+unsafe fn reset_caches() {
+    struct Own;
+    impl Drop for Own {
+        fn drop(&mut self) {
+            OWN_RESET.with(|o| o.set(false));
+        }
+    }
+    OWN_RESET.with(|o| o.set(true));
+    let _own = Own;
+    // SAFETY: as required above.
+    unsafe { pg_sys::InvalidateSystemCaches() };
 }
 
 /// Relcache invalidation: conversion plans of the relation (or all, for InvalidOid) must be rebuilt.
 #[pg_guard]
 unsafe extern "C-unwind" fn relcache_changed(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    if OWN_RESET.with(Cell::get) {
+        return;
+    }
     if relid == pg_sys::InvalidOid {
         // Every plan is rebuilt on its next use (the next change marks them all stale).
         ALL_STALE.with(|a| a.set(true));

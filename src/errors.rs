@@ -31,8 +31,21 @@ fn sqlstate(kind: ErrorKind) -> PgSqlErrorCode {
     }
 }
 
+thread_local! {
+    /// The last error [`raise`] raised in this process, so that a worker catching it again (it may
+    /// cross PostgreSQL's code, as from a logical decoding callback) gets back its kind, not only its
+    /// SQLSTATE and text.
+    static RAISED: std::cell::RefCell<Option<Error>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The error [`raise`] raised last, if its message is `message` (else it was another error); taken.
+pub fn take_raised(message: &str) -> Option<Error> {
+    RAISED.with(|r| r.borrow_mut().take()).filter(|e| e.message == message)
+}
+
 /// Raises `e` as a PostgreSQL ERROR. Never returns.
 pub fn raise(e: Error) -> ! {
+    RAISED.with(|r| *r.borrow_mut() = Some(e.clone()));
     let mut report = pgrx::pg_sys::panic::ErrorReport::new(sqlstate(e.kind), e.message, "azure_cdc");
     if let Some(d) = e.detail {
         report = report.set_detail(d);

@@ -221,7 +221,7 @@ pub extern "C-unwind" fn azure_cdc_launcher_main(_arg: pg_sys::Datum) {
     scout_all();
     let mut launcher = Launcher { running: HashMap::new(), retry_at: HashMap::new() };
     launcher.reconcile();
-    while BackgroundWorker::wait_latch(Some(Duration::from_secs(5))) {
+    while crate::worker::wait(Duration::from_secs(5)) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: re-reading the configuration file on the main thread, as every process does.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };

@@ -145,6 +145,7 @@ fn server_parameters_have_their_defaults_and_ranges() {
         ("azure_cdc.snapshot_buffer_size", "1000MB"),
         ("azure_cdc.parquet_compression", "zstd"),
         ("azure_cdc.table_reset_timeout", "15min"),
+        ("azure_cdc.max_parallel_uploads", "16"),
     ] {
         let shown = Spi::get_one::<String>(&format!("SHOW {name}")).unwrap().unwrap();
         assert_eq!(shown, value, "{name}");
@@ -164,6 +165,7 @@ fn server_parameters_have_their_defaults_and_ranges() {
         "azure_cdc.change_batch_buffer_size sighup 1 1024 MB; \
          azure_cdc.change_batch_export_timeout sighup 100 3600000 ms; \
          azure_cdc.max_fabric_mirrors postmaster 1 6; \
+         azure_cdc.max_parallel_uploads sighup 1 64; \
          azure_cdc.max_snapshot_workers sighup 1 16; \
          azure_cdc.onelake_buffer_size sighup 5 4000 MB; \
          azure_cdc.parquet_compression sighup {zstd,snappy,gzip,uncompressed}; \

@@ -1,6 +1,7 @@
-//! Copying tables again while the mirror runs: the copy step of a reseed, run by the mirror's decoder
-//! between two decoded records, on its main thread (it calls PostgreSQL; writing the files goes
-//! through the target's own I/O threads). Why the hand-off to the change stream is exact is explained
+//! Copying tables again while the mirror runs: the copy step of a reseed, run by the mirror's copier
+//! (a background worker the decoder starts, while it goes on decoding the other tables), or by the
+//! decoder itself between two passes when no copier can run. On the main thread (it calls
+//! PostgreSQL; writing the files goes through the target's own I/O threads). Why the hand-off to the change stream is exact is explained
 //! in [`azure_cdc_core::reseed`]; the decoder ([`crate::decoder`]) holds, waits and rewinds.
 //!
 //! Before the copy the decoder has deleted each table's folder ([`delete_folders`]) and, on OneLake,
@@ -88,12 +89,12 @@ pub struct ToCopy {
 pub fn copy_tables(
     mirror_id: i64,
     owner: pg_sys::Oid,
-    index: usize,
+    (index, slot): (usize, usize),
     target: &Arc<Target>,
     tables: &[ToCopy],
     must_see: &[u64],
 ) -> Result<bool> {
-    // SAFETY: the decoder's main thread, between records, outside any transaction. The isolation
+    // SAFETY: the copier's (or the decoder's, between passes) main thread, outside any transaction. The isolation
     // level is set before the transaction's first snapshot (what SET TRANSACTION does), so that every
     // query of the transaction (and every scan, through the registered copy) uses snapshot S. Catalog
     // entries built under decoding's historic snapshots are dropped first, and the ones built here
@@ -118,11 +119,11 @@ pub fn copy_tables(
         let seed = snapshot_text(&visibility);
         pgrx::log!("azure_cdc: reseed copy in snapshot {seed}");
         for t in tables {
-            copy_one(mirror_id, owner, index, target, t, snap, &seed)?;
+            copy_one(mirror_id, owner, (index, slot), target, t, snap, &seed)?;
         }
         Ok(true)
     })();
-    shmem::set_progress(index, 0, 0, 0);
+    shmem::set_progress(index, slot, 0, 0);
     // SAFETY: ends the transaction begun above: commits what it recorded if the copy is complete,
     // else rolls it back (a PostgreSQL error does not come back here: it ends the worker).
     unsafe {
@@ -136,6 +137,71 @@ pub fn copy_tables(
         pg_sys::InvalidateSystemCaches();
     }
     r
+}
+
+/// Entry point of a mirror's copier. `arg` is the mirror's registry index. The decoder starts it
+/// with a job in the registry ([`shmem::set_copy_job`]): the tables to copy (their folders reset)
+/// and the transactions the copy's snapshot must see. It copies them as [`copy_tables`] does, while
+/// the decoder goes on publishing the other tables' changes, records the outcome in the registry and
+/// exits; the decoder then decodes again from its hold.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn azure_cdc_copier_main(arg: pg_sys::Datum) {
+    crate::worker::install_signal_handlers();
+    let index = arg.value();
+    if index >= crate::gucs::MAX_FABRIC_MIRRORS_LIMIT as usize {
+        return;
+    }
+    let entry = shmem::entry(index);
+    if !entry.in_use || entry.copy.state != shmem::CopyState::Running {
+        return;
+    }
+    pgrx::bgworkers::BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(entry.database)), None);
+    crate::worker::register_pid(index, Some(shmem::COPIER_SLOT));
+    let mirror_id = entry.mirror_id;
+    let result = crate::worker::catching(|| {
+        crate::worker::pin_settings()?;
+        copier_run(index, mirror_id)
+    });
+    shmem::set_progress(index, shmem::COPIER_SLOT, 0, 0);
+    // The process ends: the target's threads are not waited for.
+    azure_cdc_core::cloud::mark_process_exiting();
+    shmem::finish_copy_job(index, &result);
+    if let Err(e) = result {
+        // SAFETY: abort what is left of the transaction after a failure.
+        unsafe { pg_sys::AbortCurrentTransaction() };
+        pgrx::log!("azure_cdc: the copier of mirror {mirror_id} failed: {}", e.full_text());
+        crate::versions::exit_process(1);
+    }
+}
+
+/// The copier's work: the job's tables, as the catalog has them, copied in one snapshot.
+fn copier_run(index: usize, mirror_id: i64) -> Result<()> {
+    let (_, relids, must_see) = shmem::copy_job(index);
+    let loaded = pgrx::bgworkers::BackgroundWorker::transaction(|| -> Result<_> {
+        let m = catalog::mirror_by_id(mirror_id)?
+            .ok_or_else(|| Error::new(ErrorKind::Internal, format!("mirror {mirror_id} is gone")))?;
+        let tables: Vec<ToCopy> = catalog::tables(mirror_id)?
+            .into_iter()
+            .filter(|t| relids.contains(&t.relid.to_u32()) && t.state == TableState::Reseeding.as_str())
+            .map(|t| ToCopy { relid: t.relid.to_u32(), schema: t.schema, table: t.table, keys: t.key_columns })
+            .collect();
+        let url = azure_cdc_core::target::TargetUrl::parse(&m.target)?;
+        crate::privileges::check_local_target(&url, m.owner, crate::privileges::Who::Owner)?;
+        let target =
+            crate::credentials::open_target(&url, m.credential.as_deref(), crate::credentials::worker_settings())?;
+        Ok((m.owner, tables, Arc::new(target)))
+    })?;
+    let (owner, tables, target) = loaded;
+    pgrx::log!("azure_cdc: mirror {mirror_id}: the copier copies {} table(s)", tables.len());
+    // A snapshot that does not see every transaction of the hold yet (one that has committed but not
+    // left the process array) is taken again.
+    while !copy_tables(mirror_id, owner, (index, shmem::COPIER_SLOT), &target, &tables, &must_see)? {
+        if !crate::worker::wait(std::time::Duration::from_millis(100)) {
+            return Err(Error::new(ErrorKind::Internal, "the copier was asked to stop"));
+        }
+    }
+    Ok(())
 }
 
 /// The key columns a reseeded table gets: its primary key (or replica identity index) as it is now;
@@ -156,7 +222,7 @@ fn keys_now(relid: pg_sys::Oid, recorded: &[String], columns: &[String]) -> Resu
 fn copy_one(
     mirror_id: i64,
     owner: pg_sys::Oid,
-    index: usize,
+    (index, slot): (usize, usize),
     target: &Arc<Target>,
     t: &ToCopy,
     snap: pg_sys::Snapshot,
@@ -218,7 +284,7 @@ fn copy_one(
         let rows = unsafe {
             crate::tuples::scan_table(rel, snap, &tree, &mut conv, &mut builder, &mut |batch, rows| {
                 sink.push(&batch)?;
-                shmem::set_progress(index, 0, t.relid, rows);
+                shmem::set_progress(index, slot, t.relid, rows);
                 Ok(true)
             })?
         };

@@ -14,6 +14,57 @@ use crate::gucs::MAX_FABRIC_MIRRORS_LIMIT;
 /// Tables whose snapshot progress can be shown at once per mirror (one per snapshot worker).
 pub const MAX_PROGRESS: usize = 16;
 
+/// Tables one copy job of the copier can take (more reseeded at once are copied by the decoder).
+pub const MAX_COPY_TABLES: usize = 256;
+/// Transactions running when a reseed's hold began that the copier's snapshot must see (more: the
+/// decoder copies itself).
+pub const MAX_COPY_MUST_SEE: usize = 1024;
+/// The registry's helper slot (and progress slot) of a mirror's copier. The copier runs only once
+/// the snapshot is published, when the snapshot helpers that use the same slots are gone.
+pub const COPIER_SLOT: usize = 1;
+
+/// Where the copy job of a mirror's copier stands.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum CopyState {
+    /// No job.
+    #[default]
+    Idle,
+    /// Handed to the copier, which has not finished it.
+    Running,
+    /// Copied and recorded (committed).
+    Done,
+    /// The copier failed; `error` says why.
+    Failed,
+}
+
+/// A copy job: the decoder writes it and starts the copier, which copies these tables in one
+/// snapshot that sees every transaction of `must_see` and reports the outcome here.
+#[derive(Copy, Clone, Debug)]
+pub struct CopyJob {
+    pub state: CopyState,
+    pub tables: [u32; MAX_COPY_TABLES],
+    pub table_count: u32,
+    pub must_see: [u64; MAX_COPY_MUST_SEE],
+    pub must_see_count: u32,
+    /// The failure's kind and text (NUL-padded), when `state` is Failed.
+    pub error_kind: Option<azure_cdc_core::ErrorKind>,
+    pub error: [u8; 512],
+}
+
+impl Default for CopyJob {
+    fn default() -> Self {
+        CopyJob {
+            state: CopyState::Idle,
+            tables: [0; MAX_COPY_TABLES],
+            table_count: 0,
+            must_see: [0; MAX_COPY_MUST_SEE],
+            must_see_count: 0,
+            error_kind: None,
+            error: [0; 512],
+        }
+    }
+}
+
 /// What the SQL API asks for a mirror.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub enum Desired {
@@ -70,6 +121,8 @@ pub struct MirrorEntry {
     /// Bumped by the SQL API when it changes which of the mirror's tables the decoder must reseed;
     /// the decoder rereads the catalog when it sees a new value.
     pub tables_generation: u32,
+    /// The copier's job (reseeds, added and new tables), beside the decoder.
+    pub copy: CopyJob,
 }
 
 /// What the decoder of a mirror reports about its change stream.
@@ -249,6 +302,65 @@ pub fn claim_next_table(index: usize) -> Option<usize> {
 /// Records (or clears, with 0) the pid of the worker of entry `index`.
 pub fn set_worker_pid(index: usize, pid: i32) {
     REGISTRY.exclusive().entries[index].worker_pid = pid;
+}
+
+/// Hands a copy job to the copier of entry `index` (state Running). False, with nothing changed,
+/// when it does not fit.
+pub fn set_copy_job(index: usize, tables: &[u32], must_see: &[u64]) -> bool {
+    if tables.len() > MAX_COPY_TABLES || must_see.len() > MAX_COPY_MUST_SEE {
+        return false;
+    }
+    let mut job = CopyJob { state: CopyState::Running, ..Default::default() };
+    job.tables[..tables.len()].copy_from_slice(tables);
+    job.table_count = tables.len() as u32;
+    job.must_see[..must_see.len()].copy_from_slice(must_see);
+    job.must_see_count = must_see.len() as u32;
+    REGISTRY.exclusive().entries[index].copy = job;
+    true
+}
+
+/// The copy job of entry `index`: (state, tables, transactions to see).
+pub fn copy_job(index: usize) -> (CopyState, Vec<u32>, Vec<u64>) {
+    let r = REGISTRY.share();
+    let j = &r.entries[index].copy;
+    (j.state, j.tables[..j.table_count as usize].to_vec(), j.must_see[..j.must_see_count as usize].to_vec())
+}
+
+/// Records how the copy job ended (the copier does, before it exits).
+pub fn finish_copy_job(index: usize, outcome: &azure_cdc_core::Result<()>) {
+    let mut r = REGISTRY.exclusive();
+    let j = &mut r.entries[index].copy;
+    match outcome {
+        Ok(()) => j.state = CopyState::Done,
+        Err(e) => {
+            j.state = CopyState::Failed;
+            j.error_kind = Some(e.kind);
+            let text = e.full_text();
+            let mut n = text.len().min(j.error.len() - 1);
+            while !text.is_char_boundary(n) {
+                n -= 1;
+            }
+            j.error = [0; 512];
+            j.error[..n].copy_from_slice(&text.as_bytes()[..n]);
+        }
+    }
+}
+
+/// The failure the copier recorded, if its job failed.
+pub fn copy_failure(index: usize) -> Option<azure_cdc_core::Error> {
+    let r = REGISTRY.share();
+    let j = &r.entries[index].copy;
+    if j.state != CopyState::Failed {
+        return None;
+    }
+    let len = j.error.iter().position(|b| *b == 0).unwrap_or(j.error.len());
+    let text = String::from_utf8_lossy(&j.error[..len]).into_owned();
+    Some(azure_cdc_core::Error::new(j.error_kind.unwrap_or(azure_cdc_core::ErrorKind::Internal), text))
+}
+
+/// Forgets the copy job of entry `index`.
+pub fn clear_copy_job(index: usize) {
+    REGISTRY.exclusive().entries[index].copy.state = CopyState::Idle;
 }
 
 /// Publishes the decoder's figures for the status functions.

@@ -246,9 +246,22 @@ pub unsafe fn decode_next(ctx: *mut pg_sys::LogicalDecodingContext) -> Result<bo
 pub unsafe fn confirm(lsn: u64) {
     // SAFETY: as required above.
     unsafe {
+        // Never backwards: before PostgreSQL 17 the slot takes any position it is given.
+        if lsn <= (*pg_sys::MyReplicationSlot).data.confirmed_flush {
+            return;
+        }
         pg_sys::LogicalConfirmReceivedLocation(lsn);
         pg_sys::ReplicationSlotMarkDirty();
     }
+}
+
+/// How far the slot this process has acquired is confirmed.
+///
+/// # Safety
+/// Main thread, this process has the slot acquired.
+pub unsafe fn confirmed_flush() -> u64 {
+    // SAFETY: as required above; only this process moves it.
+    unsafe { (*pg_sys::MyReplicationSlot).data.confirmed_flush }
 }
 
 /// Releases the slot this process has acquired, if any (an ephemeral slot, from a creation that

@@ -32,6 +32,7 @@ use std::thread::JoinHandle;
 use azure_cdc_core::arrow_array::RecordBatch;
 use azure_cdc_core::arrow_schema::SchemaRef;
 use azure_cdc_core::batch::BatchBuilder;
+use azure_cdc_core::cloud;
 use azure_cdc_core::datafile::{Compression, PublishedFile, TableFileSink};
 use azure_cdc_core::error::Disposition;
 use azure_cdc_core::landing_zone;
@@ -81,7 +82,10 @@ impl Encoder {
         let flag = failed.clone();
         let handle = std::thread::Builder::new()
             .name("azure_cdc encoder".into())
-            .spawn(move || encoder_loop(target, work, done, flag))
+            .spawn(move || {
+                cloud::run_thread_start_hook();
+                encoder_loop(target, work, done, flag)
+            })
             .map_err(|e| Error::new(ErrorKind::Internal, format!("could not start the encoder thread: {e}")))?;
         Ok(Encoder { tx: Some(tx), rx, failed, handle: Some(handle) })
     }
@@ -416,7 +420,7 @@ fn wait_until_dropped(target: &Target, tables: &[(String, Option<f64>)]) -> Resu
             return Err(crate::reseed::not_dropped_error(&first, waited));
         }
         pgrx::log!("azure_cdc: waiting for the landing zone's reader to drop the table of folder \"{first}\", deleted to reset it");
-        if !BackgroundWorker::wait_latch(Some(std::time::Duration::from_secs(2))) {
+        if !worker::wait(std::time::Duration::from_secs(2)) {
             return Err(Error::new(ErrorKind::Internal, "the server is shutting down"));
         }
     }

@@ -632,6 +632,7 @@ pub unsafe fn scan_heap(
                     let go_on = on_batch(builder.finish()?, rows)?;
                     pg_sys::MemoryContextReset(batch_cxt);
                     pg_sys::check_for_interrupts!();
+                    crate::worker::exit_if_postmaster_died();
                     if !go_on {
                         break;
                     }

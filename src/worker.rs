@@ -19,10 +19,54 @@ unsafe extern "C-unwind" {
     fn SignalHandlerForConfigReload(signal: std::ffi::c_int);
 }
 
+/// Ends the process at once if the postmaster has died, as PostgreSQL's own processes do: asks
+/// PostgreSQL's wait machinery without waiting, with `WL_EXIT_ON_PM_DEATH` (it exits there). Nothing
+/// is published, confirmed or recorded on the way out; what was not confirmed is decoded again by
+/// the next server's decoder. Cheap enough for every batch of rows (one non-blocking poll).
+pub fn exit_if_postmaster_died() {
+    // SAFETY: main thread of a process under the postmaster; MyLatch is this process's latch.
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            0,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+    }
+}
+
+/// Sleeps on the process latch for at most `timeout`, waking for a signal. False when the worker is
+/// asked to stop (pgrx's SIGTERM flag; workers with PostgreSQL's own handler stop at the interrupt
+/// check here). If the postmaster dies, the process ends at once (`WL_EXIT_ON_PM_DEATH`).
+pub fn wait(timeout: std::time::Duration) -> bool {
+    let ms = timeout.as_millis().min(i32::MAX as u128) as std::ffi::c_long;
+    // SAFETY: main thread of a process under the postmaster; MyLatch is this process's latch.
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            ms,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    pg_sys::check_for_interrupts!();
+    !BackgroundWorker::sigterm_received()
+}
+
+/// At process exit: threads and runtimes still held (in thread-local state the exit drops) are not
+/// waited for (see `azure_cdc_core::cloud::mark_process_exiting`).
+#[pg_guard]
+unsafe extern "C-unwind" fn process_exiting(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    azure_cdc_core::cloud::mark_process_exiting();
+}
+
 /// Installs PostgreSQL's standard handlers, then unblocks signals: SIGTERM sets the die flags that
 /// CHECK_FOR_INTERRUPTS acts on, so the worker stops at its next check; SIGHUP marks the
 /// configuration for reload.
 pub fn install_signal_handlers() {
+    // SAFETY: registers a callback PostgreSQL runs when the process exits, on the main thread.
+    unsafe { pg_sys::on_proc_exit(Some(process_exiting), pg_sys::Datum::from(0usize)) };
     // SAFETY: called once at worker start, on the main thread, before signals are unblocked.
     unsafe {
         crate::versions::set_signal_handler(pg_sys::SIGTERM as i32, Some(die));
@@ -178,7 +222,10 @@ pub fn catching<T>(f: impl FnOnce() -> Result<T> + std::panic::UnwindSafe) -> Re
             }
             None => {
                 PARK_ON_EXIT.with(|p| p.set(None));
-                Err(Error::new(ErrorKind::Internal, caught_message(&caught)))
+                // An error of ours raised through PostgreSQL's code (a decoding callback) keeps its
+                // kind, so that a permanent one stops the mirror instead of being retried.
+                let message = caught_message(&caught);
+                Err(crate::errors::take_raised(&message).unwrap_or_else(|| Error::new(ErrorKind::Internal, message)))
             }
         })
         .execute()

@@ -44,6 +44,29 @@ pub fn set_thread_start_hook(hook: fn()) {
     let _ = THREAD_START_HOOK.set(hook);
 }
 
+/// Set once the process is ending (see [`mark_process_exiting`]).
+static PROCESS_EXITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The process is ending (PostgreSQL's exit callbacks run): threads and runtimes dropped from now
+/// on (by the exit's thread-local destructors) are left to end with the process instead of being
+/// waited for, which could take as long as a request to a store that does not answer.
+pub fn mark_process_exiting() {
+    PROCESS_EXITING.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether [`mark_process_exiting`] was called.
+pub fn process_exiting() -> bool {
+    PROCESS_EXITING.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Runs the thread-start hook, if one is set. Every thread a worker starts (runtimes, shipper,
+/// encoder, uploaders) calls it first, so that PostgreSQL's signals reach only the worker's own thread.
+pub fn run_thread_start_hook() {
+    if let Some(hook) = THREAD_START_HOOK.get() {
+        hook()
+    }
+}
+
 /// Credential options: string values by option name, as given to `create_credential`.
 pub type CredentialOptions = BTreeMap<String, String>;
 
@@ -261,11 +284,7 @@ impl IoRuntime {
             .max_blocking_threads(4)
             .thread_name("azure_cdc io")
             .enable_all()
-            .on_thread_start(|| {
-                if let Some(hook) = THREAD_START_HOOK.get() {
-                    hook()
-                }
-            })
+            .on_thread_start(run_thread_start_hook)
             .build()
             .map_err(|e| Error::new(ErrorKind::Internal, format!("could not start the I/O runtime: {e}")))?;
         Ok(IoRuntime(Some(runtime)))
@@ -281,7 +300,11 @@ impl IoRuntime {
 impl Drop for IoRuntime {
     fn drop(&mut self) {
         if let Some(rt) = self.0.take() {
-            rt.shutdown_timeout(Duration::from_secs(5));
+            if process_exiting() {
+                rt.shutdown_background();
+            } else {
+                rt.shutdown_timeout(Duration::from_secs(5));
+            }
         }
     }
 }
@@ -503,6 +526,23 @@ impl CloudTarget {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.kind == ErrorKind::TargetMissing => Ok(None),
             Err(e) => Err(e),
+        }
+    }
+
+    /// The last `len` bytes of an object (all of it when it is shorter); None when it does not exist.
+    /// Two requests: its size, then the range (suffix ranges are not taken by every store).
+    pub fn try_read_tail(&self, rel: &str, len: u64) -> Result<Option<Bytes>> {
+        let key = self.key(rel)?;
+        let store = self.store.clone();
+        let k = key.clone();
+        let r = self.run(async move {
+            let size = store.head(&k).await?.size;
+            store.get_range(&k, size.saturating_sub(len)..size).await
+        })?;
+        match r {
+            Ok(b) => Ok(Some(b)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.error("read", &key, e)),
         }
     }
 

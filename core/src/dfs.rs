@@ -798,6 +798,27 @@ impl DfsTarget {
         self.expect("read", &path, reply).map(|r| Some(r.body))
     }
 
+    /// The last `len` bytes of file `rel` (all of it when it is shorter); None when it does not exist.
+    /// Two requests: its size (HEAD), then a read with a `Range` of the form `bytes=start-end` (the
+    /// form the service documents; it does not document suffix ranges).
+    pub fn try_read_tail(&self, rel: &str, len: u64) -> Result<Option<Bytes>> {
+        let path = self.path(rel);
+        let Some((_, size, _)) = self.head(&path)? else { return Ok(None) };
+        if size == 0 {
+            return Ok(Some(Bytes::new()));
+        }
+        let start = size.saturating_sub(len);
+        let reply =
+            self.call(Request::new(Method::GET, &path).header("range", format!("bytes={start}-{}", size - 1)))?;
+        if reply.status == StatusCode::NOT_FOUND && reply.code() == "PathNotFound" {
+            return Ok(None);
+        }
+        let body = self.expect("read", &path, reply)?.body;
+        // A reply without the range (200) carries the whole file.
+        let skip = body.len().saturating_sub((size - start) as usize);
+        Ok(Some(body.slice(skip..)))
+    }
+
     /// OneLake: whether the mirrored database still holds the table whose landing-zone folder is
     /// `rel` (`<schema>.schema/<table>`): its folder `Tables/<schema>/<table>` of the item exists.
     /// None for other targets (nothing downstream is known).

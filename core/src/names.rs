@@ -69,6 +69,7 @@ pub enum WorkerKind {
     Snapshot,
     SnapshotHelper,
     Decoder,
+    Copier,
 }
 
 impl WorkerKind {
@@ -79,6 +80,7 @@ impl WorkerKind {
             WorkerKind::Snapshot => "azure_cdc snapshot",
             WorkerKind::SnapshotHelper => "azure_cdc snapshot helper",
             WorkerKind::Decoder => "azure_cdc decoder",
+            WorkerKind::Copier => "azure_cdc copier",
         }
     }
 }

@@ -345,6 +345,18 @@ pub struct DataFile {
     pub place: Place,
 }
 
+/// The last `len` bytes of a local file (all of it when it is shorter).
+fn read_tail(path: &Path, len: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = fs::File::open(path)?;
+    let size = file.metadata()?.len();
+    let start = size.saturating_sub(len);
+    file.seek(SeekFrom::Start(start))?;
+    let mut out = Vec::with_capacity((size - start) as usize);
+    file.read_to_end(&mut out)?;
+    Ok(out)
+}
+
 /// The data files of a table folder by number, each once (a file seen in two places while the reader
 /// moves it is taken where it was published), ascending.
 pub fn by_number(mut files: Vec<DataFile>) -> Vec<DataFile> {
@@ -453,6 +465,34 @@ impl Target {
                 }
                 Target::Cloud(t) => t.try_read(&path)?,
                 Target::Dfs(t) => t.try_read(&path)?,
+            };
+            if found.is_some() {
+                return Ok(found);
+            }
+        }
+        Ok(None)
+    }
+
+    /// The last `len` bytes of data file `f` of folder `rel` (all of it when it is shorter), read
+    /// wherever the landing zone's reader has moved it (as [`Target::read_data_file`]); None when it is
+    /// gone. Reads a file's footer without downloading the file.
+    pub fn read_data_file_tail(&self, rel: &str, f: &DataFile, len: u64) -> Result<Option<bytes::Bytes>> {
+        for place in [Place::Published, Place::Processed, Place::ReadyToDelete] {
+            if place < f.place {
+                continue;
+            }
+            let path = format!("{rel}/{}", place.file(f.number));
+            let found = match self {
+                Target::Local(t) => {
+                    let path = t.root().join(path);
+                    match read_tail(&path, len) {
+                        Ok(b) => Some(bytes::Bytes::from(b)),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                        Err(e) => return Err(Error::io("read", &path, &e)),
+                    }
+                }
+                Target::Cloud(t) => t.try_read_tail(&path, len)?,
+                Target::Dfs(t) => t.try_read_tail(&path, len)?,
             };
             if found.is_some() {
                 return Ok(found);

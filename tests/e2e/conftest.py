@@ -255,3 +255,50 @@ def db(cluster):
     d.conn.close()
     with cluster.connect() as c:
         c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+# ---- helpers shared by the test modules ----------------------------------------------------------
+
+def wait_for(what, check, deadline_s=120):
+    """Polls `check` until it returns something true (returned); a deadline for failing, not a timing check."""
+    end = time.time() + deadline_s
+    while True:
+        v = check()
+        if v:
+            return v
+        assert time.time() < end, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def events(db, mirror, table=None):
+    """(event, detail) of a mirror's events, oldest first; of one table if `table` is given."""
+    rows = db.sql(
+        "SELECT event, table_name, detail FROM azure_cdc.events WHERE mirror_name = %s ORDER BY event_id", (mirror,))
+    return [(e, d) for e, t, d in rows if table is None or t == table]
+
+
+def numbers(root, table):
+    """Numbers of the published data files of a table in a local landing zone (while the mirror may
+    be writing the next one)."""
+    from replay import table_folder
+    folder = table_folder(root, "public", table)
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(n.split(".")[0]) for n in os.listdir(folder) if n.endswith(".parquet") and n[0].isdigit())
+
+
+def reseeded(db, mirror, table, count=1):
+    """Waits until `table` has been reseeded `count` times and is Replicating again."""
+    def done():
+        return (sum(1 for e, _ in events(db, mirror, table) if e == "Reseeded") >= count
+                and db.status(mirror)[("public", table)]["state"] == "Replicating")
+    try:
+        wait_for(f"reseed of {table}", done)
+    except AssertionError:
+        raise AssertionError(f"no reseed of {table}: {db.status(mirror)}; {events(db, mirror)}")
+
+
+def verify_ok(db, mirror):
+    """verify_mirror says OK for every table of the mirror."""
+    rows = db.sql("SELECT table_name, verdict, detail FROM azure_cdc.verify_mirror(%s)", (mirror,))
+    assert rows and all(r[1] == "OK" for r in rows), rows

@@ -37,7 +37,6 @@ import time
 import urllib.parse
 import uuid
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from replay import ROW_MARKER, Replayed, column_as_text
@@ -111,6 +110,10 @@ class OneLakeEmulator:
         self.faults = []  # [(predicate, mode)] one-shot faults, see fail_next
         self.failure_rate = 0.0  # share of DFS requests answered 503 before they run
         self.page_size = 100  # listing and recursive delete pages (forces continuations)
+        self.partitioned = False  # a network partition: requests hang, then are dropped unanswered
+        self.hanging = 0  # requests that met the partition or a stall
+        self.stalls = []  # predicates: a matching request waits until release() (a slow store)
+        self.released = threading.Event()
         self.server = None
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -198,6 +201,17 @@ class OneLakeEmulator:
         body = b64url(json.dumps(claims).encode())
         sig = hmac.new(key or self.key, f"{head}.{body}".encode(), hashlib.sha256).digest()
         return f"{head}.{body}.{b64url(sig)}"
+
+    def stall(self, predicate):
+        """Requests `predicate(method, path, query, headers)` accepts wait, unanswered, until release()."""
+        with self.lock:
+            self.released.clear()
+            self.stalls.append(predicate)
+
+    def release(self):
+        with self.lock:
+            self.stalls.clear()
+            self.released.set()
 
     def fail_next(self, predicate, mode="503"):
         """The next request `predicate(method, path, query, headers)` accepts fails once: "503"
@@ -465,7 +479,24 @@ class OneLakeEmulator:
             raise Refusal(404, "PathNotFound", "The specified path does not exist.")
         if node.is_dir:
             raise Refusal(400, "InvalidInput", "The path is a directory.")
-        return 200, {"ETag": f'"{node.etag}"', "Last-Modified": http_date(node.mtime)}, node.data
+        h = {"ETag": f'"{node.etag}"', "Last-Modified": http_date(node.mtime)}
+        rng = headers.get("Range")
+        if rng is None:
+            return 200, h, node.data
+        # [PATH-READ] Range, in the forms the storage services document (bytes=start-end and
+        # bytes=start-; learn.microsoft.com/rest/api/storageservices/specifying-the-range-header-for-
+        # file-service-operations). Suffix ranges (bytes=-N) are not documented: refused here. A start
+        # at or past the end is 416 InvalidRange; the reply is 206 with Content-Range.
+        spec = rng[len("bytes="):] if rng.startswith("bytes=") else ""
+        first, _, last = spec.partition("-")
+        if not first.isdigit() or (last and not last.isdigit()) or "," in spec:
+            raise Refusal(400, "InvalidHeaderValue", "The value for one of the HTTP headers is not in the correct format.")
+        start, size = int(first), len(node.data)
+        end = min(int(last), size - 1) if last else size - 1
+        if start >= size or end < start:
+            raise Refusal(416, "InvalidRange", "The range specified is invalid for the current size of the resource.")
+        h["Content-Range"] = f"bytes {start}-{end}/{size}"
+        return 206, h, bytes(node.data[start:end + 1])
 
     def list(self, ws, query):
         """[PATH-LIST] GET ?resource=filesystem&recursive=…&directory=…: recursive is required; a
@@ -598,6 +629,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                          "x-ms-content-md5", "x-ms-copy-source", "Range"):
                 if k.lower() == want.lower():
                     headers[want] = headers.pop(k)
+        if em.partitioned:
+            # The request never reaches the service: the client waits for an answer that does not
+            # come; when the partition ends the connection is closed without one.
+            with em.lock:
+                em.hanging += 1
+            while em.partitioned:
+                time.sleep(0.05)
+            self.close_connection = True
+            return
+        if em.stalls and any(p(method, url.path, query, headers) for p in list(em.stalls)):
+            with em.lock:
+                em.hanging += 1
+            em.released.wait()
         if em.latency_s:
             time.sleep(em.latency_s)
         if method == "GET" and url.path == "/metadata/identity/oauth2/token":

@@ -8,10 +8,10 @@ is tested first (test_the_stand_in_is_strict)."""
 
 import base64
 import hashlib
-import json
 import os
 import random
 import signal
+import subprocess
 import threading
 import time
 import urllib.error
@@ -22,7 +22,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from replay import assert_rows_equal_source, encode_component
-from test_operations import wait_for
+from conftest import reseeded, verify_ok, wait_for
 
 _workspaces = iter(range(1, 10_000))
 
@@ -67,23 +67,6 @@ def assert_replicated(db, onelake, ws, rep, tables, schema="public"):
         table = rep.table(f"{schema}.schema", encode_component(t))
         assert table is not None, f"the mirrored database has no table {t}"
         assert_rows_equal_source(db.conn, table, schema, t)
-
-
-def verify_ok(db, mirror="m"):
-    rows = db.sql("SELECT table_name, verdict, detail FROM azure_cdc.verify_mirror(%s)", (mirror,))
-    assert rows and all(r[1] == "OK" for r in rows), rows
-
-
-def reseeded(db, table, count=1, mirror="m"):
-    def done():
-        n = db.one("SELECT count(*) FROM azure_cdc.events WHERE mirror_name = %s AND table_name = %s AND event = 'Reseeded'",
-                   (mirror, table))
-        return n >= count and db.status(mirror)[("public", table)]["state"] == "Replicating"
-    try:
-        wait_for(f"reseed of {table}", done)
-    except AssertionError:
-        raise AssertionError(f"no reseed of {table}: {db.status(mirror)}; "
-                             f"{db.sql('SELECT event, table_name, detail FROM azure_cdc.events ORDER BY event_id')}")
 
 
 # ---- the stand-in itself ------------------------------------------------------------------------
@@ -239,27 +222,27 @@ def test_replicator_follows_truncate_columns_resync_and_new_tables(db, onelake):
     # TRUNCATE: the folder is deleted, Fabric drops the table, then it is published again.
     db.sql('TRUNCATE "Order Lines"')
     db.sql('INSERT INTO "Order Lines" VALUES (1, 1), (2, 2)')
-    reseeded(db, "Order Lines")
+    reseeded(db, "m", "Order Lines")
     # A column changed in a way change files cannot express, and one added with a default.
     db.sql("ALTER TABLE a ALTER COLUMN n TYPE bigint")
     db.sql("UPDATE a SET n = n * 1000000000 WHERE id < 20")
-    reseeded(db, "a", 1)
+    reseeded(db, "m", "a", 1)
     db.sql("ALTER TABLE a ADD COLUMN d int DEFAULT 5")
     db.sql("UPDATE a SET d = 6 WHERE id = 1")
-    reseeded(db, "a", 2)
+    reseeded(db, "m", "a", 2)
     # resync_table, and a table added to the running mirror.
     db.sql("SELECT azure_cdc.resync_table('m', 'k')")
-    reseeded(db, "k")
+    reseeded(db, "m", "k")
     db.sql("CREATE TABLE c (id int PRIMARY KEY, v text)")
     db.sql("INSERT INTO c SELECT g, 'c' FROM generate_series(1, 200) g")
     db.sql("SELECT azure_cdc.add_tables('m', ARRAY['c'])")
-    reseeded(db, "c")
+    reseeded(db, "m", "c")
     db.sql("UPDATE c SET v = 'changed' WHERE id < 10")
     assert_replicated(db, onelake, ws, rep, ["a", "Order Lines", "k", "c"])
     # The replicator moved what it processed; verify reads the files where they are.
     moved = [n for n in onelake.emulator.names(ws, onelake.root) if "/_ProcessedFiles/" in n or "/_FilesReadyToDelete/" in n]
     assert moved, "the replicator moved processed files"
-    verify_ok(db)
+    verify_ok(db, "m")
     assert db.status("m")[("public", "a")]["status"] == "OK"
 
 
@@ -284,7 +267,7 @@ def test_a_reset_waits_until_fabric_has_dropped_the_table(db, onelake):
     assert onelake.emulator.get(ws, f"{onelake.root}/public.schema/a") is None
     db.sql("INSERT INTO b VALUES (1000, 'meanwhile')")
     wait_for("b to go on", lambda: ("1000",) in rep.table("public.schema", "b").rows)
-    reseeded(db, "a")
+    reseeded(db, "m", "a")
     assert db.one("SELECT folder_deleted_at FROM azure_cdc.get_all_tables_mirror_status() WHERE table_name = 'a'") is None
     assert_replicated(db, onelake, ws, rep, ["a", "b"])
     # A table Fabric does not drop within azure_cdc.table_reset_timeout is parked with the reason;
@@ -299,9 +282,9 @@ def test_a_reset_waits_until_fabric_has_dropped_the_table(db, onelake):
     rep.drop_delay_s = 1.0
     db.sql("INSERT INTO b VALUES (2000, 'later')")
     db.sql("SELECT azure_cdc.resync_table('m', 'b')")
-    reseeded(db, "b")
+    reseeded(db, "m", "b")
     assert_replicated(db, onelake, ws, rep, ["a", "b"])
-    verify_ok(db)
+    verify_ok(db, "m")
 
 
 def test_a_reset_waits_for_a_table_fabric_was_still_loading(db, onelake):
@@ -319,7 +302,7 @@ def test_a_reset_waits_for_a_table_fabric_was_still_loading(db, onelake):
         assert onelake.emulator.get(ws, f"{onelake.ITEM}/Tables/public/a") is None
         db.sql("TRUNCATE a")
         db.sql("INSERT INTO a VALUES (1, 'after')")
-        reseeded(db, "a")
+        reseeded(db, "m", "a")
         assert_replicated(db, onelake, ws, rep, ["a"])
 
 
@@ -382,7 +365,7 @@ def test_killed_decoder_and_immediate_shutdown(cluster, db, onelake):
         db.reconnect_when_ready()
         time.sleep(1.5)
     assert_replicated(db, onelake, ws, rep, ["a"])
-    verify_ok(db)
+    verify_ok(db, "m")
 
 
 def test_publication_retries_and_never_overwrites(db, onelake):
@@ -472,7 +455,139 @@ def test_files_deleted_behind_the_mirrors_back_park_the_table(db, onelake):
     # No replicator reads this landing zone: the reset waits only the settle time (the timeout, 3 s).
     with db.server_setting("azure_cdc.table_reset_timeout", "3s"):
         db.sql("SELECT azure_cdc.resync_table('m', 'a')")
-        reseeded(db, "a")
+        reseeded(db, "m", "a")
     db.wait_caught_up("m")
     rows = db.sql("SELECT table_name, verdict FROM azure_cdc.verify_mirror('m')")
     assert sorted(rows) == [("a", "OK"), ("b", "OK")], rows
+
+
+def test_a_refusal_met_inside_a_large_transaction_stops_the_mirror(db, onelake):
+    """A transaction larger than the change buffer closes batches from inside the decoding callbacks.
+    When the store refuses one of them for good (the mirror's identity may no longer write), the
+    error keeps its kind through PostgreSQL's code: the mirror stops with it instead of retrying."""
+    ws = new_workspace(onelake)
+    writer = onelake.principals["writer"]["client_id"]
+    db.sql("CREATE TABLE big (id int PRIMARY KEY, t text)")
+    with db.server_setting("azure_cdc.change_batch_buffer_size", "1MB"):
+        start(db, onelake, ws)
+        db.wait_snapshot("m")
+        onelake.emulator.grant(ws, writer, "Viewer")
+        db.sql("INSERT INTO big SELECT g, repeat('x', 200) FROM generate_series(1, 60000) g")
+        wait_for("the mirror to stop", lambda: db.one("SELECT state FROM azure_cdc.mirrors") == "Failed")
+        assert db.sql("SELECT scope, status, code FROM azure_cdc.get_health_status('m')") == [
+            ("mirror", "ERROR", "CDC_ERR_TARGET_PERMISSION_DENIED")]
+        onelake.emulator.grant(ws, writer, "Contributor")
+        assert "Running" in db.one("SELECT azure_cdc.resume_mirror('m')")
+        db.wait_caught_up("m")
+    assert db.sql("SELECT table_name, verdict FROM azure_cdc.verify_mirror('m')") == [("big", "OK")]
+
+
+def test_a_snapshot_attempt_that_fails_after_a_helper_copied_its_table_is_retried(db, onelake):
+    """The snapshot worker copies the first table (a) while a helper copies the other (b) and commits
+    it Replicating. Publishing a's file fails (every retry answered 503), so the attempt fails; the
+    next attempt copies both again and the mirror runs."""
+    ws = new_workspace(onelake)
+    rep = onelake.replicator(ws)
+    em = onelake.emulator
+    db.sql("CREATE TABLE a (id int PRIMARY KEY, v text)")
+    db.sql("CREATE TABLE b (id int PRIMARY KEY, v text)")
+    db.sql("INSERT INTO a SELECT g, 'a' FROM generate_series(1, 1000) g")
+    db.sql("INSERT INTO b VALUES (1, 'b')")
+    for _ in range(7):  # the first attempt and every retry of the client (6)
+        em.fail_next(lambda m, p, q, h: m == "PUT" and "x-ms-rename-source" in h and "/public.schema/a/" in p)
+    with db.server_setting("azure_cdc.max_snapshot_workers", "2"), \
+            db.server_setting("azure_cdc.table_reset_timeout", "5s"):
+        start(db, onelake, ws)
+        wait_for("b copied by the helper", lambda: db.one(
+            "SELECT state FROM azure_cdc.mirror_tables WHERE table_name = 'b'") == "Replicating", deadline_s=60)
+        wait_for("the first attempt to fail", lambda: db.one(
+            "SELECT last_error FROM azure_cdc.mirrors WHERE mirror_name = 'm'"), deadline_s=120)
+        assert not em.faults
+        db.wait_snapshot("m")
+    db.sql("INSERT INTO a VALUES (5000, 'later')")
+    assert_replicated(db, onelake, ws, rep, ["a", "b"])
+    verify_ok(db, "m")
+
+
+def test_the_workers_end_with_the_postmaster(cluster, db, onelake):
+    """PostgreSQL's processes end as soon as the postmaster dies (WL_EXIT_ON_PM_DEATH), so that a new
+    server can start on the same data directory. The mirror's workers must too, even when the decoder
+    waits for a store that does not answer (a request may hang for minutes): nothing it has not
+    confirmed is lost, the next server's decoder publishes it."""
+    ws = new_workspace(onelake)
+    rep = onelake.replicator(ws)
+    em = onelake.emulator
+    db.sql("CREATE TABLE a (id int PRIMARY KEY, v text)")
+    db.sql("INSERT INTO a SELECT g, 'v' FROM generate_series(1, 100) g")
+    start(db, onelake, ws)
+    db.wait_snapshot("m")
+    db.wait_caught_up("m")
+    decoder = db.decoder_pid("m")
+    postmaster = cluster.postmaster_pid()
+    children = [int(p) for p in subprocess.run(["ps", "-o", "pid=", "--ppid", str(postmaster)],
+                                               capture_output=True, text=True, check=True).stdout.split()]
+    assert decoder in children
+    hanging = em.hanging
+    em.partitioned = True
+    try:
+        db.sql("INSERT INTO a VALUES (1000, 'while the store does not answer')")
+        wait_for("the change file's upload to hang", lambda: em.hanging > hanging)
+        os.kill(postmaster, signal.SIGKILL)
+
+        def alive(pid):
+            try:
+                os.kill(pid, 0)
+                return True
+            except ProcessLookupError:
+                return False
+
+        # A deadline for failing, far beyond the second PostgreSQL's processes take, far below the
+        # minutes a hanging request could keep the decoder.
+        try:
+            wait_for("every process of the server to end", lambda: not [p for p in children if alive(p)], deadline_s=60)
+        except AssertionError:
+            left = subprocess.run(["ps", "-o", "pid=,cmd="] + [f"-p{p}" for p in children if alive(p)],
+                                  capture_output=True, text=True).stdout
+            raise AssertionError(f"still running: {left}")
+    finally:
+        em.partitioned = False
+    cluster.start()
+    db.reconnect_when_ready()
+    db.sql("INSERT INTO a VALUES (1001, 'after')")
+    assert_replicated(db, onelake, ws, rep, ["a"])
+    verify_ok(db, "m")
+
+
+def test_other_tables_flow_while_a_table_is_copied(db, onelake):
+    """A reseed's copy runs in the mirror's copier, beside the decoder: while table a is copied (the
+    store holds back its data file), table b's changes go on being published, and when the copy
+    ends both tables are exact."""
+    ws = new_workspace(onelake)
+    rep = onelake.replicator(ws)
+    em = onelake.emulator
+    db.sql("CREATE TABLE a (id int PRIMARY KEY, v text)")
+    db.sql("CREATE TABLE b (id int PRIMARY KEY, v text)")
+    db.sql("INSERT INTO a SELECT g, 'a' FROM generate_series(1, 2000) g")
+    db.sql("INSERT INTO b VALUES (1, 'b')")
+    start(db, onelake, ws)
+    db.wait_snapshot("m")
+    assert_replicated(db, onelake, ws, rep, ["a", "b"])
+    hanging = em.hanging
+    em.stall(lambda m, p, q, h: m == "PUT" and q.get("resource") == "file" and p.startswith(f"/{ws}/")
+             and "/public.schema/a/" in p)
+    try:
+        db.sql("SELECT azure_cdc.resync_table('m', 'a')")
+        wait_for("a's copy to wait for the store", lambda: em.hanging > hanging, deadline_s=300)
+        assert db.one("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'azure_cdc copier'") == 1
+        files = db.status("m")[("public", "b")]["files"]
+        db.sql("INSERT INTO b VALUES (2, 'while a is copied')")
+        wait_for("b's change file", lambda: db.status("m")[("public", "b")]["files"] > files, deadline_s=60)
+        assert db.status("m")[("public", "a")]["state"] == "Reseeding"
+        db.sql("UPDATE a SET v = 'changed during the copy' WHERE id <= 10")
+    finally:
+        em.release()
+    reseeded(db, "m", "a")
+    db.sql("INSERT INTO a VALUES (5000, 'after')")
+    db.sql("INSERT INTO b VALUES (3, 'after')")
+    assert_replicated(db, onelake, ws, rep, ["a", "b"])
+    verify_ok(db, "m")

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from conftest import wait_for
 from replay import assert_mirror_equals_source
 
 
@@ -24,16 +25,6 @@ def health(db, mirror=None):
 
 def events(db, mirror):
     return [r[0] for r in db.sql("SELECT event FROM azure_cdc.events WHERE mirror_name = %s ORDER BY event_id", (mirror,))]
-
-
-def wait_for(what, check, deadline_s=120):
-    end = time.time() + deadline_s
-    while True:
-        v = check()
-        if v:
-            return v
-        assert time.time() < end, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def test_pause_and_resume_hold_and_then_deliver_everything(db):
@@ -186,3 +177,52 @@ def test_a_stop_in_progress_shows_stopping(db):
     t.join(60)
     stopper.close()
     assert mirrors(db)["m"]["state"] == "Stopped"
+
+
+def test_stop_mirror_is_refused_inside_a_transaction_block(db):
+    """stop_mirror drops the mirror's slot, which no rollback brings back: inside a transaction block
+    it is refused (25001) and nothing changes; the mirror goes on publishing."""
+    import psycopg
+    db.sql("CREATE TABLE a (id int PRIMARY KEY, v text)")
+    db.sql("INSERT INTO a SELECT g, 'v' FROM generate_series(1, 100) g")
+    root = db.start_mirror("m")
+    db.wait_snapshot("m")
+    with pytest.raises(psycopg.Error) as ei:
+        with db.conn.transaction():
+            db.conn.execute("SELECT azure_cdc.stop_mirror('m')")
+    assert ei.value.sqlstate == "25001", ei.value
+    assert mirrors(db)["m"]["state"] == "Running"
+    assert db.one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'azure_cdc_m'") == 1
+    db.sql("INSERT INTO a VALUES (1000, 'after')")
+    db.wait_caught_up("m")
+    assert_mirror_equals_source(db.conn, root, "public", "a")
+    assert "stopped" in db.one("SELECT azure_cdc.stop_mirror('m')")
+    assert db.one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'azure_cdc_m'") == 0
+
+
+def test_the_decoders_own_catalog_writes_keep_its_plans(db):
+    """The decoder records its counters in the catalog about once a second while changes flow. Its
+    own cache resets around those writes change no mirrored table: they must not make it build its
+    conversion plans again (nor look every table up again) after each batch. Counted in the server
+    log, where the decoder notes each plan it builds (DEBUG1)."""
+    db.sql("CREATE TABLE a (id int PRIMARY KEY, v int)")
+    db.sql("INSERT INTO a VALUES (1, 0)")
+    db.start_mirror("m")
+    db.wait_snapshot("m")
+    relid = db.one("SELECT 'a'::regclass::oid")
+    line = f"building the conversion plan of relation {relid}"
+    with db.server_setting("log_min_messages", "debug1"):
+        db.sql("UPDATE a SET v = v + 1")
+        db.wait_caught_up("m")
+        with open(db.cluster.log) as f:
+            before = sum(1 for x in f if line in x)
+        for _ in range(6):
+            db.sql("UPDATE a SET v = v + 1")
+            db.wait_caught_up("m")
+            time.sleep(1.2)  # past the decoder's once-a-second catalog write
+        with open(db.cluster.log) as f:
+            after = sum(1 for x in f if line in x)
+    assert before >= 1, "the plan was built for the first change"
+    assert after - before == 0, f"the plan was built {after - before} more times"
+    st = db.status("m")[("public", "a")]
+    assert st["rows"] >= 7, st

@@ -5,7 +5,7 @@ only); and a mirror of all tables, which takes partitioned tables and leaves the
 them. Each test ends with the replay comparison against the source and verify_mirror."""
 
 from replay import assert_mirror_equals_source, table_folder
-from test_reseed import events, numbers, reseeded, verify_ok
+from conftest import events, numbers, reseeded, verify_ok
 import os
 
 

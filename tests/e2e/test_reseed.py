@@ -11,34 +11,8 @@ import psycopg
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import events, numbers, reseeded, verify_ok, wait_for
 from replay import assert_mirror_equals_source, replay_table, table_folder
-from test_operations import wait_for
-
-
-def events(db, mirror, table=None):
-    rows = db.sql(
-        "SELECT event, table_name, detail FROM azure_cdc.events WHERE mirror_name = %s ORDER BY event_id", (mirror,))
-    return [(e, d) for e, t, d in rows if table is None or t == table]
-
-
-def numbers(root, table):
-    """Numbers of the published data files of a table (while the mirror may be writing the next one)."""
-    folder = table_folder(root, "public", table)
-    if not os.path.isdir(folder):
-        return []
-    return sorted(int(n.split(".")[0]) for n in os.listdir(folder) if n.endswith(".parquet") and n[0].isdigit())
-
-
-def reseeded(db, mirror, table, count=1):
-    """Waits until `table` has been reseeded `count` times and is Replicating again."""
-    wait_for(f"reseed of {table}", lambda: (
-        sum(1 for e, _ in events(db, mirror, table) if e == "Reseeded") >= count
-        and db.status(mirror)[("public", table)]["state"] == "Replicating"))
-
-
-def verify_ok(db, mirror):
-    rows = db.sql("SELECT table_name, verdict, detail FROM azure_cdc.verify_mirror(%s)", (mirror,))
-    assert rows and all(r[1] == "OK" for r in rows), rows
 
 
 class Workload:
@@ -99,6 +73,52 @@ def test_resync_table_rebuilds_one_table_while_the_others_go_on(db):
     assert not [e for e, _ in events(db, "m", "b") if e.startswith("Reseed")]
     st = db.status("m")
     assert st[("public", "a")]["status"] == "OK" and st[("public", "a")]["rows"] > 0
+    for t in ("a", "b"):
+        assert_mirror_equals_source(db.conn, root, "public", t)
+    verify_ok(db, "m")
+
+
+def test_a_reseed_pending_when_the_decoder_starts_never_moves_the_slot_back(db):
+    """resync_table on a paused mirror: the decoder that resume_mirror starts holds the slot before it
+    has read a record. The hold starts at the slot's confirmed position, never behind it (where
+    reading starts), and the confirmed position never goes back."""
+    db.sql("CREATE TABLE a (id int PRIMARY KEY, v text)")
+    db.sql("CREATE TABLE b (id int PRIMARY KEY, v text)")
+    db.sql("INSERT INTO a SELECT g, 'v' || g FROM generate_series(1, 200000) g")
+    root = db.start_mirror("m")
+    db.wait_snapshot("m")
+    # Enough WAL between where the slot must keep reading from and where it is confirmed.
+    for i in range(20):
+        db.sql("INSERT INTO b SELECT g, 'x' FROM generate_series(%s::int, %s::int) g", (i * 1000, i * 1000 + 999))
+    db.wait_caught_up("m")
+    db.sql("SELECT azure_cdc.pause_mirror('m')")
+    before = db.one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'azure_cdc_m'")
+    assert "copied again" in db.one("SELECT azure_cdc.resync_table('m', 'a')")
+    seen, stop = [], threading.Event()
+
+    def sample():
+        with db.cluster.connect(db.name) as c:
+            while not stop.is_set():
+                seen.append(c.execute(
+                    "SELECT pg_wal_lsn_diff(confirmed_flush_lsn, %s::pg_lsn) FROM pg_replication_slots "
+                    "WHERE slot_name = 'azure_cdc_m'", (before,)).fetchone()[0])
+                time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        db.sql("SELECT azure_cdc.resume_mirror('m')")
+        reseeded(db, "m", "a")
+        db.sql("INSERT INTO b VALUES (-1, 'after')")
+        db.wait_caught_up("m")
+    finally:
+        stop.set()
+        sampler.join()
+    assert seen and min(seen) >= 0, f"the slot went back by {-min(seen)} bytes"
+    with open(db.cluster.log) as f:
+        holds = [line.rsplit(" ", 1)[-1].strip() for line in f if "reseed holds the slot at" in line]
+    assert holds, "the hold was logged"
+    assert db.one("SELECT %s::pg_lsn >= %s::pg_lsn", (holds[-1], before)), (holds, before)
     for t in ("a", "b"):
         assert_mirror_equals_source(db.conn, root, "public", t)
     verify_ok(db, "m")
