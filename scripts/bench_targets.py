@@ -13,8 +13,9 @@ accounts, 128 MB) and Azurite on 127.0.0.1, one run each:
    the requests per published data file counted by the stand-in.
 5. wide: one transaction updating one row in each of 200 tables, from its commit until the slot is
    confirmed past it (every table's change file published), with azure_cdc.max_parallel_uploads 1
-   and 16, into a local folder and into the OneLake stand-in at a 20 ms round trip. The batch timeout
+   16 and 32, into a local folder and into the OneLake stand-in at a 20 ms round trip. The batch timeout
    is 100 ms here, so each figure includes up to 100 ms of waiting for the batch to close.
+Arguments choose parts: stores (1-3), onelake (4), wide (5); all by default.
 """
 
 import os
@@ -101,31 +102,44 @@ def main():
                      "FROM generate_series(1, 2000000) g")
         conn.execute("CREATE EXTENSION azure_cdc")
         conn.execute("VACUUM ANALYZE")
-        conn.execute("SELECT azure_cdc.create_credential('azurite', %s)", (Jsonb(az.credential_options()),))
-        az.create_container("bench")
-        snapshot(conn, "local", "file://" + os.path.join(BASE, "mirrors", "local"), {})
-        changes(conn, "local")
-        conn.execute("SELECT azure_cdc.stop_mirror('local')")
-        snapshot(conn, "azurite", "az://bench/default", {"credential": "azurite"})
-        changes(conn, "azurite")
-        t0 = time.time()
-        rows = conn.execute("SELECT table_name, verdict, source_rows FROM azure_cdc.verify_mirror('azurite')").fetchall()
-        took = time.time() - t0
-        total = sum(r[2] for r in rows)
-        print(f"verify       azurite        {took:6.2f} s for {total:,} rows: {', '.join(f'{r[0]} {r[1]}' for r in rows)}")
-        conn.execute("SELECT azure_cdc.stop_mirror('azurite')")
-        conn.execute("ALTER SYSTEM SET azure_cdc.onelake_buffer_size = '5MB'")
-        conn.execute("SELECT pg_reload_conf()")
-        time.sleep(0.5)
-        snapshot(conn, "azurite_5mb", "az://bench/parts", {"credential": "azurite"})
-        conn.execute("SELECT azure_cdc.stop_mirror('azurite_5mb')")
-        conn.execute("ALTER SYSTEM RESET azure_cdc.onelake_buffer_size")
-        conn.execute("SELECT pg_reload_conf()")
-        onelake(conn)
-        wide(conn)
+        which = sys.argv[1:] or ["stores", "onelake", "wide"]
+        if "stores" in which:
+            stores(conn, az)
+        ol = OneLake(latency_s=0.020)
+        ol.start()
+        try:
+            if "onelake" in which:
+                onelake(conn, ol)
+            if "wide" in which:
+                wide(conn, ol)
+        finally:
+            ol.close()
     finally:
         sh(CLUSTER, "stop", DATA, "fast")
         az.close()
+
+
+def stores(conn, az):
+    conn.execute("SELECT azure_cdc.create_credential('azurite', %s)", (Jsonb(az.credential_options()),))
+    az.create_container("bench")
+    snapshot(conn, "local", "file://" + os.path.join(BASE, "mirrors", "local"), {})
+    changes(conn, "local")
+    conn.execute("SELECT azure_cdc.stop_mirror('local')")
+    snapshot(conn, "azurite", "az://bench/default", {"credential": "azurite"})
+    changes(conn, "azurite")
+    t0 = time.time()
+    rows = conn.execute("SELECT table_name, verdict, source_rows FROM azure_cdc.verify_mirror('azurite')").fetchall()
+    took = time.time() - t0
+    total = sum(r[2] for r in rows)
+    print(f"verify       azurite        {took:6.2f} s for {total:,} rows: {', '.join(f'{r[0]} {r[1]}' for r in rows)}")
+    conn.execute("SELECT azure_cdc.stop_mirror('azurite')")
+    conn.execute("ALTER SYSTEM SET azure_cdc.onelake_buffer_size = '5MB'")
+    conn.execute("SELECT pg_reload_conf()")
+    time.sleep(0.5)
+    snapshot(conn, "azurite_5mb", "az://bench/parts", {"credential": "azurite"})
+    conn.execute("SELECT azure_cdc.stop_mirror('azurite_5mb')")
+    conn.execute("ALTER SYSTEM RESET azure_cdc.onelake_buffer_size")
+    conn.execute("SELECT pg_reload_conf()")
 
 
 def data_files(ol, bucket):
@@ -134,40 +148,35 @@ def data_files(ol, bucket):
                 if n.endswith(".parquet") and not n.rsplit("/", 1)[-1].startswith("_")])
 
 
-def onelake(conn):
-    ol = OneLake(latency_s=0.020)
-    ol.start()
-    try:
-        ol.create_bucket("bench")
-        conn.execute("SELECT azure_cdc.create_credential('onelake', %s)", (Jsonb(ol.credential_options()),))
-        ol.emulator.counts.clear()
-        snapshot(conn, "onelake", ol.url("bench"), {"credential": "onelake"})
-        files = data_files(ol, "bench")
-        requests = sum(ol.emulator.counts.values())
-        print(f"requests     onelake        snapshot: {requests} requests for {files} data files and "
-              f"{len(TABLES)} _metadata.json (with the probe, folders and _partnerEvents.json)")
-        ol.emulator.counts.clear()
-        changes(conn, "onelake")
-        new_files = data_files(ol, "bench") - files
-        counts = dict(ol.emulator.counts)
-        print(f"requests     onelake        changes: {sum(counts.values())} requests for {new_files} change files "
-              "(with resume_mirror's probe and the decoder's start): "
-              + ", ".join(f"{m} {k or 'path'} {n}" for (m, k), n in sorted(counts.items())))
-        # A steady stream: one transaction every 0.3 s for 10 s, each its own batch and file.
-        ol.emulator.counts.clear()
-        before = data_files(ol, "bench")
-        for i in range(30):
-            conn.execute("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = %s", (i + 1,))
-            time.sleep(0.3)
-        wait_caught_up(conn, "azure_cdc_onelake")
-        made = data_files(ol, "bench") - before
-        counts = dict(ol.emulator.counts)
-        print(f"requests     onelake        steady: {sum(counts.values())} requests for {made} change files = "
-              f"{sum(counts.values()) / max(made, 1):.1f} per file: "
-              + ", ".join(f"{m} {k or 'path'} {n}" for (m, k), n in sorted(counts.items())))
-        conn.execute("SELECT azure_cdc.stop_mirror('onelake')")
-    finally:
-        ol.close()
+def onelake(conn, ol):
+    ol.create_bucket("bench")
+    conn.execute("SELECT azure_cdc.create_credential('onelake', %s)", (Jsonb(ol.credential_options()),))
+    ol.emulator.counts.clear()
+    snapshot(conn, "onelake", ol.url("bench"), {"credential": "onelake"})
+    files = data_files(ol, "bench")
+    requests = sum(ol.emulator.counts.values())
+    print(f"requests     onelake        snapshot: {requests} requests for {files} data files and "
+          f"{len(TABLES)} _metadata.json (with the probe, folders and _partnerEvents.json)")
+    ol.emulator.counts.clear()
+    changes(conn, "onelake")
+    new_files = data_files(ol, "bench") - files
+    counts = dict(ol.emulator.counts)
+    print(f"requests     onelake        changes: {sum(counts.values())} requests for {new_files} change files "
+          "(with resume_mirror's probe and the decoder's start): "
+          + ", ".join(f"{m} {k or 'path'} {n}" for (m, k), n in sorted(counts.items())))
+    # A steady stream: one transaction every 0.3 s for 10 s, each its own batch and file.
+    ol.emulator.counts.clear()
+    before = data_files(ol, "bench")
+    for i in range(30):
+        conn.execute("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = %s", (i + 1,))
+        time.sleep(0.3)
+    wait_caught_up(conn, "azure_cdc_onelake")
+    made = data_files(ol, "bench") - before
+    counts = dict(ol.emulator.counts)
+    print(f"requests     onelake        steady: {sum(counts.values())} requests for {made} change files = "
+          f"{sum(counts.values()) / max(made, 1):.1f} per file: "
+          + ", ".join(f"{m} {k or 'path'} {n}" for (m, k), n in sorted(counts.items())))
+    conn.execute("SELECT azure_cdc.stop_mirror('onelake')")
 
 
 WIDE = 200
@@ -190,7 +199,7 @@ def wide_round(conn, name, parallel, rounds=3):
           + ", ".join(f"{t:5.2f} s" for t in took))
 
 
-def wide(conn):
+def wide(conn, ol):
     conn.execute("CREATE SCHEMA wide")
     for i in range(WIDE):
         conn.execute(f"CREATE TABLE wide.t{i:03} (id int PRIMARY KEY, v int)")
@@ -206,20 +215,15 @@ def wide(conn):
         wait_caught_up(conn, "azure_cdc_" + name)
 
     start("wide_local", "file://" + os.path.join(BASE, "mirrors", "wide"), {})
-    for parallel in (1, 16):
+    for parallel in (1, 16, 32):
         wide_round(conn, "wide_local", parallel)
     conn.execute("SELECT azure_cdc.stop_mirror('wide_local')")
-    ol = OneLake(latency_s=0.020)
-    ol.start()
-    try:
-        ol.create_bucket("wide")
-        conn.execute("SELECT azure_cdc.create_credential('onelake_wide', %s)", (Jsonb(ol.credential_options()),))
-        start("wide_onelake", ol.url("wide"), {"credential": "onelake_wide"})
-        for parallel in (1, 16):
-            wide_round(conn, "wide_onelake", parallel)
-        conn.execute("SELECT azure_cdc.stop_mirror('wide_onelake')")
-    finally:
-        ol.close()
+    ol.create_bucket("wide")
+    conn.execute("SELECT azure_cdc.create_credential('onelake_wide', %s)", (Jsonb(ol.credential_options()),))
+    start("wide_onelake", ol.url("wide"), {"credential": "onelake_wide"})
+    for parallel in (1, 16, 32):
+        wide_round(conn, "wide_onelake", parallel)
+    conn.execute("SELECT azure_cdc.stop_mirror('wide_onelake')")
     conn.execute("ALTER SYSTEM RESET azure_cdc.max_parallel_uploads")
     conn.execute("SELECT pg_reload_conf()")
 

@@ -52,9 +52,9 @@ pub static TABLE_RESET_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(900);
 /// `azure_cdc.max_parallel_uploads`: how many tables' change files of one batch are written at once.
 /// Each is encoded and uploaded by its own thread of the decoder worker; batches are still published
 /// one after another, and each table's files in number order. Raising it helps a store far away (each
-/// file costs a few round trips) when transactions touch many tables. Range 1–64, default 16. Reload
+/// file costs a few round trips) when transactions touch many tables. Range 1–64, default 32. Reload
 /// (SIGHUP); read when a batch is closed.
-pub static MAX_PARALLEL_UPLOADS: GucSetting<i32> = GucSetting::<i32>::new(16);
+pub static MAX_PARALLEL_UPLOADS: GucSetting<i32> = GucSetting::<i32>::new(32);
 
 /// Values of `azure_cdc.parquet_compression`.
 #[derive(pgrx::PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]

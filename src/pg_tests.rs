@@ -145,7 +145,7 @@ fn server_parameters_have_their_defaults_and_ranges() {
         ("azure_cdc.snapshot_buffer_size", "1000MB"),
         ("azure_cdc.parquet_compression", "zstd"),
         ("azure_cdc.table_reset_timeout", "15min"),
-        ("azure_cdc.max_parallel_uploads", "16"),
+        ("azure_cdc.max_parallel_uploads", "32"),
     ] {
         let shown = Spi::get_one::<String>(&format!("SHOW {name}")).unwrap().unwrap();
         assert_eq!(shown, value, "{name}");
