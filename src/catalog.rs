@@ -567,6 +567,26 @@ pub const EVENTS_KEPT: i64 = 10_000;
 /// oldest events beyond [`EVENTS_KEPT`]: one mirror's events never push out another's. Every event
 /// is written here. In the caller's transaction. (The statement's own insert is not visible to its
 /// DELETE: the newest `EVENTS_KEPT - 1` events before it stay, with it.)
+/// Records an event without trimming the oldest ones (the next trimmed write does): for a copy's long
+/// repeatable-read transaction, where deleting the oldest event would conflict with the decoder's and
+/// the SQL functions' own event writes (a serialization failure, or them waiting for the whole copy).
+pub fn record_event_untrimmed(
+    mirror_id: i64,
+    table: Option<(&str, &str)>,
+    event: Event,
+    detail: Option<&str>,
+) -> Result<()> {
+    let (schema, name) = match table {
+        Some((s, t)) => (Some(s), Some(t)),
+        None => (None, None),
+    };
+    run(
+        "INSERT INTO azure_cdc.events (mirror_id, mirror_name, schema_name, table_name, event, detail) \
+         SELECT mirror_id, mirror_name, $2::name, $3::name, $4, $5 FROM azure_cdc.mirrors WHERE mirror_id = $1",
+        &[mirror_id.into(), schema.into(), name.into(), event.as_str().into(), detail.into()],
+    )
+}
+
 pub fn record_event(mirror_id: i64, table: Option<(&str, &str)>, event: Event, detail: Option<&str>) -> Result<()> {
     let (schema, name) = match table {
         Some((s, t)) => (Some(s), Some(t)),
@@ -831,13 +851,15 @@ pub struct CopiedTable {
 }
 
 /// A table's copy is published: it is Replicating, with its counters and what its files hold.
-pub fn table_copied(mirror_id: i64, relid: pg_sys::Oid, c: &CopiedTable) -> Result<()> {
-    run(
-        "UPDATE azure_cdc.mirror_tables SET state = $3, key_columns = $4, rows_replicated = $5, \
+/// Returns whether the table was still in state `from` (else nothing is written: it was removed or
+/// stopped meanwhile, and stays so).
+pub fn table_copied(mirror_id: i64, relid: pg_sys::Oid, from: TableState, c: &CopiedTable) -> Result<bool> {
+    run_counting(
+        "WITH u AS (UPDATE azure_cdc.mirror_tables SET state = $3, key_columns = $4, rows_replicated = $5, \
                 files_published = $6, bytes_published = $7, next_file_number = $6 + 1, seed_snapshot = $8, \
                 partitions = $9, columns = $10, last_completed_at = pg_catalog.clock_timestamp(), last_error = NULL, \
                 folder_deleted_at = NULL \
-          WHERE mirror_id = $1 AND relid = $2",
+          WHERE mirror_id = $1 AND relid = $2 AND state = $11 RETURNING 1) SELECT pg_catalog.count(*) FROM u",
         &[
             mirror_id.into(),
             relid.into(),
@@ -849,8 +871,10 @@ pub fn table_copied(mirror_id: i64, relid: pg_sys::Oid, c: &CopiedTable) -> Resu
             c.seed_snapshot.clone().into(),
             c.partitions.clone().into(),
             c.columns.clone().into(),
+            from.as_str().into(),
         ],
     )
+    .map(|n| n > 0)
 }
 
 /// The columns a table's files carry now, after column changes the decoder followed (`what`, one

@@ -104,6 +104,12 @@ pub fn copy_tables(
         pg_sys::StartTransactionCommand();
         pg_sys::XactIsoLevel = pg_sys::XACT_REPEATABLE_READ as i32;
         pg_sys::InvalidateSystemCaches();
+        // Every table is locked before the snapshot is taken: a rewrite committed after the snapshot
+        // but before the scan (ALTER TABLE … SET ACCESS METHOD, say) would otherwise show the scan an
+        // empty table. A table dropped meanwhile is found missing when it is opened.
+        for t in tables {
+            pg_sys::LockRelationOid(pg_sys::Oid::from(t.relid), pg_sys::AccessShareLock as i32);
+        }
         let snap = pg_sys::RegisterSnapshot(pg_sys::GetTransactionSnapshot());
         pg_sys::PushActiveSnapshot(snap);
         snap
@@ -148,25 +154,31 @@ pub fn copy_tables(
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn azure_cdc_copier_main(arg: pg_sys::Datum) {
     crate::worker::install_signal_handlers();
-    let index = arg.value();
+    let index = arg.value() & 0xff;
+    let token = (arg.value() >> 8) as u64;
     if index >= crate::gucs::MAX_FABRIC_MIRRORS_LIMIT as usize {
         return;
     }
     let entry = shmem::entry(index);
-    if !entry.in_use || entry.copy.state != shmem::CopyState::Running {
+    if !entry.in_use || entry.copy.state != shmem::CopyState::Running || entry.copy.token != token {
         return;
     }
     pgrx::bgworkers::BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(entry.database)), None);
-    crate::worker::register_pid(index, Some(shmem::COPIER_SLOT));
+    // SAFETY: MyProcPid is set at process start.
+    let Some((relids, must_see)) = shmem::claim_copy_job(index, token, unsafe { pg_sys::MyProcPid }) else {
+        pgrx::log!("azure_cdc: a copier found its job gone (ended by a newer decoder); it exits");
+        return;
+    };
+    crate::worker::forget_helper_pid_at_exit(index, shmem::COPIER_SLOT);
     let mirror_id = entry.mirror_id;
     let result = crate::worker::catching(|| {
         crate::worker::pin_settings()?;
-        copier_run(index, mirror_id)
+        copier_run(index, mirror_id, &relids, &must_see)
     });
     shmem::set_progress(index, shmem::COPIER_SLOT, 0, 0);
     // The process ends: the target's threads are not waited for.
     azure_cdc_core::cloud::mark_process_exiting();
-    shmem::finish_copy_job(index, &result);
+    shmem::finish_copy_job(index, token, &result);
     if let Err(e) = result {
         // SAFETY: abort what is left of the transaction after a failure.
         unsafe { pg_sys::AbortCurrentTransaction() };
@@ -176,8 +188,7 @@ pub extern "C-unwind" fn azure_cdc_copier_main(arg: pg_sys::Datum) {
 }
 
 /// The copier's work: the job's tables, as the catalog has them, copied in one snapshot.
-fn copier_run(index: usize, mirror_id: i64) -> Result<()> {
-    let (_, relids, must_see) = shmem::copy_job(index);
+fn copier_run(index: usize, mirror_id: i64, relids: &[u32], must_see: &[u64]) -> Result<()> {
     let loaded = pgrx::bgworkers::BackgroundWorker::transaction(|| -> Result<_> {
         let m = catalog::mirror_by_id(mirror_id)?
             .ok_or_else(|| Error::new(ErrorKind::Internal, format!("mirror {mirror_id} is gone")))?;
@@ -196,7 +207,7 @@ fn copier_run(index: usize, mirror_id: i64) -> Result<()> {
     pgrx::log!("azure_cdc: mirror {mirror_id}: the copier copies {} table(s)", tables.len());
     // A snapshot that does not see every transaction of the hold yet (one that has committed but not
     // left the process array) is taken again.
-    while !copy_tables(mirror_id, owner, (index, shmem::COPIER_SLOT), &target, &tables, &must_see)? {
+    while !copy_tables(mirror_id, owner, (index, shmem::COPIER_SLOT), &target, &tables, must_see)? {
         if !crate::worker::wait(std::time::Duration::from_millis(100)) {
             return Err(Error::new(ErrorKind::Internal, "the copier was asked to stop"));
         }
@@ -302,9 +313,10 @@ fn copy_one(
     };
     TableState::Reseeding.on(TableEvent::SnapshotPublished)?;
     let bytes: i64 = files.iter().map(|f| f.bytes as i64).sum();
-    catalog::table_copied(
+    let recorded = catalog::table_copied(
         mirror_id,
         relid,
+        TableState::Reseeding,
         &catalog::CopiedTable {
             keys,
             rows,
@@ -315,7 +327,16 @@ fn copy_one(
             columns: Some(file_columns),
         },
     )?;
-    catalog::record_event(
+    if !recorded {
+        // Removed from the mirror (remove_tables) after the job was handed over: it stays removed.
+        pgrx::log!(
+            "azure_cdc: table \"{}.{}\" left the mirror during its copy; its copy is not recorded",
+            t.schema,
+            t.table
+        );
+        return Ok(());
+    }
+    catalog::record_event_untrimmed(
         mirror_id,
         Some(name),
         Event::Reseeded,

@@ -42,6 +42,9 @@ pub enum CopyState {
 #[derive(Copy, Clone, Debug)]
 pub struct CopyJob {
     pub state: CopyState,
+    /// Which job this is: the copier started for it carries it, claims the job with it and reports
+    /// under it, so that a copier late to start can never take or end a later job.
+    pub token: u64,
     pub tables: [u32; MAX_COPY_TABLES],
     pub table_count: u32,
     pub must_see: [u64; MAX_COPY_MUST_SEE],
@@ -55,6 +58,7 @@ impl Default for CopyJob {
     fn default() -> Self {
         CopyJob {
             state: CopyState::Idle,
+            token: 0,
             tables: [0; MAX_COPY_TABLES],
             table_count: 0,
             must_see: [0; MAX_COPY_MUST_SEE],
@@ -304,32 +308,50 @@ pub fn set_worker_pid(index: usize, pid: i32) {
     REGISTRY.exclusive().entries[index].worker_pid = pid;
 }
 
-/// Hands a copy job to the copier of entry `index` (state Running). False, with nothing changed,
-/// when it does not fit.
-pub fn set_copy_job(index: usize, tables: &[u32], must_see: &[u64]) -> bool {
+/// Hands a copy job to the copier of entry `index` (state Running). Returns the job's token; None,
+/// with nothing changed, when it does not fit.
+pub fn set_copy_job(index: usize, tables: &[u32], must_see: &[u64]) -> Option<u64> {
     if tables.len() > MAX_COPY_TABLES || must_see.len() > MAX_COPY_MUST_SEE {
-        return false;
+        return None;
     }
-    let mut job = CopyJob { state: CopyState::Running, ..Default::default() };
+    let mut r = REGISTRY.exclusive();
+    let token = r.entries[index].copy.token.wrapping_add(1) & 0x00ff_ffff_ffff_ffff;
+    let mut job = CopyJob { state: CopyState::Running, token, ..Default::default() };
     job.tables[..tables.len()].copy_from_slice(tables);
     job.table_count = tables.len() as u32;
     job.must_see[..must_see.len()].copy_from_slice(must_see);
     job.must_see_count = must_see.len() as u32;
-    REGISTRY.exclusive().entries[index].copy = job;
-    true
+    r.entries[index].copy = job;
+    Some(token)
 }
 
-/// The copy job of entry `index`: (state, tables, transactions to see).
-pub fn copy_job(index: usize) -> (CopyState, Vec<u32>, Vec<u64>) {
-    let r = REGISTRY.share();
-    let j = &r.entries[index].copy;
-    (j.state, j.tables[..j.table_count as usize].to_vec(), j.must_see[..j.must_see_count as usize].to_vec())
+/// The copier started for job `token` takes it: only while that job is still the entry's and Running,
+/// and no copier is registered; records `pid` as the copier's in the same step. Returns the job's
+/// (tables, transactions to see).
+pub fn claim_copy_job(index: usize, token: u64, pid: i32) -> Option<(Vec<u32>, Vec<u64>)> {
+    let mut r = REGISTRY.exclusive();
+    let e = &mut r.entries[index];
+    let j = &e.copy;
+    if !e.in_use || j.state != CopyState::Running || j.token != token || e.helper_pids[COPIER_SLOT] != 0 {
+        return None;
+    }
+    let job = (j.tables[..j.table_count as usize].to_vec(), j.must_see[..j.must_see_count as usize].to_vec());
+    e.helper_pids[COPIER_SLOT] = pid;
+    Some(job)
 }
 
-/// Records how the copy job ended (the copier does, before it exits).
-pub fn finish_copy_job(index: usize, outcome: &azure_cdc_core::Result<()>) {
+/// The state of the entry's copy job.
+pub fn copy_state(index: usize) -> CopyState {
+    REGISTRY.share().entries[index].copy.state
+}
+
+/// Records how copy job `token` ended (its copier does, before it exits), if it is still the entry's.
+pub fn finish_copy_job(index: usize, token: u64, outcome: &azure_cdc_core::Result<()>) {
     let mut r = REGISTRY.exclusive();
     let j = &mut r.entries[index].copy;
+    if j.token != token || j.state != CopyState::Running {
+        return;
+    }
     match outcome {
         Ok(()) => j.state = CopyState::Done,
         Err(e) => {
@@ -343,6 +365,28 @@ pub fn finish_copy_job(index: usize, outcome: &azure_cdc_core::Result<()>) {
             j.error = [0; 512];
             j.error[..n].copy_from_slice(&text.as_bytes()[..n]);
         }
+    }
+}
+
+/// Forgets the entry's copy job if no copier is registered (checked and done in one step, so that a
+/// copier late to start cannot claim it afterwards). Returns the registered copier's pid otherwise.
+pub fn clear_copy_job_if_no_copier(index: usize) -> Option<i32> {
+    let mut r = REGISTRY.exclusive();
+    let e = &mut r.entries[index];
+    let pid = e.helper_pids[COPIER_SLOT];
+    if pid != 0 {
+        return Some(pid);
+    }
+    e.copy.state = CopyState::Idle;
+    None
+}
+
+/// Forgets a copier's registration that outlived its process (`pid`, no longer alive).
+pub fn forget_dead_copier(index: usize, pid: i32) {
+    let mut r = REGISTRY.exclusive();
+    let e = &mut r.entries[index];
+    if e.helper_pids[COPIER_SLOT] == pid {
+        e.helper_pids[COPIER_SLOT] = 0;
     }
 }
 

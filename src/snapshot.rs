@@ -337,6 +337,7 @@ fn record_outcome(mirror_id: i64, o: &Outcome) -> Result<()> {
             catalog::table_copied(
                 mirror_id,
                 o.relid,
+                TableState::Snapshotting,
                 &catalog::CopiedTable {
                     keys: o.keys.clone(),
                     rows: o.rows,
@@ -347,6 +348,7 @@ fn record_outcome(mirror_id: i64, o: &Outcome) -> Result<()> {
                     columns: o.columns.clone(),
                 },
             )
+            .map(|_| ())
         }
     }
 }

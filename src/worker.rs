@@ -139,6 +139,14 @@ pub fn register_pid(index: usize, helper: Option<usize>) {
     unsafe { pg_sys::before_shmem_exit(Some(forget_pid), pg_sys::Datum::from(arg)) };
 }
 
+/// For a worker that recorded its pid in helper slot `slot` itself (the copier claims its job and
+/// records its pid in one step): clears it however the process exits, as [`register_pid`] does.
+pub fn forget_helper_pid_at_exit(index: usize, slot: usize) {
+    let arg = index | (slot << 8) | (1 << 16);
+    // SAFETY: as in register_pid.
+    unsafe { pg_sys::before_shmem_exit(Some(forget_pid), pg_sys::Datum::from(arg)) };
+}
+
 /// Clears the pid [`register_pid`] recorded, if it is still this process's.
 #[pg_guard]
 unsafe extern "C-unwind" fn forget_pid(_code: std::ffi::c_int, arg: pg_sys::Datum) {

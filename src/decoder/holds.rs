@@ -18,11 +18,12 @@ pub(super) enum Reseed {
 pub(super) fn end_copier(index: usize) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
+        // Checked and forgotten in one step: a copier that has not claimed its job yet never will.
+        let Some(pid) = shmem::clear_copy_job_if_no_copier(index) else { return Ok(()) };
         let e = shmem::entry(index);
-        let pid = e.helper_pids[shmem::COPIER_SLOT];
         if !shmem::worker_alive(pid, e.database) {
-            shmem::clear_copy_job(index);
-            return Ok(());
+            shmem::forget_dead_copier(index, pid);
+            continue;
         }
         if Instant::now() > deadline {
             return Err(Error::new(
@@ -63,7 +64,7 @@ impl Decoder {
             // SAFETY: see load(): catalog entries built under decoding's historic snapshots must not
             // be used here, nor the ones built here by decoding.
             unsafe { reset_caches() };
-            let r = (|| -> Result<(Vec<catalog::TableRow>, String)> {
+            let r = (|| -> Result<(Vec<catalog::TableRow>, (String, u64))> {
                 for (relid, reason) in &requests {
                     let oid = pg_sys::Oid::from(*relid);
                     if *reason == Reason::NewTable {
@@ -95,11 +96,15 @@ impl Decoder {
                     )?;
                 }
                 let tables = catalog::tables(mirror_id)?;
+                // The WAL insert position before the running transactions are listed: every
+                // transaction that committed before it is either ended now or in the list.
+                // SAFETY: reads the shared WAL insert position.
+                let inserted = unsafe { pg_sys::GetXLogInsertRecPtr() };
                 let running = catalog::read(|| {
                     Spi::get_one::<String>("SELECT pg_catalog.pg_current_snapshot()::text").map_err(crate::errors::spi)
                 })?
                 .unwrap_or_default();
-                Ok((tables, running))
+                Ok((tables, (running, inserted)))
             })();
             // SAFETY: as above.
             unsafe { reset_caches() };
@@ -146,12 +151,19 @@ impl Decoder {
             }
         }
         if any && self.hold.is_none() {
+            let (running, inserted) = running;
             let waiting: Vec<u64> = reseed::parse_snapshot(&running)?.running.into_iter().collect();
-            // SAFETY: between records: every decoded commit is before EndRecPtr. Before the first
-            // record EndRecPtr is where reading starts, behind the slot's confirmed position, which
-            // the hold must not take back: what was confirmed is published, and decoding never
-            // delivers a transaction committed before it again.
-            let hold_lsn = unsafe { (*(*ctx).reader).EndRecPtr.max(crate::slot::confirmed_flush()) };
+            // The hold point: the WAL insert position read just before the running transactions were
+            // listed. Every transaction committed before it has ended before the copy's snapshot is
+            // taken (the copy waits for those listed), so the copy sees it: the table's changes up to
+            // there may be confirmed without being decoded again. Holding only where decoding has
+            // read would let reseeds requested during a copy hold the slot at the same place again
+            // and again. Never behind what decoding has read, nor behind the slot's confirmed
+            // position (what was confirmed is published, and is never delivered again).
+            // SAFETY: between records: every decoded commit is before EndRecPtr.
+            let read = unsafe { (*(*ctx).reader).EndRecPtr };
+            // SAFETY: the slot is acquired by this process.
+            let hold_lsn = inserted.max(read).max(unsafe { crate::slot::confirmed_flush() });
             pgrx::log!("azure_cdc: mirror {mirror_id}: reseed holds the slot at {}", crate::slot::lsn_text(hold_lsn));
             self.hold = Some(Hold { hold_lsn, running_at_hold: waiting.clone(), waiting });
         }
@@ -194,9 +206,7 @@ impl Decoder {
     /// then copies itself).
     pub(super) fn start_copier(&mut self, copy: &PendingCopy) -> Result<bool> {
         let relids: Vec<u32> = copy.tables.iter().map(|t| t.relid).collect();
-        if !shmem::set_copy_job(self.index, &relids, &copy.must_see) {
-            return Ok(false);
-        }
+        let Some(token) = shmem::set_copy_job(self.index, &relids, &copy.must_see) else { return Ok(false) };
         let e = shmem::entry(self.index);
         let name =
             names::worker_name(names::WorkerKind::Copier, &e.database.to_string(), Some(&e.mirror_id.to_string()));
@@ -205,7 +215,7 @@ impl Decoder {
             .set_library("azure_cdc")
             .set_function("azure_cdc_copier_main")
             .enable_spi_access()
-            .set_argument(Some(pg_sys::Datum::from(self.index)))
+            .set_argument(Some(pg_sys::Datum::from(self.index | ((token as usize) << 8))))
             // SAFETY: MyProcPid is set at process start.
             .set_notify_pid(unsafe { pg_sys::MyProcPid })
             .load_dynamic();
@@ -236,11 +246,13 @@ impl Decoder {
     /// failed (this decoder's attempt fails with its error, and the tables are copied again by the
     /// next one).
     pub(super) fn poll_copier(&mut self) -> Result<Reseed> {
-        let (state, _, _) = shmem::copy_job(self.index);
+        // The worker's status first, then the job's: a copier that finishes in between is then seen
+        // finished, not gone without a result.
         let stopped = self
             .copier
             .as_ref()
             .is_some_and(|w| matches!(w.pid(), Err(pgrx::bgworkers::BackgroundWorkerStatus::Stopped)));
+        let state = shmem::copy_state(self.index);
         match state {
             shmem::CopyState::Done => {
                 self.copier = None;

@@ -591,3 +591,34 @@ def test_other_tables_flow_while_a_table_is_copied(db, onelake):
     db.sql("INSERT INTO b VALUES (3, 'after')")
     assert_replicated(db, onelake, ws, rep, ["a", "b"])
     verify_ok(db, "m")
+
+
+def test_a_table_removed_during_its_copy_stays_removed(db, onelake):
+    """remove_tables of a table the copier is copying: the copy is not recorded (here the removal
+    commits after the copy's snapshot, so the copier's transaction fails on the concurrent update and
+    the next pass no longer copies the table), the table stays Stopped, and the other table goes on."""
+    ws = new_workspace(onelake)
+    em = onelake.emulator
+    db.sql("CREATE TABLE a (id int PRIMARY KEY, v text)")
+    db.sql("CREATE TABLE b (id int PRIMARY KEY, v text)")
+    db.sql("INSERT INTO a SELECT g, 'a' FROM generate_series(1, 100) g")
+    db.sql("INSERT INTO b VALUES (1, 'b')")
+    start(db, onelake, ws)
+    db.wait_snapshot("m")
+    hanging = em.hanging
+    em.stall(lambda m, p, q, h: m == "PUT" and q.get("resource") == "file" and p.startswith(f"/{ws}/")
+             and "/public.schema/a/" in p)
+    try:
+        db.sql("SELECT azure_cdc.resync_table('m', 'a')")
+        wait_for("a's copy to wait for the store", lambda: em.hanging > hanging, deadline_s=300)
+        db.sql("SELECT azure_cdc.remove_tables('m', ARRAY['public.a'])")
+        assert db.status("m")[("public", "a")]["state"] == "Stopped"
+    finally:
+        em.release()
+    wait_for("the copier to end", lambda: db.one(
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'azure_cdc copier'") == 0)
+    db.sql("INSERT INTO b VALUES (2, 'after')")
+    db.sql("INSERT INTO a VALUES (1000, 'not mirrored')")
+    db.wait_caught_up("m")
+    assert db.status("m")[("public", "a")]["state"] == "Stopped"
+    assert db.sql("SELECT table_name, verdict FROM azure_cdc.verify_mirror('m')") == [("b", "OK")]
