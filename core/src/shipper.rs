@@ -291,6 +291,25 @@ mod tests {
         (b.schema(), b.finish().unwrap())
     }
 
+    /// Batch `seq`: three rows of table 1 to publish as file number 1 of folder `a.schema/b`.
+    fn number_one_of_a_b(seq: u64, marker: RowMarker) -> ShipBatch {
+        let (schema, rb) = batch(0..3, marker);
+        ShipBatch {
+            seq,
+            compression: Compression::Snappy,
+            parallel: 1,
+            tables: vec![TableChanges {
+                relid: 1,
+                folder: "a.schema/b".into(),
+                schema,
+                batches: vec![rb],
+                last: Position { commit_lsn: 1, ordinal: seq },
+                number: 1,
+                txns: vec![TxnRun { xid: 1, end_row: 3 }],
+            }],
+        }
+    }
+
     #[test]
     fn batches_become_numbered_files_that_remember_their_last_position() {
         let dir = std::env::temp_dir().join(format!("azure_cdc_shipper_{}", std::process::id()));
@@ -352,21 +371,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("azure_cdc_shipper_dup_{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let target = Arc::new(Target::Local(crate::target::LocalTarget::new(dir.clone())));
-        let (schema, rb) = batch(0..3, RowMarker::Delete);
-        let mk = |seq| ShipBatch {
-            seq,
-            compression: Compression::Snappy,
-            parallel: 1,
-            tables: vec![TableChanges {
-                relid: 1,
-                folder: "a.schema/b".into(),
-                schema: schema.clone(),
-                batches: vec![rb.clone()],
-                last: Position { commit_lsn: 1, ordinal: seq },
-                number: 1,
-                txns: vec![TxnRun { xid: 1, end_row: 3 }],
-            }],
-        };
+        let mk = |seq| number_one_of_a_b(seq, RowMarker::Delete);
         ship(&target, mk(1)).unwrap();
         assert!(ship(&target, mk(2)).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
@@ -430,21 +435,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let target = Arc::new(Target::Local(crate::target::LocalTarget::new(dir.clone())));
         target.publish_data_file("a.schema/b", 1, b"taken").unwrap();
-        let (schema, rb) = batch(0..3, RowMarker::Insert);
-        let mk = |seq| ShipBatch {
-            seq,
-            compression: Compression::Snappy,
-            parallel: 1,
-            tables: vec![TableChanges {
-                relid: 1,
-                folder: "a.schema/b".into(),
-                schema: schema.clone(),
-                batches: vec![rb.clone()],
-                last: Position { commit_lsn: 1, ordinal: seq },
-                number: 1,
-                txns: vec![TxnRun { xid: 1, end_row: 3 }],
-            }],
-        };
+        let mk = |seq| number_one_of_a_b(seq, RowMarker::Insert);
         let expected = ship(&target, mk(0)).unwrap_err();
         let shipper = Shipper::start(target.clone(), 1).unwrap();
         assert!(shipper.try_send(mk(1)).unwrap().is_none());

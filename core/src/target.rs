@@ -449,34 +449,19 @@ impl Target {
     /// The whole content of data file `f` of folder `rel`. A file the landing zone's reader moved on
     /// since it was listed is read in its next place; None when it is gone (purged).
     pub fn read_data_file(&self, rel: &str, f: &DataFile) -> Result<Option<bytes::Bytes>> {
-        for place in [Place::Published, Place::Processed, Place::ReadyToDelete] {
-            if place < f.place {
-                continue;
-            }
-            let path = format!("{rel}/{}", place.file(f.number));
-            let found = match self {
-                Target::Local(t) => {
-                    let path = t.root().join(path);
-                    match fs::read(&path) {
-                        Ok(b) => Some(bytes::Bytes::from(b)),
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                        Err(e) => return Err(Error::io("read", &path, &e)),
-                    }
-                }
-                Target::Cloud(t) => t.try_read(&path)?,
-                Target::Dfs(t) => t.try_read(&path)?,
-            };
-            if found.is_some() {
-                return Ok(found);
-            }
-        }
-        Ok(None)
+        self.read_placed(rel, f, None)
     }
 
     /// The last `len` bytes of data file `f` of folder `rel` (all of it when it is shorter), read
     /// wherever the landing zone's reader has moved it (as [`Target::read_data_file`]); None when it is
     /// gone. Reads a file's footer without downloading the file.
     pub fn read_data_file_tail(&self, rel: &str, f: &DataFile, len: u64) -> Result<Option<bytes::Bytes>> {
+        self.read_placed(rel, f, Some(len))
+    }
+
+    /// Data file `f` of folder `rel` (its last `tail` bytes, or all of it), looked for in the place it
+    /// was listed in and then in the places the landing zone's reader moves files to.
+    fn read_placed(&self, rel: &str, f: &DataFile, tail: Option<u64>) -> Result<Option<bytes::Bytes>> {
         for place in [Place::Published, Place::Processed, Place::ReadyToDelete] {
             if place < f.place {
                 continue;
@@ -485,14 +470,24 @@ impl Target {
             let found = match self {
                 Target::Local(t) => {
                     let path = t.root().join(path);
-                    match read_tail(&path, len) {
+                    let read = match tail {
+                        Some(len) => read_tail(&path, len),
+                        None => fs::read(&path),
+                    };
+                    match read {
                         Ok(b) => Some(bytes::Bytes::from(b)),
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                         Err(e) => return Err(Error::io("read", &path, &e)),
                     }
                 }
-                Target::Cloud(t) => t.try_read_tail(&path, len)?,
-                Target::Dfs(t) => t.try_read_tail(&path, len)?,
+                Target::Cloud(t) => match tail {
+                    Some(len) => t.try_read_tail(&path, len)?,
+                    None => t.try_read(&path)?,
+                },
+                Target::Dfs(t) => match tail {
+                    Some(len) => t.try_read_tail(&path, len)?,
+                    None => t.try_read(&path)?,
+                },
             };
             if found.is_some() {
                 return Ok(found);

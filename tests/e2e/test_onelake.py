@@ -69,6 +69,13 @@ def assert_replicated(db, onelake, ws, rep, tables, schema="public"):
         assert_rows_equal_source(db.conn, table, schema, t)
 
 
+def stall_files_of(em, ws, table):
+    """The store holds back every file created in `table`'s folder of workspace `ws` (its copy waits)
+    until em.release()."""
+    em.stall(lambda m, p, q, h: m == "PUT" and q.get("resource") == "file" and p.startswith(f"/{ws}/")
+             and f"/public.schema/{table}/" in p)
+
+
 # ---- the stand-in itself ------------------------------------------------------------------------
 
 def request(onelake, method, path, token=None, headers=None, body=b"", query=""):
@@ -573,8 +580,7 @@ def test_other_tables_flow_while_a_table_is_copied(db, onelake):
     db.wait_snapshot("m")
     assert_replicated(db, onelake, ws, rep, ["a", "b"])
     hanging = em.hanging
-    em.stall(lambda m, p, q, h: m == "PUT" and q.get("resource") == "file" and p.startswith(f"/{ws}/")
-             and "/public.schema/a/" in p)
+    stall_files_of(em, ws, "a")
     try:
         db.sql("SELECT azure_cdc.resync_table('m', 'a')")
         wait_for("a's copy to wait for the store", lambda: em.hanging > hanging, deadline_s=300)
@@ -606,8 +612,7 @@ def test_a_table_removed_during_its_copy_stays_removed(db, onelake):
     start(db, onelake, ws)
     db.wait_snapshot("m")
     hanging = em.hanging
-    em.stall(lambda m, p, q, h: m == "PUT" and q.get("resource") == "file" and p.startswith(f"/{ws}/")
-             and "/public.schema/a/" in p)
+    stall_files_of(em, ws, "a")
     try:
         db.sql("SELECT azure_cdc.resync_table('m', 'a')")
         wait_for("a's copy to wait for the store", lambda: em.hanging > hanging, deadline_s=300)

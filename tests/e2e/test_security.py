@@ -9,12 +9,12 @@ import os
 import re
 import shutil
 import subprocess
-import time
 
 import psycopg
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import wait_for
 from replay import assert_mirror_equals_source, data_files, table_folder
 
 ADMIN_GRANTS = "GRANT azure_cdc_admin TO {role}; GRANT CREATE ON DATABASE {db} TO {role}"
@@ -62,16 +62,6 @@ def log_since(cluster, offset):
 
 def log_offset(cluster):
     return os.path.getsize(cluster.log)
-
-
-def wait_for(what, check, deadline_s=120):
-    end = time.time() + deadline_s
-    while True:
-        v = check()
-        if v:
-            return v
-        assert time.time() < end, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def catalog_state(db):
