@@ -362,6 +362,19 @@ pub struct PartitionTree {
 
 /// The partition tree of `relid` (empty for a table that is not partitioned). Read with SQL, so in
 /// the snapshot of the caller's statement or transaction (a copy's tree and its rows agree).
+/// How many of `relids` have a main fork of at least `bytes` (a table's heap; 0 for a partitioned table).
+pub fn tables_of_at_least(relids: &[pg_sys::Oid], bytes: i64) -> Result<i64> {
+    read(|| {
+        Spi::get_one_with_args::<i64>(
+            "SELECT pg_catalog.count(*) FROM pg_catalog.unnest($1::pg_catalog.oid[]) AS r(oid) \
+             WHERE pg_catalog.pg_relation_size(r.oid) >= $2",
+            &[relids.to_vec().into(), bytes.into()],
+        )
+        .map_err(spi)
+        .map(|n| n.unwrap_or(0))
+    })
+}
+
 pub fn partition_tree(relid: pg_sys::Oid) -> Result<PartitionTree> {
     read(|| {
         Spi::connect(|c| {

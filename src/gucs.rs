@@ -12,8 +12,8 @@ pub static MAX_FABRIC_MIRRORS: GucSetting<i32> = GucSetting::<i32>::new(3);
 pub const MAX_FABRIC_MIRRORS_LIMIT: i32 = 6;
 
 /// `azure_cdc.max_snapshot_workers`: background workers that copy tables of one mirror's initial
-/// snapshot in parallel, all in the same consistent snapshot. Range 1–16, default 3. Reload (SIGHUP);
-/// read when a snapshot starts.
+/// snapshot in parallel, all in the same consistent snapshot, across tables and across the block
+/// ranges of a large table. Range 1–16, default 3. Reload (SIGHUP); read when a snapshot starts.
 pub static MAX_SNAPSHOT_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(3);
 
 /// `azure_cdc.snapshot_buffer_size`: the size, in MB, at which a snapshot data file is closed and
@@ -88,7 +88,7 @@ pub fn init() {
     GucRegistry::define_int_guc(
         c"azure_cdc.max_snapshot_workers",
         c"Maximum number of background workers copying tables of one mirror's snapshot in parallel.",
-        c"",
+        c"They share one snapshot; a large table is scanned by several of them, block range by block range.",
         &MAX_SNAPSHOT_WORKERS,
         1,
         16,

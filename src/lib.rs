@@ -18,6 +18,7 @@ use pgrx::prelude::*;
 
 mod api;
 mod catalog;
+mod copy;
 mod credentials;
 mod decoder;
 mod errors;

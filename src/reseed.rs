@@ -1,8 +1,9 @@
 //! Copying tables again while the mirror runs: the copy step of a reseed, run by the mirror's copier
 //! (a background worker the decoder starts, while it goes on decoding the other tables), or by the
 //! decoder itself between two passes when no copier can run. On the main thread (it calls
-//! PostgreSQL; writing the files goes through the target's own I/O threads). Why the hand-off to the change stream is exact is explained
-//! in [`azure_cdc_core::reseed`]; the decoder ([`crate::decoder`]) holds, waits and rewinds.
+//! PostgreSQL); the files are written by the process's encoder thread ([`crate::copy`]). Why the
+//! hand-off to the change stream is exact is explained in [`azure_cdc_core::reseed`]; the decoder
+//! ([`crate::decoder`]) holds, waits and rewinds.
 //!
 //! Before the copy the decoder has deleted each table's folder ([`delete_folders`]) and, on OneLake,
 //! waited until Fabric dropped the table ([`azure_cdc_core::reseed::ResetWait`]), so the copy lands
@@ -17,8 +18,6 @@
 
 use std::sync::Arc;
 
-use azure_cdc_core::batch::BatchBuilder;
-use azure_cdc_core::datafile::TableFileSink;
 use azure_cdc_core::error::Disposition;
 use azure_cdc_core::landing_zone;
 use azure_cdc_core::lifecycle::{Event, TableEvent, TableState};
@@ -29,8 +28,9 @@ use azure_cdc_core::{Error, ErrorKind, Result};
 use pgrx::prelude::*;
 
 use crate::catalog;
+use crate::copy::encoder::Encoder;
+use crate::copy::{Copy, Scope};
 use crate::shmem;
-use crate::tuples::TupleConverter;
 
 /// Resets the folders of `tables` (relid, folder): each folder is deleted with everything in it,
 /// the documented reset of one table of a landing zone (fabric-docs
@@ -124,8 +124,10 @@ pub fn copy_tables(
         }
         let seed = snapshot_text(&visibility);
         pgrx::log!("azure_cdc: reseed copy in snapshot {seed}");
+        let encoder = Encoder::start(target.clone())?;
+        let copy = Copy { index, progress_slot: slot, encoder: &encoder };
         for t in tables {
-            copy_one(mirror_id, owner, (index, slot), target, t, snap, &seed)?;
+            copy_one(mirror_id, owner, &copy, target, t, snap, &seed)?;
         }
         Ok(true)
     })();
@@ -229,11 +231,10 @@ fn keys_now(relid: pg_sys::Oid, recorded: &[String], columns: &[String]) -> Resu
     Ok(Vec::new())
 }
 
-#[allow(clippy::too_many_arguments)]
 fn copy_one(
     mirror_id: i64,
     owner: pg_sys::Oid,
-    (index, slot): (usize, usize),
+    copy: &Copy,
     target: &Arc<Target>,
     t: &ToCopy,
     snap: pg_sys::Snapshot,
@@ -257,53 +258,40 @@ fn copy_one(
         let e = refused?.unwrap_or_else(|| Error::new(ErrorKind::Internal, "no refusal"));
         return record_failed(mirror_id, relid, name, &e);
     }
-    type Copied = (Vec<String>, i64, Vec<azure_cdc_core::datafile::PublishedFile>, Option<String>, String);
     // In a subtransaction: a PostgreSQL error while converting a value parks this table only.
-    let copied = crate::worker::in_subtransaction(|| -> Result<Copied> {
-        // SAFETY: rel is open (checked above).
-        let mut conv = unsafe { TupleConverter::new(rel)? };
-        let columns: Vec<String> = conv.specs().iter().map(|c| c.name.clone()).collect();
-        let file_columns = azure_cdc_core::columns::to_text(&conv.columns());
-        let keys = keys_now(relid, &t.keys, &columns)?;
-        // The partition tree in snapshot S, as the rows are.
-        let tree = catalog::partition_tree(relid)?;
-        // SAFETY: rel is open.
-        let partitioned = unsafe { (*(*rel).rd_rel).relkind } == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char;
-        // The decoder deleted the folder just before the copy and waited for the reader to drop the
-        // table. Something written there since would make this a second reset without that wait.
-        if target.reset_table_folder(&folder)? {
-            return Err(Error::new(
-                ErrorKind::TargetIo,
-                format!(
-                    "the folder of table \"{}.{}\" was written after it was reset; it is reset again",
-                    t.schema, t.table
-                ),
-            ));
+    let mut keys = Vec::new();
+    let copied = crate::worker::in_subtransaction(|| {
+        // SAFETY: rel is open (checked above); snap is the registered snapshot S.
+        unsafe {
+            copy.rows(rel, relid, &folder, snap, Scope::Whole, &mut |specs| {
+                let columns: Vec<String> = specs.iter().map(|c| c.name.clone()).collect();
+                keys = keys_now(relid, &t.keys, &columns)?;
+                // The decoder deleted the folder just before the copy and waited for the reader to
+                // drop the table. Something written there since would make this a second reset
+                // without that wait.
+                if target.reset_table_folder(&folder)? {
+                    return Err(Error::new(
+                        ErrorKind::TargetIo,
+                        format!(
+                            "the folder of table \"{}.{}\" was written after it was reset; it is reset again",
+                            t.schema, t.table
+                        ),
+                    ));
+                }
+                target.put_document(
+                    &folder,
+                    landing_zone::METADATA_FILE,
+                    landing_zone::table_metadata(&keys).as_bytes(),
+                )
+            })
         }
-        target.put_document(&folder, landing_zone::METADATA_FILE, landing_zone::table_metadata(&keys).as_bytes())?;
-        let mut builder = BatchBuilder::new(conv.specs())?;
-        let mut sink = TableFileSink::new(
-            target.clone(),
-            folder.clone(),
-            builder.schema(),
-            crate::gucs::parquet_compression(),
-            crate::gucs::snapshot_file_bytes(),
-            1,
-            vec![],
-        );
-        // SAFETY: scanning the open relation in the registered snapshot, on the main thread.
-        let rows = unsafe {
-            crate::tuples::scan_table(rel, snap, &tree, &mut conv, &mut builder, &mut |batch, rows| {
-                sink.push(&batch)?;
-                shmem::set_progress(index, slot, t.relid, rows);
-                Ok(true)
-            })?
-        };
-        Ok((keys, rows, sink.close()?, partitioned.then_some(tree.signature), file_columns))
     });
+    if copied.is_err() {
+        copy.abandon();
+    }
     // SAFETY: closing the relation opened above, keeping its lock to the end of the transaction.
     unsafe { pg_sys::relation_close(rel, pg_sys::NoLock as i32) };
-    let (keys, rows, files, partitions, file_columns) = match copied {
+    let copied = match copied {
         Ok(c) => c,
         Err(e) if e.kind.disposition() == Disposition::ParkTable => {
             target.reset_table_folder(&folder)?;
@@ -312,19 +300,18 @@ fn copy_one(
         Err(e) => return Err(e),
     };
     TableState::Reseeding.on(TableEvent::SnapshotPublished)?;
-    let bytes: i64 = files.iter().map(|f| f.bytes as i64).sum();
     let recorded = catalog::table_copied(
         mirror_id,
         relid,
         TableState::Reseeding,
         &catalog::CopiedTable {
             keys,
-            rows,
-            files: files.len() as i64,
-            bytes,
+            rows: copied.rows,
+            files: copied.files,
+            bytes: copied.bytes,
             seed_snapshot: Some(seed.to_string()),
-            partitions,
-            columns: Some(file_columns),
+            partitions: copied.partitions,
+            columns: Some(copied.columns),
         },
     )?;
     if !recorded {
@@ -340,7 +327,10 @@ fn copy_one(
         mirror_id,
         Some(name),
         Event::Reseeded,
-        Some(&format!("{rows} rows in {} snapshot file(s); changes follow from snapshot {seed}", files.len())),
+        Some(&format!(
+            "{} rows in {} snapshot file(s); changes follow from snapshot {seed}",
+            copied.rows, copied.files
+        )),
     )
 }
 

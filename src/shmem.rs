@@ -6,8 +6,11 @@
 //! What lives here is what must be seen live, across processes: which mirrors should run, which
 //! workers run, and snapshot progress. Everything durable lives in the catalog tables.
 
+use std::sync::atomic::{AtomicBool, AtomicU64};
+
+use azure_cdc_core::parts::Split;
 use pgrx::prelude::*;
-use pgrx::{PGRXSharedMemory, PgLwLock};
+use pgrx::{PGRXSharedMemory, PgAtomic, PgLwLock};
 
 use crate::gucs::MAX_FABRIC_MIRRORS_LIMIT;
 
@@ -89,6 +92,31 @@ pub enum Phase {
     Snapshotted,
 }
 
+/// Tables whose parts can be scanned by several snapshot workers at once, per mirror.
+pub const MAX_SPLITS: usize = MAX_PROGRESS;
+
+/// Whose turn it is to publish into the folder of a split table: the next number to hand out and
+/// the highest number published. Atomics, because the encoder threads that publish take turns
+/// without PostgreSQL's locks.
+#[derive(Debug, Default)]
+pub struct PublishTurn {
+    pub next: AtomicU64,
+    pub published: AtomicU64,
+    /// A writer of the attempt failed: nobody waits for a turn any more.
+    pub failed: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+pub struct PublishTurns {
+    pub turns: [[PublishTurn; MAX_SPLITS]; MAX_FABRIC_MIRRORS_LIMIT as usize],
+}
+
+// SAFETY: atomics only; no pointers.
+unsafe impl PGRXSharedMemory for PublishTurns {}
+
+// SAFETY: the name is unique to this extension; initialised by pg_shmem_init! in _PG_init.
+pub static PUBLISH_TURNS: PgAtomic<PublishTurns> = unsafe { PgAtomic::new(c"azure_cdc_publish_turns") };
+
 #[derive(Copy, Clone, Debug, Default)]
 pub struct TableProgress {
     pub relid: u32,
@@ -118,6 +146,10 @@ pub struct MirrorEntry {
     /// Tables whose outcome helpers have committed, and whether a helper failed.
     pub helpers_committed: u32,
     pub helper_failed: bool,
+    /// Snapshot workers of the attempt (the worker and the helpers it started).
+    pub participants: u32,
+    /// Tables being scanned in parts.
+    pub splits: [Split; MAX_SPLITS],
     /// Process ids of running snapshot helpers (0: none), indexed by progress slot.
     pub helper_pids: [i32; MAX_PROGRESS],
     /// Live figures of the mirror's decoder (zero while none runs).
@@ -164,6 +196,7 @@ pub static REGISTRY: PgLwLock<Registry> = unsafe { PgLwLock::new(c"azure_cdc_reg
 
 pub fn init() {
     pgrx::pg_shmem_init!(REGISTRY);
+    pgrx::pg_shmem_init!(PUBLISH_TURNS);
 }
 
 /// Usable entries (the GUC may be lower than the compiled-in maximum).
@@ -246,12 +279,14 @@ pub fn set_progress(index: usize, slot: usize, relid: u32, rows: i64) {
 /// Live rows copied so far of a table being snapshotted, if a worker reports it.
 pub fn progress_of(database: u32, mirror_id: i64, relid: u32) -> Option<i64> {
     let r = REGISTRY.share();
-    r.entries
-        .iter()
-        .filter(|e| e.in_use && e.database == database && e.mirror_id == mirror_id)
-        .flat_map(|e| e.progress.iter())
-        .find(|p| p.relid == relid && relid != 0)
-        .map(|p| p.rows)
+    r.entries.iter().filter(|e| e.in_use && e.database == database && e.mirror_id == mirror_id).find_map(|e| {
+        // A table scanned in parts: what its workers scan now and what they have published.
+        let scanning = e.progress.iter().filter(|p| p.relid == relid && relid != 0);
+        let done = e.splits.iter().filter(|s| s.in_use() && s.relid == relid);
+        let (n, rows) = scanning.fold((0, 0), |(n, r), p| (n + 1, r + p.rows));
+        let (m, published) = done.fold((0, 0), |(m, r), s| (m + 1, r + s.rows));
+        (n + m > 0).then_some(rows + published)
+    })
 }
 
 /// Whether `pid` is a live process of this server connected to `database`. The pids azure_cdc keeps
@@ -289,18 +324,6 @@ pub fn workers_may_run_entry(e: &MirrorEntry) -> bool {
     e.worker_registered
         || worker_alive(e.worker_pid, e.database)
         || e.helper_pids.iter().any(|p| worker_alive(*p, e.database))
-}
-
-/// Claims the next table of the current snapshot attempt, if any is left.
-pub fn claim_next_table(index: usize) -> Option<usize> {
-    let mut r = REGISTRY.exclusive();
-    let e = &mut r.entries[index];
-    if e.next_table < e.tables_total {
-        e.next_table += 1;
-        Some(e.next_table as usize - 1)
-    } else {
-        None
-    }
 }
 
 /// Records (or clears, with 0) the pid of the worker of entry `index`.

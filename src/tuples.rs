@@ -542,7 +542,7 @@ pub unsafe fn scan_table(
     // right after, keeping its lock to the end of the transaction as the partitioned table's.
     unsafe {
         if (*(*rel).rd_rel).relkind != pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char {
-            return scan_heap(rel, snapshot, conv, builder, on_batch);
+            return scan_heap(rel, snapshot, None, conv, builder, on_batch);
         }
         let mut total: i64 = 0;
         for (oid, relkind) in &tree.leaves {
@@ -571,7 +571,9 @@ pub unsafe fn scan_table(
                         Error::new(ErrorKind::Internal, "a partition's columns differ from its partitioned table's")
                     })?;
                 let base = total;
-                scan_heap(part, snapshot, &mut part_conv, builder, &mut |batch, rows| on_batch(batch, base + rows))
+                scan_heap(part, snapshot, None, &mut part_conv, builder, &mut |batch, rows| {
+                    on_batch(batch, base + rows)
+                })
             })();
             pg_sys::relation_close(part, pg_sys::NoLock as i32);
             total += scanned?;
@@ -582,7 +584,8 @@ pub unsafe fn scan_table(
 
 /// Scans heap relation `rel` in `snapshot`, converting every visible row into `builder`, and hands
 /// each full batch (and the last, partial one) to `on_batch` with the rows scanned so far; it returns
-/// false to stop early. Returns the number of rows scanned.
+/// false to stop early. Returns the number of rows scanned. `blocks`: only blocks `start .. start +
+/// count` (those the relation has), in order, without joining a synchronized scan.
 ///
 /// # Safety
 /// `rel` must be an open heap relation and `snapshot` a registered or active snapshot; main thread,
@@ -590,6 +593,7 @@ pub unsafe fn scan_table(
 pub unsafe fn scan_heap(
     rel: pg_sys::Relation,
     snapshot: pg_sys::Snapshot,
+    blocks: Option<(u32, u32)>,
     conv: &mut TupleConverter,
     builder: &mut BatchBuilder,
     on_batch: &mut dyn FnMut(RecordBatch, i64) -> Result<bool>,
@@ -609,15 +613,29 @@ pub unsafe fn scan_heap(
             8 * 1024,
             8 * 1024 * 1024,
         );
-        let flags = pg_sys::ScanOptions::SO_TYPE_SEQSCAN
+        let mut flags = pg_sys::ScanOptions::SO_TYPE_SEQSCAN
             | pg_sys::ScanOptions::SO_ALLOW_STRAT
-            | pg_sys::ScanOptions::SO_ALLOW_SYNC
             | pg_sys::ScanOptions::SO_ALLOW_PAGEMODE;
+        if blocks.is_none() {
+            flags |= pg_sys::ScanOptions::SO_ALLOW_SYNC;
+        }
         let sd = pg_sys::heap_beginscan(rel, snapshot, 0, std::ptr::null_mut(), std::ptr::null_mut(), flags);
+        // A range is cut to the blocks the scan sees (a scan past them would wrap around to block 0);
+        // the rows a snapshot sees lie in blocks the relation had when it was taken, which it still
+        // has: only empty trailing pages are ever truncated.
+        let mut empty = false;
+        if let Some((start, count)) = blocks {
+            let have = (*(sd as pg_sys::HeapScanDesc)).rs_nblocks;
+            let count = count.min(have.saturating_sub(start));
+            empty = count == 0;
+            if !empty {
+                pg_sys::heap_setscanlimits(sd, start, count);
+            }
+        }
         let desc = (*rel).rd_att;
         let mut rows: i64 = 0;
         let result = (|| -> Result<i64> {
-            loop {
+            while !empty {
                 let tuple = pg_sys::heap_getnext(sd, pg_sys::ScanDirection::ForwardScanDirection);
                 if tuple.is_null() {
                     break;

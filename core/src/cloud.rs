@@ -560,11 +560,11 @@ impl CloudTarget {
         r.map_err(|e| self.error("read", &key, e))
     }
 
-    /// Starts data file `number` of table folder `rel` under its temporary name.
-    pub fn create_temp_data_file(self: &Arc<Self>, rel: &str, number: u64) -> Result<CloudTempFile> {
+    /// Starts a data file of table folder `rel` under temporary name `temp`.
+    pub fn create_temp_data_file(self: &Arc<Self>, rel: &str, temp: u64) -> Result<CloudTempFile> {
         Ok(CloudTempFile {
             target: self.clone(),
-            key: self.key(&Self::join(rel, &names::temporary_file_name(number)))?,
+            key: self.key(&Self::join(rel, &names::temporary_file_name(temp)))?,
             buffer: Vec::new(),
             upload: None,
             written: 0,
@@ -572,14 +572,14 @@ impl CloudTarget {
         })
     }
 
-    pub fn discard_temp_data_file(&self, rel: &str, number: u64) -> Result<()> {
-        self.delete(&Self::join(rel, &names::temporary_file_name(number)))
+    pub fn discard_temp_data_file(&self, rel: &str, temp: u64) -> Result<()> {
+        self.delete(&Self::join(rel, &names::temporary_file_name(temp)))
     }
 
-    /// Copies the uploaded temporary object to its final name, only if that name is free, then
-    /// deletes the temporary object.
-    pub fn publish_temp_data_file(&self, rel: &str, number: u64) -> Result<()> {
-        let tmp = self.key(&Self::join(rel, &names::temporary_file_name(number)))?;
+    /// Copies the uploaded temporary object `temp` to the name of data file `number`, only if that
+    /// name is free, then deletes the temporary object.
+    pub fn publish_temp_data_file(&self, rel: &str, temp: u64, number: u64) -> Result<()> {
+        let tmp = self.key(&Self::join(rel, &names::temporary_file_name(temp)))?;
         let fin = self.key(&Self::join(rel, &names::data_file_name(number)))?;
         let store = self.store.clone();
         let (t, f) = (tmp.clone(), fin.clone());
@@ -645,7 +645,7 @@ impl CloudTarget {
             return Err(Error::new(ErrorKind::Internal, "refusing to publish an empty data file"));
         }
         self.put(&Self::join(rel, &names::temporary_file_name(number)), Bytes::copy_from_slice(bytes))?;
-        self.publish_temp_data_file(rel, number)
+        self.publish_temp_data_file(rel, number, number)
     }
 
     /// Writes a small document (`_metadata.json`, `_partnerEvents.json`). One PUT is atomic on every

@@ -15,6 +15,7 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::names;
 use crate::target::{Target, TempFile};
 
 /// Rows per Parquet row group: large enough to compress well, small enough to bound encoder memory.
@@ -110,17 +111,40 @@ pub struct PublishedFile {
     pub bytes: u64,
 }
 
+/// Takes turns publishing into one table folder across writers that run at once (snapshot workers
+/// scanning parts of one table, in several processes): the numbers of a folder must be contiguous
+/// and published in order, so a complete file takes the next number and waits until every lower
+/// number is published (Fabric's replicator applies a folder's files strictly in sequence: fabric-docs
+/// `docs/mirroring/open-mirroring-landing-zone-format.md`).
+pub trait PublishTurns: Send {
+    /// Takes the next number, waits until every lower one is published, then runs `publish` with it
+    /// and records the number published. A failure (of `publish`, or of another writer) is final for
+    /// the folder: every writer waiting or coming later gets an error.
+    fn publish(&mut self, publish: &mut dyn FnMut(u64) -> Result<()>) -> Result<u64>;
+}
+
+/// How a [`TableFileSink`] numbers its files.
+pub enum Numbering {
+    /// The sink is the folder's only writer: contiguous numbers from `first`.
+    Own { first: u64 },
+    /// The folder has several writers; this one is `writer` (distinct among them). Files are
+    /// written under staging names ([`names::staging_number`]) and numbered when complete.
+    Shared { turns: Box<dyn PublishTurns>, writer: u32 },
+}
+
 /// Splits a stream of record batches of one table into data files of at most about `max_file_bytes`
-/// and publishes them with contiguous numbers starting at `first_number`. Never publishes an empty file.
+/// and publishes them with contiguous numbers ([`Numbering`]). Never publishes an empty file.
 pub struct TableFileSink {
     target: Arc<Target>,
     folder: String,
     schema: SchemaRef,
     compression: Compression,
     max_file_bytes: usize,
-    next_number: u64,
+    numbering: Numbering,
+    /// Own numbering: the next number; shared: the next staging sequence.
+    next: u64,
     metadata: Vec<(String, String)>,
-    current: Option<DataFileWriter<TempFile>>,
+    current: Option<(u64, DataFileWriter<TempFile>)>,
     published: Vec<PublishedFile>,
 }
 
@@ -134,13 +158,38 @@ impl TableFileSink {
         first_number: u64,
         metadata: Vec<(String, String)>,
     ) -> Self {
+        Self::numbered(
+            target,
+            folder,
+            schema,
+            compression,
+            max_file_bytes,
+            Numbering::Own { first: first_number },
+            metadata,
+        )
+    }
+
+    pub fn numbered(
+        target: Arc<Target>,
+        folder: String,
+        schema: SchemaRef,
+        compression: Compression,
+        max_file_bytes: usize,
+        numbering: Numbering,
+        metadata: Vec<(String, String)>,
+    ) -> Self {
+        let next = match &numbering {
+            Numbering::Own { first } => *first,
+            Numbering::Shared { .. } => 0,
+        };
         TableFileSink {
             target,
             folder,
             schema,
             compression,
             max_file_bytes: max_file_bytes.max(1),
-            next_number: first_number,
+            numbering,
+            next,
             metadata,
             current: None,
             published: Vec::new(),
@@ -168,11 +217,16 @@ impl TableFileSink {
 
     fn push_chunk(&mut self, batch: &RecordBatch) -> Result<()> {
         if self.current.is_none() {
-            let file = self.target.create_temp_data_file(&self.folder, self.next_number)?;
-            self.current = Some(DataFileWriter::new(file, self.schema.clone(), self.compression, &self.metadata)?);
+            let temp = match &self.numbering {
+                Numbering::Own { .. } => self.next,
+                Numbering::Shared { writer, .. } => names::staging_number(*writer, self.next as u32),
+            };
+            let file = self.target.create_temp_data_file(&self.folder, temp)?;
+            let writer = DataFileWriter::new(file, self.schema.clone(), self.compression, &self.metadata)?;
+            self.current = Some((temp, writer));
         }
         let full = match self.current.as_mut() {
-            Some(w) => {
+            Some((_, w)) => {
                 w.write(batch)?;
                 w.estimated_size() >= self.max_file_bytes
             }
@@ -185,17 +239,25 @@ impl TableFileSink {
     }
 
     fn publish_current(&mut self) -> Result<()> {
-        let Some(writer) = self.current.take() else { return Ok(()) };
+        let Some((temp, writer)) = self.current.take() else { return Ok(()) };
         let rows = writer.rows();
-        let number = self.next_number;
         let file = writer.finish()?;
         if rows == 0 {
-            return self.target.discard_temp_data_file(&self.folder, number);
+            return self.target.discard_temp_data_file(&self.folder, temp);
         }
         let bytes = file.sync()?;
-        self.target.publish_temp_data_file(&self.folder, number)?;
+        let (target, folder) = (&self.target, &self.folder);
+        let number = match &mut self.numbering {
+            Numbering::Own { .. } => {
+                target.publish_temp_data_file(folder, temp, self.next)?;
+                self.next
+            }
+            Numbering::Shared { turns, .. } => {
+                turns.publish(&mut |number| target.publish_temp_data_file(folder, temp, number))?
+            }
+        };
         self.published.push(PublishedFile { number, rows, bytes });
-        self.next_number += 1;
+        self.next += 1;
         Ok(())
     }
 
@@ -203,11 +265,6 @@ impl TableFileSink {
     pub fn close(mut self) -> Result<Vec<PublishedFile>> {
         self.publish_current()?;
         Ok(self.published)
-    }
-
-    /// The number the next published file will get.
-    pub fn next_number(&self) -> u64 {
-        self.next_number
     }
 }
 
@@ -287,6 +344,124 @@ mod tests {
             }
             assert_eq!(expect, 40_000);
         }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Turns kept in one process, as the snapshot workers keep theirs in shared memory.
+    struct Turns {
+        next: Arc<std::sync::atomic::AtomicU64>,
+        published: Arc<std::sync::atomic::AtomicU64>,
+        failed: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl PublishTurns for Turns {
+        fn publish(&mut self, publish: &mut dyn FnMut(u64) -> Result<()>) -> Result<u64> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let n = self.next.fetch_add(1, SeqCst);
+            while self.published.load(SeqCst) != n - 1 {
+                if self.failed.load(SeqCst) {
+                    return Err(Error::new(ErrorKind::Internal, "another writer failed"));
+                }
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            match publish(n) {
+                Ok(()) => {
+                    self.published.store(n, SeqCst);
+                    Ok(n)
+                }
+                Err(e) => {
+                    self.failed.store(true, SeqCst);
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn writers_sharing_a_folder_publish_contiguous_numbers_in_order() {
+        let dir = crate::target::tests::temp_dir("shared");
+        let target = Arc::new(Target::Local(crate::target::LocalTarget::new(dir.clone())));
+        let folder = "public.schema/t".to_string();
+        let next = Arc::new(std::sync::atomic::AtomicU64::new(1));
+        let published = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writers: Vec<_> = (0..3u32)
+            .map(|w| {
+                let turns = Turns { next: next.clone(), published: published.clone(), failed: failed.clone() };
+                let (target, folder) = (target.clone(), folder.clone());
+                std::thread::spawn(move || {
+                    let mut sink = TableFileSink::numbered(
+                        target,
+                        folder,
+                        schema(),
+                        Compression::Zstd,
+                        16 * 1024,
+                        Numbering::Shared { turns: Box::new(turns), writer: w },
+                        vec![],
+                    );
+                    // each writer its own range of ids, in batches of 500
+                    let from = i64::from(w) * 1_000_000;
+                    for k in 0..20 {
+                        sink.push(&batch(from + k * 500, 500)).unwrap();
+                    }
+                    sink.close().unwrap()
+                })
+            })
+            .collect();
+        let mut files: Vec<PublishedFile> = writers.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        files.sort_by_key(|f| f.number);
+        assert!(files.len() > 3, "{} files", files.len());
+        let numbers: Vec<u64> = files.iter().map(|f| f.number).collect();
+        assert_eq!(numbers, (1..=files.len() as u64).collect::<Vec<_>>());
+        // every row once; nothing left under a temporary name
+        let mut ids = Vec::new();
+        for entry in std::fs::read_dir(dir.join(&folder)).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            assert!(crate::names::parse_data_file_name(&name).is_some(), "left behind: {name}");
+            let data = std::fs::read(dir.join(&folder).join(&name)).unwrap();
+            for b in ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(data)).unwrap().build().unwrap() {
+                let b = b.unwrap();
+                ids.extend(b.column(0).as_any().downcast_ref::<Int64Array>().unwrap().values().iter().copied());
+            }
+        }
+        ids.sort();
+        let expect: Vec<i64> = (0..3i64).flat_map(|w| w * 1_000_000..w * 1_000_000 + 10_000).collect();
+        assert_eq!(ids, expect);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_publication_fails_every_writer_of_the_folder() {
+        let dir = crate::target::tests::temp_dir("shared_fail");
+        let target = Arc::new(Target::Local(crate::target::LocalTarget::new(dir.clone())));
+        let folder = "public.schema/t".to_string();
+        // number 1 is taken by someone else: the first publication fails, and the writer holding
+        // number 2 must not publish (a gap) but fail
+        target.publish_data_file(&folder, 1, b"not ours").unwrap();
+        let next = Arc::new(std::sync::atomic::AtomicU64::new(1));
+        let published = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sink = |w: u32| {
+            TableFileSink::numbered(
+                target.clone(),
+                folder.clone(),
+                schema(),
+                Compression::Zstd,
+                1 << 20,
+                Numbering::Shared {
+                    turns: Box::new(Turns { next: next.clone(), published: published.clone(), failed: failed.clone() }),
+                    writer: w,
+                },
+                vec![],
+            )
+        };
+        let mut a = sink(0);
+        let mut b = sink(1);
+        a.push(&batch(0, 10)).unwrap();
+        b.push(&batch(10, 10)).unwrap();
+        assert!(a.close().is_err());
+        assert!(b.close().is_err());
+        assert!(!dir.join(&folder).join(crate::names::data_file_name(2)).exists());
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -637,11 +637,12 @@ impl DfsTarget {
         Ok(self.list("")?.is_none_or(|l| l.is_empty()))
     }
 
-    pub fn create_temp_data_file(self: &Arc<Self>, rel: &str, number: u64) -> Result<DfsTempFile> {
+    /// Starts a data file of table folder `rel` under temporary name `temp`.
+    pub fn create_temp_data_file(self: &Arc<Self>, rel: &str, temp: u64) -> Result<DfsTempFile> {
         self.ensure_folder(rel)?;
         Ok(DfsTempFile {
             target: self.clone(),
-            path: self.path(&Self::join(rel, &names::temporary_file_name(number))),
+            path: self.path(&Self::join(rel, &names::temporary_file_name(temp))),
             buffer: Vec::new(),
             position: 0,
             created: false,
@@ -650,18 +651,18 @@ impl DfsTarget {
         })
     }
 
-    pub fn discard_temp_data_file(&self, rel: &str, number: u64) -> Result<()> {
-        let path = self.path(&Self::join(rel, &names::temporary_file_name(number)));
+    pub fn discard_temp_data_file(&self, rel: &str, temp: u64) -> Result<()> {
+        let path = self.path(&Self::join(rel, &names::temporary_file_name(temp)));
         if let Ok(mut f) = self.flushed.lock() {
             f.remove(&path);
         }
         self.delete_path(&path)
     }
 
-    /// Publishes the flushed temporary file of data file `number` by renaming it to its final name,
-    /// which must be free, or hold this very file already (see the module's retry rule).
-    pub fn publish_temp_data_file(&self, rel: &str, number: u64) -> Result<()> {
-        let tmp = self.path(&Self::join(rel, &names::temporary_file_name(number)));
+    /// Publishes the flushed temporary file `temp` as data file `number` by renaming it to its final
+    /// name, which must be free, or hold this very file already (see the module's retry rule).
+    pub fn publish_temp_data_file(&self, rel: &str, temp: u64, number: u64) -> Result<()> {
+        let tmp = self.path(&Self::join(rel, &names::temporary_file_name(temp)));
         let fin = self.path(&Self::join(rel, &names::data_file_name(number)));
         let ours = self.flushed.lock().ok().and_then(|f| f.get(&tmp).cloned());
         let reply = self.rename(&tmp, &fin, true)?;
@@ -714,7 +715,7 @@ impl DfsTarget {
             f.take_error().unwrap_or_else(|| Error::new(ErrorKind::TargetIo, format!("could not write: {e}")))
         })?;
         f.sync()?;
-        self.publish_temp_data_file(rel, number)
+        self.publish_temp_data_file(rel, number, number)
     }
 
     /// Writes a small document (`_metadata.json`, `_partnerEvents.json`) atomically (written under a

@@ -27,6 +27,7 @@ pub mod landing_zone;
 pub mod lifecycle;
 pub mod names;
 pub mod numeric;
+pub mod parts;
 pub mod prerequisites;
 pub mod reseed;
 pub mod shipper;

@@ -183,6 +183,17 @@ pub fn temporary_file_name(number: u64) -> String {
     format!("_{}", data_file_name(number))
 }
 
+/// Where staging numbers start: far above any number a table's files reach.
+const STAGING_BASE: u64 = 10_000_000_000_000_000_000;
+
+/// A temporary name's number for file `seq` of writer `writer`, when several writers (snapshot
+/// workers scanning parts of one table) write into one folder and a file's number is known only once
+/// it is complete ([`crate::datafile::Numbering::Shared`]). Distinct for distinct pairs, never equal
+/// to a data file's number.
+pub fn staging_number(writer: u32, seq: u32) -> u64 {
+    STAGING_BASE + u64::from(writer) * 1_000_000_000 + u64::from(seq % 1_000_000_000)
+}
+
 /// The number of a published data file, or None for any other name (metadata, temporary files).
 pub fn parse_data_file_name(name: &str) -> Option<u64> {
     let digits = name.strip_suffix(".parquet")?;
@@ -295,6 +306,9 @@ mod tests {
     fn data_file_names() {
         assert_eq!(data_file_name(1), "00000000000000000001.parquet");
         assert_eq!(temporary_file_name(2), "_00000000000000000002.parquet");
+        assert_eq!(temporary_file_name(staging_number(3, 7)), "_10000000003000000007.parquet");
+        assert_eq!(temporary_file_name(staging_number(16, 999_999_999)).len(), 29);
+        assert_ne!(staging_number(1, 0), staging_number(0, 1_000_000_000 - 1));
         assert_eq!(data_file_name(u64::MAX), "18446744073709551615.parquet");
         for n in [1u64, 42, 99_999, u64::MAX] {
             assert_eq!(parse_data_file_name(&data_file_name(n)), Some(n));

@@ -406,20 +406,24 @@ impl Target {
         each!(self, t => t.is_empty())
     }
 
-    pub fn create_temp_data_file(&self, rel: &str, number: u64) -> Result<TempFile> {
+    /// Starts a data file of table folder `rel` under temporary name `temp`
+    /// ([`names::temporary_file_name`]): the number it will be published as, or a staging number
+    /// ([`names::staging_number`]) when that is not known yet.
+    pub fn create_temp_data_file(&self, rel: &str, temp: u64) -> Result<TempFile> {
         match self {
-            Target::Local(t) => t.create_temp_data_file(rel, number).map(TempFile::Local),
-            Target::Cloud(t) => t.create_temp_data_file(rel, number).map(TempFile::Cloud),
-            Target::Dfs(t) => t.create_temp_data_file(rel, number).map(TempFile::Dfs),
+            Target::Local(t) => t.create_temp_data_file(rel, temp).map(TempFile::Local),
+            Target::Cloud(t) => t.create_temp_data_file(rel, temp).map(TempFile::Cloud),
+            Target::Dfs(t) => t.create_temp_data_file(rel, temp).map(TempFile::Dfs),
         }
     }
 
-    pub fn discard_temp_data_file(&self, rel: &str, number: u64) -> Result<()> {
-        each!(self, t => t.discard_temp_data_file(rel, number))
+    pub fn discard_temp_data_file(&self, rel: &str, temp: u64) -> Result<()> {
+        each!(self, t => t.discard_temp_data_file(rel, temp))
     }
 
-    pub fn publish_temp_data_file(&self, rel: &str, number: u64) -> Result<()> {
-        each!(self, t => t.publish_temp_data_file(rel, number))
+    /// Publishes the written temporary file `temp` as data file `number`.
+    pub fn publish_temp_data_file(&self, rel: &str, temp: u64, number: u64) -> Result<()> {
+        each!(self, t => t.publish_temp_data_file(rel, temp, number))
     }
 
     pub fn publish_data_file(&self, rel: &str, number: u64, bytes: &[u8]) -> Result<()> {
@@ -591,11 +595,11 @@ impl LocalTarget {
         Ok(dir)
     }
 
-    /// Opens the temporary file that data file `number` of table folder `rel` is written to before it
-    /// is published. A leftover from an interrupted attempt is truncated.
-    pub fn create_temp_data_file(&self, rel: &str, number: u64) -> Result<LocalTempFile> {
+    /// Opens temporary file `temp` of table folder `rel`, which a data file is written to before it is
+    /// published. A leftover from an interrupted attempt is truncated.
+    pub fn create_temp_data_file(&self, rel: &str, temp: u64) -> Result<LocalTempFile> {
         let dir = self.folder(rel)?;
-        let path = dir.join(names::temporary_file_name(number));
+        let path = dir.join(names::temporary_file_name(temp));
         let file = OpenOptions::new()
             .write(true)
             .create(true)
@@ -605,9 +609,9 @@ impl LocalTarget {
         Ok(LocalTempFile { out: BufWriter::with_capacity(1 << 20, file), path, written: 0 })
     }
 
-    /// Removes the temporary file of data file `number` (nothing was written to it).
-    pub fn discard_temp_data_file(&self, rel: &str, number: u64) -> Result<()> {
-        let path = self.root.join(rel).join(names::temporary_file_name(number));
+    /// Removes temporary file `temp` (nothing was written to it).
+    pub fn discard_temp_data_file(&self, rel: &str, temp: u64) -> Result<()> {
+        let path = self.root.join(rel).join(names::temporary_file_name(temp));
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -615,11 +619,11 @@ impl LocalTarget {
         }
     }
 
-    /// Publishes the (synced) temporary file of data file `number` under its final name. Fails rather
-    /// than replace a published file.
-    pub fn publish_temp_data_file(&self, rel: &str, number: u64) -> Result<()> {
+    /// Publishes the (synced) temporary file `temp` as data file `number`. Fails rather than replace a
+    /// published file.
+    pub fn publish_temp_data_file(&self, rel: &str, temp: u64, number: u64) -> Result<()> {
         let dir = self.root.join(rel);
-        let tmp = dir.join(names::temporary_file_name(number));
+        let tmp = dir.join(names::temporary_file_name(temp));
         let fin = dir.join(names::data_file_name(number));
         match fs::hard_link(&tmp, &fin) {
             Ok(()) => {}
@@ -647,7 +651,7 @@ impl LocalTarget {
         let mut f = self.create_temp_data_file(rel, number)?;
         f.write_all(bytes).map_err(|e| Error::io("write", &f.path, &e))?;
         f.sync()?;
-        self.publish_temp_data_file(rel, number)
+        self.publish_temp_data_file(rel, number, number)
     }
 
     /// Writes a small document (`_metadata.json`, `_partnerEvents.json`) atomically, replacing any

@@ -2,6 +2,7 @@
 compared with the source cell by cell."""
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -291,6 +292,60 @@ def test_parallel_snapshot_workers_share_one_snapshot(db, cluster):
                 assert "changed during the snapshot" not in t.column("v").to_pylist(), path
     for i in range(6):
         assert_mirror_equals_source(db.conn, root, "public", f"t{i}")
+
+
+def parts_published(cluster, table):
+    """(worker, rows, files) of each snapshot worker that published parts of public.<table>."""
+    pattern = re.compile(r'snapshot worker (\d+) published (\d+) rows of table "public\.%s" in (\d+) file' % table)
+    return [tuple(map(int, m.groups())) for m in pattern.finditer(open(cluster.log).read())]
+
+
+def test_one_large_table_is_scanned_in_parts_by_several_workers(db, cluster):
+    # about 50 MB of heap: split into parts that the worker and its two helpers take in turn, each
+    # writing files of its own that are numbered as they complete
+    table = "big_" + db.name
+    with db.server_setting("azure_cdc.snapshot_buffer_size", '10MB'):
+        db.sql(f"CREATE TABLE {table} (id bigint PRIMARY KEY, v text, x float8)")
+        db.sql(f"INSERT INTO {table} SELECT g, md5(g::text), g * 0.5 FROM generate_series(1, 600000) g")
+        mirror = "parts_" + db.name
+        root = db.start_mirror(mirror)
+        # rows written once the copy has begun are not in the snapshot, whichever part holds them
+        wait_rows_copied(db, mirror, 1)
+        db.sql(f"UPDATE {table} SET v = 'changed during the snapshot' WHERE id % 997 = 0")
+        status = db.wait_snapshot(mirror)
+        s = status[("public", table)]
+        assert s["state"] == "Replicating" and s["rows"] == 600000, s
+        assert f'table "public.{table}" (' in open(cluster.log).read(), "the table was not scanned in parts"
+        published = parts_published(cluster, table)
+        assert len({w for w, _, _ in published}) >= 2, published
+        assert sum(r for _, r, _ in published) == 600000, published
+        db.wait_caught_up(mirror)
+        files = data_files(table_folder(root, "public", table))
+        snapshot_files = [f for f in files if "__rowMarker__" not in pq.read_schema(f).names]
+        assert len(snapshot_files) == sum(f for _, _, f in published)
+        for f in snapshot_files:
+            assert "changed during the snapshot" not in pq.read_table(f).column("v").to_pylist(), f
+        # every number from 1 without a gap (the replay refuses gaps), each row once, equal to the source
+        assert_mirror_equals_source(db.conn, root, "public", table)
+
+
+def test_a_bad_value_in_one_part_parks_the_whole_table(db, cluster):
+    table = "bad_" + db.name
+    db.sql("CREATE TABLE good (id int PRIMARY KEY)")
+    db.sql("INSERT INTO good SELECT generate_series(1, 10)")
+    db.sql(f"CREATE TABLE {table} (id bigint PRIMARY KEY, v text, amount numeric(10,2))")
+    db.sql(f"INSERT INTO {table} SELECT g, md5(g::text), g / 100.0 FROM generate_series(1, 400000) g")
+    # the last block: a part other than the first
+    db.sql(f"INSERT INTO {table} VALUES (0, 'bad', 'NaN')")
+    root = db.start_mirror("m")
+    status = db.wait_snapshot("m")
+    assert status[("public", "good")]["state"] == "Replicating"
+    bad = status[("public", table)]
+    assert bad["state"] == "Failed" and bad["status"] == "ERROR", bad
+    assert "NaN" in bad["error"] and "amount" in bad["error"]
+    assert f'table "public.{table}" (' in open(cluster.log).read(), "the table was not scanned in parts"
+    assert not os.path.exists(table_folder(root, "public", table)), "a parked table's folder is deleted"
+    assert_mirror_equals_source(db.conn, root, "public", "good")
 
 
 def test_one_snapshot_worker_starts_no_helper(db, cluster):

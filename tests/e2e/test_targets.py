@@ -94,7 +94,9 @@ def test_large_files_upload_in_parts(db, azurite):
     # 32 random bytes per row do not compress: about 10 MB of Parquet.
     db.sql("INSERT INTO a SELECT g, g, 'x', decode(md5(random()::text) || md5(random()::text), 'hex') "
            "FROM generate_series(1, 300000) g")
-    with db.server_setting("azure_cdc.onelake_buffer_size", "5MB"):
+    # one snapshot worker: the table is written by one writer, into files larger than a part
+    with db.server_setting("azure_cdc.onelake_buffer_size", "5MB"), \
+            db.server_setting("azure_cdc.max_snapshot_workers", "1"):
         start(db, azurite, "m", container)
         db.wait_snapshot("m")
         db.sql("UPDATE a SET b = decode(md5(random()::text), 'hex') WHERE id <= 200000")

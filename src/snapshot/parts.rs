@@ -1,0 +1,167 @@
+//! One table scanned by several snapshot workers at once. Used by the snapshot worker and its helpers
+//! (main threads, under the registry's lock) and by their encoder threads (the publish turns:
+//! lock-free atomics in shared memory, no PostgreSQL call).
+//!
+//! The worker that claims a large plain table splits it ([`azure_cdc_core::parts`]): the table's
+//! blocks, as many as it has when split, are cut into parts; that worker scans the first part, and any
+//! worker with no whole table left to claim takes the next part ([`claim`]). All of them scan in the
+//! snapshot they share, so every row visible to it lies in exactly one part (a part is a block range:
+//! `heap_setscanlimits`, what TID-range scans use). Each worker writes the rows of the parts it holds
+//! into files of its own, under staging names; a complete file takes the folder's next number and is
+//! published only once every lower number is ([`Turn`]): the folder's numbers stay contiguous and
+//! appear in order, as Fabric's replicator requires. A snapshot is all inserts and each row is in one
+//! file, so the order of rows across files does not matter.
+//!
+//! A worker holds the table from its first part until its last file is published; it then lets go
+//! ([`release`]) with its counts. The last holder to let go once every part is handed out records
+//! the table's outcome. A value that cannot be written parks the table: the first worker to meet one
+//! records it Failed; the last holder resets the folder. Any other failure fails the attempt, and
+//! the turns of the mirror are marked failed so that no encoder waits for a turn that never comes.
+
+use std::sync::atomic::Ordering;
+
+use azure_cdc_core::datafile::PublishTurns;
+use azure_cdc_core::parts::{self as plan, Part, Split, Totals};
+use azure_cdc_core::{Error, ErrorKind, Result};
+use pgrx::prelude::*;
+
+use crate::shmem::{MAX_SPLITS, PUBLISH_TURNS, REGISTRY};
+
+/// What a snapshot worker scans next.
+pub enum Work {
+    /// A whole table (index in the attempt's list), which it may split.
+    Table(usize),
+    /// A part of split `.1` of table `.0`; the worker now holds the table.
+    Part(usize, usize, Part),
+}
+
+/// Frees every split of the mirror and clears its publish turns, at the start of an attempt (no
+/// worker of an earlier attempt runs any more). `participants`: the attempt's snapshot workers.
+pub fn reset(index: usize, participants: usize) {
+    let mut r = REGISTRY.exclusive();
+    let e = &mut r.entries[index];
+    e.participants = participants as u32;
+    e.splits = [Split::default(); MAX_SPLITS];
+    for t in &PUBLISH_TURNS.get().turns[index] {
+        t.failed.store(false, Ordering::SeqCst);
+    }
+}
+
+/// How many snapshot workers the attempt has (the worker and the helpers that started).
+pub fn set_participants(index: usize, participants: usize) {
+    REGISTRY.exclusive().entries[index].participants = participants as u32;
+}
+
+/// A worker of the attempt failed: nobody waits for a publish turn any more.
+pub fn fail_all(index: usize) {
+    for t in &PUBLISH_TURNS.get().turns[index] {
+        t.failed.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The next work of the attempt: a whole table while one is left, else a part of a split table;
+/// nothing once a helper has failed.
+pub fn claim(index: usize) -> Option<Work> {
+    let mut r = REGISTRY.exclusive();
+    let e = &mut r.entries[index];
+    if e.helper_failed {
+        // The attempt has failed: the worker stops claiming and reports it.
+        return None;
+    }
+    if e.next_table < e.tables_total {
+        e.next_table += 1;
+        return Some(Work::Table(e.next_table as usize - 1));
+    }
+    e.splits.iter_mut().enumerate().find_map(|(k, s)| s.join().map(|p| Work::Part(s.table_index(), k, p)))
+}
+
+/// Splits table `table` (the attempt's index; `relid`) of `nblocks` blocks if it is worth it and a
+/// split is free. Returns the split and the caller's first part (it holds the table).
+pub fn split(index: usize, table: usize, relid: u32, nblocks: u32) -> Option<(usize, Part)> {
+    let mut r = REGISTRY.exclusive();
+    let e = &mut r.entries[index];
+    if !plan::worth_splitting(nblocks, e.participants) {
+        return None;
+    }
+    let k = e.splits.iter().position(|s| !s.in_use())?;
+    let turn = &PUBLISH_TURNS.get().turns[index][k];
+    turn.next.store(1, Ordering::SeqCst);
+    turn.published.store(0, Ordering::SeqCst);
+    e.splits[k] = Split::new(table, relid, nblocks, e.participants);
+    e.splits[k].take().map(|p| (k, p))
+}
+
+/// The next part of split `k` for a worker that holds it, if any is left.
+pub fn next_part(index: usize, k: usize) -> Option<Part> {
+    REGISTRY.exclusive().entries[index].splits[k].take()
+}
+
+/// Marks split `k` parked. True for the first worker to do so (it records the table Failed).
+pub fn park(index: usize, k: usize) -> bool {
+    REGISTRY.exclusive().entries[index].splits[k].park()
+}
+
+/// A holder of split `k` lets go with what it published ([`Split::release`]).
+pub fn release(index: usize, k: usize, rows: i64, files: i64, bytes: i64) -> Option<Totals> {
+    REGISTRY.exclusive().entries[index].splits[k].release(rows, files, bytes)
+}
+
+/// The publish turns of split `k` of mirror `index`, for one writer's encoder thread: a complete file
+/// takes the next number and waits until every lower number is published. A wait ends with an error
+/// when the attempt failed, this process is asked to stop, or the postmaster died.
+pub struct Turn {
+    index: usize,
+    split: usize,
+    /// The postmaster's pid: a process whose parent is another has lost its postmaster.
+    postmaster: i32,
+}
+
+impl Turn {
+    pub fn new(index: usize, split: usize) -> Turn {
+        // SAFETY: PostmasterPid is set before any worker starts and never changes.
+        Turn { index, split, postmaster: unsafe { pg_sys::PostmasterPid } }
+    }
+
+    fn stopping(&self) -> Option<&'static str> {
+        // SAFETY: a read of the flag PostgreSQL's SIGTERM handler (die) sets: a sig_atomic_t, read with
+        // a volatile load as a signal handler's flag is; no PostgreSQL function is called.
+        if unsafe { std::ptr::read_volatile(&raw const pg_sys::ProcDiePending) } != 0 {
+            return Some("the snapshot worker was asked to stop");
+        }
+        // SAFETY: getppid has no preconditions.
+        if unsafe { libc::getppid() } != self.postmaster {
+            return Some("the server's postmaster is gone");
+        }
+        None
+    }
+}
+
+impl PublishTurns for Turn {
+    fn publish(&mut self, publish: &mut dyn FnMut(u64) -> Result<()>) -> Result<u64> {
+        let turn = &PUBLISH_TURNS.get().turns[self.index][self.split];
+        let fail = |why: &str| Error::new(ErrorKind::Internal, format!("a table's parts were not published: {why}"));
+        let n = turn.next.fetch_add(1, Ordering::SeqCst);
+        let mut pause = std::time::Duration::from_micros(100);
+        while turn.published.load(Ordering::SeqCst) + 1 != n {
+            if turn.failed.load(Ordering::SeqCst) {
+                return Err(fail("another snapshot worker failed"));
+            }
+            if let Some(why) = self.stopping() {
+                turn.failed.store(true, Ordering::SeqCst);
+                return Err(fail(why));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(5));
+        }
+        match publish(n) {
+            Ok(()) => {
+                turn.published.store(n, Ordering::SeqCst);
+                Ok(n)
+            }
+            Err(e) => {
+                turn.failed.store(true, Ordering::SeqCst);
+                Err(e)
+            }
+        }
+    }
+}
