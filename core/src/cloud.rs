@@ -8,10 +8,11 @@
 //! resolution), are all created by the runtime and run its thread-start hook, through which the
 //! extension keeps PostgreSQL's signals off them.
 //!
-//! Publication has the same shape as on a local folder: a data file is uploaded under its
-//! `_`-prefixed temporary name (in parts of `part_size` bytes once it outgrows one part, so memory
-//! stays bounded), then copied to its final name with "only if absent" semantics, then the temporary
-//! object is deleted. A reader never sees a partial file and a published file is never replaced.
+//! Publication takes the fewest requests the store allows without ever showing a partial file or
+//! replacing a published one. A data file that fits in one part (`part_size`, which bounds memory) is
+//! one request: a PUT under its final name that only creates (one PUT is atomic on every store). A
+//! larger one is uploaded in parts under its `_`-prefixed temporary name, then copied to its final
+//! name with "only if absent" semantics, then the temporary object is deleted.
 //!
 //! Credentials come from a credential's options (a JSON object, see [`CredentialOptions`]) and, for
 //! anything not given there, from the server process's environment (`AZURE_*`, `AWS_*`,
@@ -29,7 +30,8 @@ use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    BackoffConfig, ClientOptions, MultipartUpload, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
+    BackoffConfig, ClientOptions, MultipartUpload, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    RetryConfig,
 };
 
 use crate::error::{Error, ErrorKind, Result};
@@ -318,6 +320,10 @@ pub struct CloudTarget {
     redactor: Redactor,
     runtime: IoRuntime,
     url: String,
+    /// Data files small enough for one request (under the part size), written and waiting to be
+    /// published, by temporary key: they are uploaded once, under their final name, with a PUT that
+    /// only creates ([`CloudTarget::publish_temp_data_file`]).
+    pending: std::sync::Mutex<std::collections::HashMap<String, Bytes>>,
 }
 
 impl std::fmt::Debug for CloudTarget {
@@ -392,7 +398,15 @@ impl CloudTarget {
                 (Arc::new(b.build().map_err(config_error)?), prefix.clone())
             }
         };
-        Ok(CloudTarget { store, prefix, settings, redactor, runtime: IoRuntime::new()?, url: url.to_url() })
+        Ok(CloudTarget {
+            store,
+            prefix,
+            settings,
+            redactor,
+            runtime: IoRuntime::new()?,
+            url: url.to_url(),
+            pending: Default::default(),
+        })
     }
 
     /// Runs `fut` as a task on the runtime and waits for it.
@@ -573,21 +587,78 @@ impl CloudTarget {
     }
 
     pub fn discard_temp_data_file(&self, rel: &str, temp: u64) -> Result<()> {
+        let key = self.key(&Self::join(rel, &names::temporary_file_name(temp)))?;
+        if let Ok(mut p) = self.pending.lock() {
+            p.remove(key.as_ref());
+        }
         self.delete(&Self::join(rel, &names::temporary_file_name(temp)))
     }
 
-    /// Copies the uploaded temporary object `temp` to the name of data file `number`, only if that
-    /// name is free, then deletes the temporary object.
+    /// Publishes temporary file `temp` as data file `number`, never replacing a published file. A
+    /// file under the part size was kept back by [`CloudTempFile::sync`]: one PUT that only creates
+    /// (Azure `If-None-Match: *`, S3 `If-None-Match: *`, GCS `x-goog-if-generation-match: 0`) uploads
+    /// and publishes it at once; one PUT is atomic on every store, so no reader sees it half written.
+    /// A larger file was uploaded in parts under its temporary name: it is copied to its final name,
+    /// only if that name is free, and the temporary object deleted.
     pub fn publish_temp_data_file(&self, rel: &str, temp: u64, number: u64) -> Result<()> {
         let tmp = self.key(&Self::join(rel, &names::temporary_file_name(temp)))?;
         let fin = self.key(&Self::join(rel, &names::data_file_name(number)))?;
+        let held = self.pending.lock().ok().and_then(|mut p| p.remove(tmp.as_ref()));
+        match held {
+            Some(bytes) => self.put_new(&fin, bytes),
+            None => self.publish_uploaded(&tmp, &fin),
+        }
+    }
+
+    /// Uploads `bytes` as the new object `fin`: one PUT that fails if the name is taken. A name taken
+    /// by these very bytes is a PUT whose reply was lost and that was retried: done.
+    fn put_new(&self, fin: &ObjectPath, bytes: Bytes) -> Result<()> {
+        let store = self.store.clone();
+        let (f, b) = (fin.clone(), bytes.clone());
+        let put = self.run(async move {
+            let create = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
+            match store.put_opts(&f, PutPayload::from_bytes(b.clone()), create).await {
+                Err(object_store::Error::NotSupported { .. }) | Err(object_store::Error::NotImplemented { .. }) => {
+                    // A store without conditional writes: check, then write. One writer per number
+                    // (the folder's numbering is taken in turns), so nothing slips in between.
+                    match store.head(&f).await {
+                        Ok(_) => Err(object_store::Error::AlreadyExists {
+                            path: f.to_string(),
+                            source: "the final name is taken".into(),
+                        }),
+                        Err(object_store::Error::NotFound { .. }) => store.put(&f, PutPayload::from_bytes(b)).await,
+                        Err(e) => Err(e),
+                    }
+                }
+                other => other,
+            }
+        })?;
+        match put {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::Precondition { .. }) => {
+                let store = self.store.clone();
+                let f = fin.clone();
+                let theirs = self
+                    .run(async move { store.get(&f).await?.bytes().await })?
+                    .map_err(|e| self.error("compare", fin, e))?;
+                if theirs != bytes {
+                    return Err(already_published(fin));
+                }
+                Ok(())
+            }
+            Err(e) => Err(self.error("publish", fin, e)),
+        }
+    }
+
+    /// Copies the uploaded temporary object `tmp` to `fin`, only if that name is free, then deletes it.
+    fn publish_uploaded(&self, tmp: &ObjectPath, fin: &ObjectPath) -> Result<()> {
         let store = self.store.clone();
         let (t, f) = (tmp.clone(), fin.clone());
         let copied = self.run(async move {
             match store.copy_if_not_exists(&t, &f).await {
                 Err(object_store::Error::NotSupported { .. }) | Err(object_store::Error::NotImplemented { .. }) => {
                     // A store without conditional copy (plain S3): check, then copy. One writer per
-                    // table folder, so nothing can slip in between.
+                    // number, so nothing can slip in between.
                     match store.head(&f).await {
                         Ok(_) => Err(object_store::Error::AlreadyExists {
                             path: f.to_string(),
@@ -605,20 +676,17 @@ impl CloudTarget {
             Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::Precondition { .. }) => {
                 // A copy whose reply was lost and that was retried finds its own result: the same
                 // bytes under the final name. Anything else is a published file we must not replace.
-                if !self.same_content(&tmp, &fin)? {
-                    return Err(Error::new(ErrorKind::Internal, format!("data file \"{fin}\" is already published"))
-                        .with_detail(
-                        "A published file is never replaced: the landing zone and the mirror's bookkeeping disagree.",
-                    ));
+                if !self.same_content(tmp, fin)? {
+                    return Err(already_published(fin));
                 }
             }
-            Err(e) => return Err(self.error("publish", &fin, e)),
+            Err(e) => return Err(self.error("publish", fin, e)),
         }
         let store = self.store.clone();
         let t = tmp.clone();
         match self.run(async move { store.delete(&t).await })? {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.error("delete", &tmp, e)),
+            Err(e) => Err(self.error("delete", tmp, e)),
         }
     }
 
@@ -639,13 +707,13 @@ impl CloudTarget {
         r.map_err(|e| self.error("compare", b, e))
     }
 
-    /// Publishes data file `number` from bytes in memory.
+    /// Publishes data file `number` from bytes in memory: one PUT that only creates.
     pub fn publish_data_file(&self, rel: &str, number: u64, bytes: &[u8]) -> Result<()> {
         if bytes.is_empty() {
             return Err(Error::new(ErrorKind::Internal, "refusing to publish an empty data file"));
         }
-        self.put(&Self::join(rel, &names::temporary_file_name(number)), Bytes::copy_from_slice(bytes))?;
-        self.publish_temp_data_file(rel, number, number)
+        let fin = self.key(&Self::join(rel, &names::data_file_name(number)))?;
+        self.put_new(&fin, Bytes::copy_from_slice(bytes))
     }
 
     /// Writes a small document (`_metadata.json`, `_partnerEvents.json`). One PUT is atomic on every
@@ -743,19 +811,21 @@ impl CloudTempFile {
         self.target.run(fut)?.map_err(|e| self.target.error("upload a part of", &self.key, e))
     }
 
-    /// Finishes the upload; returns the file's size.
+    /// Finishes the file; returns its size. A file under the part size is not uploaded yet: it is
+    /// kept for its publication, which uploads it under its final name in one request.
     pub fn sync(mut self) -> Result<u64> {
         if let Some(e) = self.failed.take() {
             return Err(e);
         }
         match self.upload.take() {
             None => {
-                let store = self.target.store.clone();
-                let k = self.key.clone();
                 let bytes = Bytes::from(std::mem::take(&mut self.buffer));
-                self.target
-                    .run(async move { store.put(&k, PutPayload::from_bytes(bytes)).await })?
-                    .map_err(|e| self.target.error("upload", &self.key, e))?;
+                let mut pending = self
+                    .target
+                    .pending
+                    .lock()
+                    .map_err(|_| Error::new(ErrorKind::Internal, "the pending files' lock is poisoned"))?;
+                pending.insert(self.key.to_string(), bytes);
             }
             Some(upload) => {
                 self.upload = Some(upload);
@@ -807,6 +877,12 @@ impl Drop for CloudTempFile {
     }
 }
 
+/// The error of a number the landing zone already holds with other content.
+fn already_published(fin: &ObjectPath) -> Error {
+    Error::new(ErrorKind::Internal, format!("data file \"{fin}\" is already published"))
+        .with_detail("A published file is never replaced: the landing zone and the mirror's bookkeeping disagree.")
+}
+
 /// Maps a credential option name to the store's configuration key.
 pub(crate) fn azure_key(name: &str) -> &str {
     match name {
@@ -834,6 +910,74 @@ fn gcs_key(name: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn in_memory(part_size: usize) -> Arc<CloudTarget> {
+        let mut settings = CloudSettings::worker(MIN_PART_SIZE);
+        settings.part_size = part_size;
+        Arc::new(CloudTarget {
+            store: Arc::new(object_store::memory::InMemory::new()),
+            prefix: "root".into(),
+            settings,
+            redactor: Redactor::new(&CredentialOptions::new()),
+            runtime: IoRuntime::new().unwrap(),
+            url: "memory:///root".into(),
+            pending: Default::default(),
+        })
+    }
+
+    fn names_in(t: &CloudTarget, rel: &str) -> Vec<String> {
+        let mut l = t.list_names(rel).unwrap();
+        l.sort();
+        l
+    }
+
+    fn write_file(t: &Arc<CloudTarget>, temp: u64, bytes: &[u8]) -> u64 {
+        let mut f = t.create_temp_data_file("s.schema/t", temp).unwrap();
+        std::io::Write::write_all(&mut f, bytes).unwrap();
+        f.sync().unwrap()
+    }
+
+    #[test]
+    fn a_small_file_is_published_in_one_put_under_its_final_name() {
+        let t = in_memory(1 << 20);
+        assert_eq!(write_file(&t, 7, b"parquet bytes"), 13);
+        // nothing is uploaded before it is published (no temporary object)
+        assert!(names_in(&t, "s.schema/t").is_empty());
+        t.publish_temp_data_file("s.schema/t", 7, 1).unwrap();
+        assert_eq!(names_in(&t, "s.schema/t"), vec![names::data_file_name(1)]);
+        assert_eq!(t.read("s.schema/t/00000000000000000001.parquet").unwrap(), Bytes::from_static(b"parquet bytes"));
+        // a PUT whose reply was lost and that ran again finds its own bytes: done
+        write_file(&t, 8, b"parquet bytes");
+        t.publish_temp_data_file("s.schema/t", 8, 1).unwrap();
+        // other bytes under a published number: refused, nothing replaced
+        write_file(&t, 9, b"other bytes");
+        let e = t.publish_temp_data_file("s.schema/t", 9, 1).unwrap_err();
+        assert!(e.message.contains("already published"), "{e:?}");
+        assert_eq!(t.read("s.schema/t/00000000000000000001.parquet").unwrap(), Bytes::from_static(b"parquet bytes"));
+        t.publish_data_file("s.schema/t", 2, b"two").unwrap();
+        assert!(t.publish_data_file("s.schema/t", 2, b"not two").is_err());
+        assert_eq!(names_in(&t, "s.schema/t"), vec![names::data_file_name(1), names::data_file_name(2)]);
+    }
+
+    #[test]
+    fn a_file_larger_than_a_part_is_uploaded_in_parts_then_copied() {
+        let t = in_memory(64 * 1024);
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        write_file(&t, 3, &big);
+        assert_eq!(names_in(&t, "s.schema/t"), vec![names::temporary_file_name(3)]);
+        t.publish_temp_data_file("s.schema/t", 3, 1).unwrap();
+        assert_eq!(names_in(&t, "s.schema/t"), vec![names::data_file_name(1)]);
+        assert_eq!(t.read("s.schema/t/00000000000000000001.parquet").unwrap().to_vec(), big);
+    }
+
+    #[test]
+    fn a_discarded_small_file_is_never_published() {
+        let t = in_memory(1 << 20);
+        write_file(&t, 4, b"abandoned");
+        t.discard_temp_data_file("s.schema/t", 4).unwrap();
+        assert!(t.publish_temp_data_file("s.schema/t", 4, 1).is_err());
+        assert!(names_in(&t, "s.schema/t").is_empty());
+    }
 
     #[test]
     fn redacts_secret_values_and_url_queries() {
