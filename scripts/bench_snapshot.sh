@@ -18,7 +18,7 @@ PGBIN=/usr/lib/postgresql/15/bin
 q() { scripts/cluster.sh psql "$PORT" -d bench -Atq "$@"; }
 
 scripts/cluster.sh stop "$DATA" fast 2>/dev/null || true
-rm -rf "$BASE"; mkdir -p "$BASE"; chown "$RUN_AS" "$BASE"
+rm -rf "$BASE"; mkdir -p "$BASE" "$OUT"; chown "$RUN_AS" "$BASE" "$OUT"
 trap 'scripts/cluster.sh stop "$DATA" fast' EXIT
 scripts/cluster.sh start "$DATA" "$PORT" "shared_buffers = 2GB" "max_wal_size = 8GB" "checkpoint_timeout = 30min"
 scripts/cluster.sh psql "$PORT" -d postgres -qc "CREATE DATABASE bench"

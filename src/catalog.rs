@@ -576,35 +576,42 @@ pub fn set_replica_identity_full(schema: &str, table: &str) -> Result<()> {
 /// The number of events `azure_cdc.events` keeps per mirror.
 pub const EVENTS_KEPT: i64 = 10_000;
 
-/// Records an event of mirror `mirror_id` (and of one of its tables), and trims that mirror's
-/// oldest events beyond [`EVENTS_KEPT`]: one mirror's events never push out another's. Every event
-/// is written here. In the caller's transaction. (The statement's own insert is not visible to its
-/// DELETE: the newest `EVENTS_KEPT - 1` events before it stay, with it.)
-/// Records an event without trimming the oldest ones (the next trimmed write does): for a copy's long
-/// repeatable-read transaction, where deleting the oldest event would conflict with the decoder's and
-/// the SQL functions' own event writes (a serialization failure, or them waiting for the whole copy).
-pub fn record_event_untrimmed(
-    mirror_id: i64,
-    table: Option<(&str, &str)>,
-    event: Event,
-    detail: Option<&str>,
-) -> Result<()> {
-    let (schema, name) = match table {
-        Some((s, t)) => (Some(s), Some(t)),
-        None => (None, None),
-    };
-    run(
-        "INSERT INTO azure_cdc.events (mirror_id, mirror_name, schema_name, table_name, event, detail) \
-         SELECT mirror_id, mirror_name, $2::name, $3::name, $4, $5 FROM azure_cdc.mirrors WHERE mirror_id = $1",
-        &[mirror_id.into(), schema.into(), name.into(), event.as_str().into(), detail.into()],
-    )
+thread_local! {
+    /// Set while [`untrimmed`] runs.
+    static UNTRIMMED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Runs `f`, recording every event it records without trimming the oldest ones (the next trimmed
+/// write does): for a copy's long repeatable-read transaction, where deleting the oldest events would
+/// conflict with other processes' event writes since its snapshot (the decoder's, the SQL
+/// functions', other snapshot helpers'): a serialization failure, or them waiting for the whole copy.
+pub fn untrimmed<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            UNTRIMMED.with(|u| u.set(self.0));
+        }
+    }
+    let _restore = Restore(UNTRIMMED.with(|u| u.replace(true)));
+    f()
+}
+
+/// Records an event of mirror `mirror_id` (and of one of its tables), and trims that mirror's
+/// oldest events beyond [`EVENTS_KEPT`] (not inside [`untrimmed`]): one mirror's events never push
+/// out another's. Every event is written here. In the caller's transaction. (The statement's own
+/// insert is not visible to its DELETE: the newest `EVENTS_KEPT - 1` events before it stay, with it.)
 pub fn record_event(mirror_id: i64, table: Option<(&str, &str)>, event: Event, detail: Option<&str>) -> Result<()> {
     let (schema, name) = match table {
         Some((s, t)) => (Some(s), Some(t)),
         None => (None, None),
     };
+    if UNTRIMMED.with(|u| u.get()) {
+        return run(
+            "INSERT INTO azure_cdc.events (mirror_id, mirror_name, schema_name, table_name, event, detail) \
+             SELECT mirror_id, mirror_name, $2::name, $3::name, $4, $5 FROM azure_cdc.mirrors WHERE mirror_id = $1",
+            &[mirror_id.into(), schema.into(), name.into(), event.as_str().into(), detail.into()],
+        );
+    }
     run(
         "WITH e AS (INSERT INTO azure_cdc.events (mirror_id, mirror_name, schema_name, table_name, event, detail) \
                     SELECT mirror_id, mirror_name, $2::name, $3::name, $4, $5 FROM azure_cdc.mirrors \

@@ -126,9 +126,9 @@ pub fn copy_tables(
         pgrx::log!("azure_cdc: reseed copy in snapshot {seed}");
         let encoder = Encoder::start(target.clone())?;
         let copy = Copy { index, progress_slot: slot, encoder: &encoder };
-        for t in tables {
-            copy_one(mirror_id, owner, &copy, target, t, snap, &seed)?;
-        }
+        catalog::untrimmed(|| {
+            tables.iter().try_for_each(|t| copy_one(mirror_id, owner, &copy, target, t, snap, &seed))
+        })?;
         Ok(true)
     })();
     shmem::set_progress(index, slot, 0, 0);
@@ -323,7 +323,7 @@ fn copy_one(
         );
         return Ok(());
     }
-    catalog::record_event_untrimmed(
+    catalog::record_event(
         mirror_id,
         Some(name),
         Event::Reseeded,

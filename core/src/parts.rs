@@ -21,6 +21,10 @@ pub struct Split {
     /// 1 + the table's index in the snapshot attempt's list; 0: this split is free.
     pub table: u32,
     pub relid: u32,
+    /// The table's storage (`pg_class.relfilenode`) when it was split: a worker that finds another
+    /// when it opens the table (a rewrite in between, VACUUM FULL or CLUSTER, which move rows between
+    /// blocks) must not scan it.
+    pub relfile: u32,
     /// Blocks to scan (the table's size when it was split), the size of a part, the next block to hand out.
     pub nblocks: u32,
     pub part_blocks: u32,
@@ -62,11 +66,13 @@ pub fn part_blocks(nblocks: u32, workers: u32) -> u32 {
 }
 
 impl Split {
-    /// A split of table `table` (index) of `nblocks` blocks, held by the worker that splits it.
-    pub fn new(table: usize, relid: u32, nblocks: u32, workers: u32) -> Split {
+    /// A split of table `table` (index; `relid`, stored in `relfile`) of `nblocks` blocks, held by the
+    /// worker that splits it.
+    pub fn new(table: usize, relid: u32, relfile: u32, nblocks: u32, workers: u32) -> Split {
         Split {
             table: table as u32 + 1,
             relid,
+            relfile,
             nblocks,
             part_blocks: part_blocks(nblocks, workers),
             holders: 1,
@@ -144,7 +150,7 @@ mod tests {
     #[test]
     fn parts_cover_every_block_once_whoever_takes_them() {
         for nblocks in [1024u32, 1025, 4097, 100_000, 1_000_003] {
-            let mut s = Split::new(3, 42, nblocks, 3);
+            let mut s = Split::new(3, 42, 9, nblocks, 3);
             let mut seen = vec![false; nblocks as usize];
             // the splitter, then two workers joining, taking in turns
             let mut holders = vec![true, false, false];
@@ -164,7 +170,7 @@ mod tests {
 
     #[test]
     fn the_last_holder_gets_the_totals_only_once_every_part_is_out() {
-        let mut s = Split::new(0, 7, 2048, 2);
+        let mut s = Split::new(0, 7, 9, 2048, 2);
         assert_eq!(s.table_index(), 0);
         assert!(s.take().is_some());
         // the only holder lets go with parts left: someone will still join
@@ -181,7 +187,7 @@ mod tests {
 
     #[test]
     fn a_parked_table_hands_out_nothing_and_ends_with_its_holders() {
-        let mut s = Split::new(1, 7, 100_000, 2);
+        let mut s = Split::new(1, 7, 9, 100_000, 2);
         s.take().unwrap();
         s.join().unwrap();
         assert!(s.park());

@@ -27,7 +27,9 @@ pub enum ToEncoder {
     Batch(RecordBatch),
     /// The table is complete: publish what is left and report.
     End,
-    /// The table is abandoned: remove its files (a part: only its unpublished file) and report.
+    /// The table is abandoned: drop the file not published yet and report. Files already published
+    /// stay: the caller resets the folder where it records that it did (a parked table), or leaves it
+    /// to the next attempt, which deletes the folder and records it.
     Abort,
 }
 
@@ -57,6 +59,11 @@ impl Encoder {
     }
 
     pub fn send(&self, m: ToEncoder) -> Result<()> {
+        if matches!(m, ToEncoder::Begin { .. }) {
+            // The previous table's reply has come back (finish_table waits for it): nothing of it
+            // can still set the flag, which must not stop the new table's scan.
+            self.failed.store(false, Ordering::Relaxed);
+        }
         let gone = || Error::new(ErrorKind::Internal, "the encoder thread stopped");
         self.tx.as_ref().ok_or_else(gone)?.send(m).map_err(|_| gone())
     }
@@ -86,31 +93,27 @@ fn encoder_loop(
     done: SyncSender<Result<Vec<PublishedFile>>>,
     failed: Arc<AtomicBool>,
 ) {
-    // The sink, its folder, and whether it owns the folder (a whole table) or shares it (a part).
-    let mut sink: Option<(TableFileSink, String, bool)> = None;
+    let mut sink: Option<TableFileSink> = None;
     let mut error: Option<Error> = None;
     while let Ok(msg) = work.recv() {
         let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Option<Result<Vec<PublishedFile>>> {
             match msg {
                 ToEncoder::Begin { folder, schema, compression, max_file_bytes, numbering } => {
                     error = None;
-                    failed.store(false, Ordering::Relaxed);
-                    let owned = matches!(numbering, Numbering::Own { .. });
-                    let s = TableFileSink::numbered(
+                    sink = Some(TableFileSink::numbered(
                         target.clone(),
-                        folder.clone(),
+                        folder,
                         schema,
                         compression,
                         max_file_bytes,
                         numbering,
                         vec![],
-                    );
-                    sink = Some((s, folder, owned));
+                    ));
                     None
                 }
                 ToEncoder::Batch(b) => {
                     if error.is_none() {
-                        if let Some((s, _, _)) = sink.as_mut() {
+                        if let Some(s) = sink.as_mut() {
                             if let Err(e) = s.push(&b) {
                                 failed.store(true, Ordering::Relaxed);
                                 error = Some(e);
@@ -122,26 +125,15 @@ fn encoder_loop(
                 ToEncoder::End => {
                     let r = match (sink.take(), error.take()) {
                         (_, Some(e)) => Err(e),
-                        (Some((s, _, _)), None) => s.close(),
+                        (Some(s), None) => s.close(),
                         (None, None) => Ok(Vec::new()),
                     };
                     Some(r)
                 }
                 ToEncoder::Abort => {
                     error = None;
-                    // A part's folder is shared: the worker that lets go of the table last resets it.
-                    let r = match sink.take() {
-                        Some((s, folder, true)) => {
-                            drop(s);
-                            target.reset_table_folder(&folder).map(|_| Vec::new())
-                        }
-                        Some((s, _, false)) => {
-                            drop(s);
-                            Ok(Vec::new())
-                        }
-                        None => Ok(Vec::new()),
-                    };
-                    Some(r)
+                    sink = None;
+                    Some(Ok(Vec::new()))
                 }
             }
         }));

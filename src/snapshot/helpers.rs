@@ -111,6 +111,7 @@ pub extern "C-unwind" fn azure_cdc_snapshot_helper_main(arg: pg_sys::Datum) {
     }
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(entry.database)), None);
     worker::register_pid(index, Some(slot));
+    parts::fail_all_at_exit(index, Some(slot));
     let mirror_id = entry.mirror_id;
     let result = worker::catching(|| {
         worker::pin_settings()?;
@@ -121,7 +122,10 @@ pub extern "C-unwind" fn azure_cdc_snapshot_helper_main(arg: pg_sys::Datum) {
         let mut r = shmem::REGISTRY.exclusive();
         let e = &mut r.entries[index];
         match &result {
-            Ok(n) => e.helpers_committed += *n as u32,
+            Ok(n) => {
+                e.helpers_committed += *n as u32;
+                parts::finished();
+            }
             Err(_) => {
                 e.helper_failed = true;
                 parts::fail_all(index);
@@ -172,9 +176,8 @@ fn helper_run(index: usize, slot: usize, mirror_id: i64) -> Result<usize> {
     let outcomes = copy_claimed_tables(index, slot, &tables, &target, mirror.owner)?;
     // SAFETY: the scans are done; the helper writes its tables' outcomes and commits.
     unsafe { pg_sys::XactReadOnly = false };
-    for o in &outcomes {
-        record_outcome(mirror_id, o)?;
-    }
+    // The transaction's snapshot is the attempt's, from before other processes' event writes.
+    catalog::untrimmed(|| outcomes.iter().try_for_each(|o| record_outcome(mirror_id, o)))?;
     // SAFETY: pops the snapshot pushed above and commits on the main thread.
     unsafe {
         pg_sys::PopActiveSnapshot();

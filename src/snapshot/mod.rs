@@ -54,7 +54,11 @@ use table::{copy_claimed_tables, record_outcome};
 pub extern "C-unwind" fn azure_cdc_snapshot_main(arg: pg_sys::Datum) {
     let Some((index, entry)) = worker::start(arg, "will not be snapshotted") else { return };
     let mirror_id = entry.mirror_id;
+    parts::fail_all_at_exit(index, None);
     let attempt = worker::catching(|| run(index, mirror_id));
+    if attempt.is_ok() {
+        parts::finished();
+    }
     clear_progress(index);
     shmem::set_worker_pid(index, 0);
     if let Err(e) = attempt {
@@ -222,9 +226,8 @@ fn run(index: usize, mirror_id: i64) -> Result<()> {
 
     // SAFETY: the scans are done; this transaction may now write its bookkeeping.
     unsafe { pg_sys::XactReadOnly = false };
-    for o in &outcomes {
-        record_outcome(mirror_id, o)?;
-    }
+    // The transaction's snapshot is the attempt's, from before other processes' event writes.
+    catalog::untrimmed(|| outcomes.iter().try_for_each(|o| record_outcome(mirror_id, o)))?;
     catalog::mirror_snapshot_published(mirror_id, &crate::slot::lsn_text(lsn))?;
     // SAFETY: pops the snapshot pushed above and commits on the main thread.
     unsafe {

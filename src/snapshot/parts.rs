@@ -18,7 +18,7 @@
 //! records it Failed; the last holder resets the folder. Any other failure fails the attempt, and
 //! the turns of the mirror are marked failed so that no encoder waits for a turn that never comes.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use azure_cdc_core::datafile::PublishTurns;
 use azure_cdc_core::parts::{self as plan, Part, Split, Totals};
@@ -59,6 +59,40 @@ pub fn fail_all(index: usize) {
     }
 }
 
+/// Set once this process's share of the attempt has ended cleanly.
+static FINISHED: AtomicBool = AtomicBool::new(false);
+
+/// However this snapshot process exits before [`finished`] (an error; FATAL after SIGTERM, which ends
+/// the process without returning to the worker's code; a lost postmaster), the other workers stop
+/// waiting for publish turns it may hold (its encoder thread ends with it), and a helper's exit
+/// counts as a failed helper. `helper`: the helper's progress slot; None for the snapshot worker.
+pub fn fail_all_at_exit(index: usize, helper: Option<usize>) {
+    let arg = index | (usize::from(helper.is_some()) << 8);
+    // SAFETY: registers a callback PostgreSQL runs on this process's exit, before shared memory is
+    // detached; the argument is plain data.
+    unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(arg)) };
+}
+
+/// This process's share of the attempt has ended cleanly: its exit fails nothing.
+pub fn finished() {
+    FINISHED.store(true, Ordering::SeqCst);
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, arg: pg_sys::Datum) {
+    if FINISHED.load(Ordering::SeqCst) {
+        return;
+    }
+    let index = arg.value() & 0xff;
+    if index >= crate::gucs::MAX_FABRIC_MIRRORS_LIMIT as usize {
+        return;
+    }
+    fail_all(index);
+    if (arg.value() >> 8) & 1 == 1 {
+        REGISTRY.exclusive().entries[index].helper_failed = true;
+    }
+}
+
 /// The next work of the attempt: a whole table while one is left, else a part of a split table;
 /// nothing once a helper has failed.
 pub fn claim(index: usize) -> Option<Work> {
@@ -75,9 +109,9 @@ pub fn claim(index: usize) -> Option<Work> {
     e.splits.iter_mut().enumerate().find_map(|(k, s)| s.join().map(|p| Work::Part(s.table_index(), k, p)))
 }
 
-/// Splits table `table` (the attempt's index; `relid`) of `nblocks` blocks if it is worth it and a
-/// split is free. Returns the split and the caller's first part (it holds the table).
-pub fn split(index: usize, table: usize, relid: u32, nblocks: u32) -> Option<(usize, Part)> {
+/// Splits table `table` (the attempt's index; `relid`, stored in `relfile`) of `nblocks` blocks if it
+/// is worth it and a split is free. Returns the split and the caller's first part (it holds the table).
+pub fn split(index: usize, table: usize, relid: u32, relfile: u32, nblocks: u32) -> Option<(usize, Part)> {
     let mut r = REGISTRY.exclusive();
     let e = &mut r.entries[index];
     if !plan::worth_splitting(nblocks, e.participants) {
@@ -87,8 +121,13 @@ pub fn split(index: usize, table: usize, relid: u32, nblocks: u32) -> Option<(us
     let turn = &PUBLISH_TURNS.get().turns[index][k];
     turn.next.store(1, Ordering::SeqCst);
     turn.published.store(0, Ordering::SeqCst);
-    e.splits[k] = Split::new(table, relid, nblocks, e.participants);
+    e.splits[k] = Split::new(table, relid, relfile, nblocks, e.participants);
     e.splits[k].take().map(|p| (k, p))
+}
+
+/// The storage split `k`'s table had when it was split.
+pub fn relfile(index: usize, k: usize) -> u32 {
+    REGISTRY.share().entries[index].splits[k].relfile
 }
 
 /// The next part of split `k` for a worker that holds it, if any is left.

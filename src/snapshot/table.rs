@@ -142,11 +142,38 @@ fn snapshot_table(job: &Job, i: usize, joined: Option<(usize, Part)>) -> Result<
         }
     }
     // SAFETY: rel is open.
-    if joined.is_none() && unsafe { (*(*rel).rd_rel).relkind } == pg_sys::RELKIND_RELATION as std::ffi::c_char {
+    let (relkind, relfile) = unsafe { ((*(*rel).rd_rel).relkind, (*(*rel).rd_rel).relfilenode.to_u32()) };
+    if let Some((split, _)) = joined {
+        if parts::relfile(index, split) != relfile {
+            // Rewritten (VACUUM FULL, CLUSTER) after the worker that split it let go of its lock:
+            // rows moved between blocks, some already scanned. The attempt starts over.
+            // SAFETY: closing the relation opened above, keeping its lock to the end of the transaction.
+            unsafe { pg_sys::relation_close(rel, pg_sys::NoLock as i32) };
+            return Err(Error::new(
+                ErrorKind::Internal,
+                format!("table \"{}.{}\" was rewritten while the snapshot scanned it in parts", t.schema, t.table),
+            ));
+        }
+    } else {
+        // The keys recorded by start_mirror (before it may have set REPLICA IDENTITY FULL, which would
+        // hide a REPLICA IDENTITY USING INDEX key from a new look-up), before any data file: written
+        // before the table is split, so that no other worker's file comes first.
+        let written = job.target.put_document(
+            &folder,
+            landing_zone::METADATA_FILE,
+            landing_zone::table_metadata(&t.key_columns).as_bytes(),
+        );
+        if let Err(e) = written {
+            // SAFETY: as above.
+            unsafe { pg_sys::relation_close(rel, pg_sys::NoLock as i32) };
+            return Err(e);
+        }
+    }
+    if joined.is_none() && relkind == pg_sys::RELKIND_RELATION as std::ffi::c_char {
         // SAFETY: rel is open. Its size now, after the snapshot was taken: every row the snapshot sees
         // lies in these blocks.
         let nblocks = unsafe { pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM) };
-        if let Some((split, first)) = parts::split(index, i, t.relid.to_u32(), nblocks) {
+        if let Some((split, first)) = parts::split(index, i, t.relid.to_u32(), relfile, nblocks) {
             pgrx::log!(
                 "azure_cdc: table \"{}.{}\" ({nblocks} blocks) is scanned in parts of {} blocks",
                 t.schema,
@@ -161,20 +188,7 @@ fn snapshot_table(job: &Job, i: usize, joined: Option<(usize, Part)>) -> Result<
     let result = worker::in_subtransaction(|| {
         // SAFETY: rel is open (checked above); the active snapshot is the attempt's, the one every
         // worker of the attempt scans in.
-        unsafe {
-            job.copy.rows(rel, t.relid, &folder, pg_sys::GetActiveSnapshot(), scope, &mut |_| {
-                if joined.is_some() {
-                    return Ok(());
-                }
-                // The keys recorded by start_mirror (before it may have set REPLICA IDENTITY FULL,
-                // which would hide a REPLICA IDENTITY USING INDEX key from a new look-up).
-                job.target.put_document(
-                    &folder,
-                    landing_zone::METADATA_FILE,
-                    landing_zone::table_metadata(&t.key_columns).as_bytes(),
-                )
-            })
-        }
+        unsafe { job.copy.rows(rel, t.relid, &folder, pg_sys::GetActiveSnapshot(), scope, &mut |_| Ok(())) }
     });
     if result.is_err() {
         job.copy.abandon();

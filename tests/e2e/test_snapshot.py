@@ -11,6 +11,7 @@ import psycopg
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import wait_for
 from replay import (LandingZoneError, assert_mirror_equals_source, data_files, replay_table, table_folder)
 
 TYPES_DDL = """
@@ -346,6 +347,26 @@ def test_a_bad_value_in_one_part_parks_the_whole_table(db, cluster):
     assert f'table "public.{table}" (' in open(cluster.log).read(), "the table was not scanned in parts"
     assert not os.path.exists(table_folder(root, "public", table)), "a parked table's folder is deleted"
     assert_mirror_equals_source(db.conn, root, "public", "good")
+
+
+def test_helpers_ended_while_a_table_is_scanned_in_parts(db, cluster):
+    """Helpers ended (SIGTERM: FATAL at their next interrupt check, the process exits without
+    returning to azure_cdc's code) while they hold parts of a table and take turns publishing its
+    files: nobody may wait for a turn they held; the attempt fails, the next one copies again."""
+    table = "killed_" + db.name
+    db.sql(f"CREATE TABLE {table} (id bigint PRIMARY KEY, v text, x float8)")
+    db.sql(f"INSERT INTO {table} SELECT g, md5(g::text), g * 0.5 FROM generate_series(1, 600000) g")
+    mirror = "kparts_" + db.name
+    root = db.start_mirror(mirror)
+    wait_for("the table to be split", lambda: f'table "public.{table}" (' in open(cluster.log).read(), deadline_s=120)
+    wait_rows_copied(db, mirror, 1)
+    ended = db.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                   "WHERE backend_type = 'azure_cdc snapshot helper'")
+    assert ended, "no helper ran"
+    status = db.wait_snapshot(mirror)
+    assert status[("public", table)]["state"] == "Replicating"
+    assert "a snapshot helper failed" in open(cluster.log).read()
+    assert_mirror_equals_source(db.conn, root, "public", table)
 
 
 def test_one_snapshot_worker_starts_no_helper(db, cluster):
