@@ -40,10 +40,13 @@ set_workers() {
     sleep 1
 }
 
-# One table, copied by 1, 2 and 3 snapshot workers (2 and 3: its block ranges shared between them).
-for workers in 1 2 3; do
+# One table, copied by 1, 2 and 3 snapshot workers (2 and 3: its block ranges shared between them),
+# then by 1 again: the first copy of a fresh table may also pay for what the cache holds.
+run=0
+for workers in 1 2 3 1; do
+run=$((run + 1))
 set_workers "$workers"
-name=one$workers
+name=one${workers}_$run
 start=$(date +%s.%N)
 q -c "SELECT azure_cdc.start_mirror('$name', 'file://$OUT/$name', ARRAY['pgbench_accounts'])" >/dev/null
 peak_rss=0; peak_anon=0; pid=""
@@ -65,14 +68,15 @@ out_bytes=$(du -sb "$OUT/$name" | cut -f1)
 files=$(ls "$OUT/$name/public.schema/pgbench_accounts/" | grep -c '^[0-9].*\.parquet$')
 compression=$(q -c "SHOW azure_cdc.parquet_compression")
 
-python3 - "$rows" "$table_bytes" "$copy" "$worker_s" "$start" "$end" "$peak_rss" "$peak_anon" "$out_bytes" "$files" "$compression" "$workers" <<'PY'
+python3 - "$rows" "$table_bytes" "$copy" "$worker_s" "$start" "$end" "$peak_rss" "$peak_anon" "$out_bytes" "$files" "$compression" "$workers" "$run" <<'PY'
 import sys
-rows, table_bytes, copy_ms, worker_s, start, end, peak_rss, peak_anon, out_bytes, files, comp, workers = sys.argv[1:]
+rows, table_bytes, copy_ms, worker_s, start, end, peak_rss, peak_anon, out_bytes, files, comp, workers, run = sys.argv[1:]
+header_done = run != "1"
 rows, table_bytes, out_bytes = int(rows), int(table_bytes), int(out_bytes)
 copy_s = float(copy_ms) / 1000
 snap_s = float(worker_s)
 wall_s = float(end) - float(start)
-if workers == "1":
+if workers == "1" and not header_done:
     print(f"table            pgbench_accounts: {rows:,} rows, {table_bytes / 2**20:,.0f} MB heap")
     print(f"COPY binary      {copy_s:8.2f} s  {rows / copy_s:12,.0f} rows/s  {table_bytes / 2**20 / copy_s:8.1f} MB/s")
 print(f"snapshot, max_snapshot_workers = {workers}")

@@ -148,6 +148,9 @@ pub struct MirrorEntry {
     pub helper_failed: bool,
     /// Snapshot workers of the attempt (the worker and the helpers it started).
     pub participants: u32,
+    /// Tables claimed whole whose worker has not yet decided whether to split them: a worker that
+    /// finds nothing else to do waits for those decisions before it stops.
+    pub deciding: u32,
     /// Tables being scanned in parts.
     pub splits: [Split; MAX_SPLITS],
     /// Process ids of running snapshot helpers (0: none), indexed by progress slot.

@@ -33,6 +33,8 @@ pub enum Work {
     Table(usize),
     /// A part of split `.1` of table `.0`; the worker now holds the table.
     Part(usize, usize, Part),
+    /// Nothing now, but a table claimed whole may still be split: ask again shortly.
+    Wait,
 }
 
 /// Frees every split of the mirror and clears its publish turns, at the start of an attempt (no
@@ -41,6 +43,7 @@ pub fn reset(index: usize, participants: usize) {
     let mut r = REGISTRY.exclusive();
     let e = &mut r.entries[index];
     e.participants = participants as u32;
+    e.deciding = 0;
     e.splits = [Split::default(); MAX_SPLITS];
     for t in &PUBLISH_TURNS.get().turns[index] {
         t.failed.store(false, Ordering::SeqCst);
@@ -93,8 +96,9 @@ unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, arg: pg_sys::Datum) 
     }
 }
 
-/// The next work of the attempt: a whole table while one is left, else a part of a split table;
-/// nothing once a helper has failed.
+/// The next work of the attempt: a whole table while one is left, else a part of a split table, else
+/// a wait while a worker still decides whether to split the table it claimed; nothing once a helper
+/// has failed. A table claimed whole must be followed by a [`Deciding`].
 pub fn claim(index: usize) -> Option<Work> {
     let mut r = REGISTRY.exclusive();
     let e = &mut r.entries[index];
@@ -104,9 +108,29 @@ pub fn claim(index: usize) -> Option<Work> {
     }
     if e.next_table < e.tables_total {
         e.next_table += 1;
+        e.deciding += 1;
         return Some(Work::Table(e.next_table as usize - 1));
     }
-    e.splits.iter_mut().enumerate().find_map(|(k, s)| s.join().map(|p| Work::Part(s.table_index(), k, p)))
+    let part = e.splits.iter_mut().enumerate().find_map(|(k, s)| s.join().map(|p| Work::Part(s.table_index(), k, p)));
+    part.or((e.deciding > 0).then_some(Work::Wait))
+}
+
+/// The worker that claimed a table whole has decided whether to split it (or will not copy it):
+/// workers waiting for that decision may stop if nothing was split. Dropping the value says so.
+pub struct Deciding(usize);
+
+impl Deciding {
+    pub fn new(index: usize) -> Deciding {
+        Deciding(index)
+    }
+}
+
+impl Drop for Deciding {
+    fn drop(&mut self) {
+        let mut r = REGISTRY.exclusive();
+        let e = &mut r.entries[self.0];
+        e.deciding = e.deciding.saturating_sub(1);
+    }
 }
 
 /// Splits table `table` (the attempt's index; `relid`, stored in `relfile`) of `nblocks` blocks if it

@@ -90,6 +90,12 @@ pub fn copy_claimed_tables(
         let (i, joined) = match work {
             Work::Table(i) => (i, None),
             Work::Part(i, k, p) => (i, Some((k, p))),
+            Work::Wait => {
+                if !worker::wait(std::time::Duration::from_millis(10)) {
+                    return Err(Error::new(ErrorKind::Internal, "the snapshot worker was asked to stop"));
+                }
+                continue;
+            }
         };
         outcomes.extend(snapshot_table(&job, i, joined)?);
         shmem::set_progress(index, progress_slot, 0, 0);
@@ -108,6 +114,9 @@ fn snapshot_table(job: &Job, i: usize, joined: Option<(usize, Part)>) -> Result<
         .get(i)
         .ok_or_else(|| Error::new(ErrorKind::Internal, "snapshot workers disagree on the table list"))?;
     let index = job.copy.index;
+    // A table claimed whole: until this is dropped, workers with nothing else to do wait in case it
+    // is split.
+    let mut deciding = joined.is_none().then(|| parts::Deciding::new(index));
     let folder = names::table_folder(&t.schema, &t.table);
     let mut outcome = Outcome {
         relid: t.relid,
@@ -183,6 +192,7 @@ fn snapshot_table(job: &Job, i: usize, joined: Option<(usize, Part)>) -> Result<
             scope = Scope::Parts { split, first };
         }
     }
+    deciding.take();
     // In a subtransaction: a PostgreSQL error while converting a value (a type's cast to json, an
     // encoding conversion) parks this table only, and the snapshot goes on with the others.
     let result = worker::in_subtransaction(|| {
