@@ -324,6 +324,9 @@ pub struct CloudTarget {
     /// published, by temporary key: they are uploaded once, under their final name, with a PUT that
     /// only creates ([`CloudTarget::publish_temp_data_file`]).
     pending: std::sync::Mutex<std::collections::HashMap<String, Bytes>>,
+    /// Whether a final name is looked at before the conditional PUT that creates it: on S3, whose
+    /// compatible stores may ignore `If-None-Match` and replace what is there.
+    head_first: bool,
 }
 
 impl std::fmt::Debug for CloudTarget {
@@ -406,6 +409,7 @@ impl CloudTarget {
             runtime: IoRuntime::new()?,
             url: url.to_url(),
             pending: Default::default(),
+            head_first: matches!(url, TargetUrl::S3 { .. }),
         })
     }
 
@@ -574,16 +578,14 @@ impl CloudTarget {
         r.map_err(|e| self.error("read", &key, e))
     }
 
-    /// Starts a data file of table folder `rel` under temporary name `temp`.
+    /// Starts a data file of table folder `rel` under temporary name `temp` (forgetting a file kept
+    /// back under that name and never published).
     pub fn create_temp_data_file(self: &Arc<Self>, rel: &str, temp: u64) -> Result<CloudTempFile> {
-        Ok(CloudTempFile {
-            target: self.clone(),
-            key: self.key(&Self::join(rel, &names::temporary_file_name(temp)))?,
-            buffer: Vec::new(),
-            upload: None,
-            written: 0,
-            failed: None,
-        })
+        let key = self.key(&Self::join(rel, &names::temporary_file_name(temp)))?;
+        if let Ok(mut p) = self.pending.lock() {
+            p.remove(key.as_ref());
+        }
+        Ok(CloudTempFile { target: self.clone(), key, buffer: Vec::new(), upload: None, written: 0, failed: None })
     }
 
     pub fn discard_temp_data_file(&self, rel: &str, temp: u64) -> Result<()> {
@@ -610,22 +612,30 @@ impl CloudTarget {
         }
     }
 
-    /// Uploads `bytes` as the new object `fin`: one PUT that fails if the name is taken. A name taken
-    /// by these very bytes is a PUT whose reply was lost and that was retried: done.
+    /// Uploads `bytes` as the new object `fin`: one PUT that fails if the name is taken (on S3, a HEAD
+    /// first: some S3-compatible stores ignore the condition). A name taken by these very bytes is a
+    /// PUT whose reply was lost and that was sent again: done.
     fn put_new(&self, fin: &ObjectPath, bytes: Bytes) -> Result<()> {
         let store = self.store.clone();
         let (f, b) = (fin.clone(), bytes.clone());
+        let head_first = self.head_first;
         let put = self.run(async move {
+            let taken =
+                || object_store::Error::AlreadyExists { path: f.to_string(), source: "the final name is taken".into() };
+            if head_first {
+                match store.head(&f).await {
+                    Ok(_) => return Err(taken()),
+                    Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
             let create = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
             match store.put_opts(&f, PutPayload::from_bytes(b.clone()), create).await {
                 Err(object_store::Error::NotSupported { .. }) | Err(object_store::Error::NotImplemented { .. }) => {
-                    // A store without conditional writes: check, then write. One writer per number
-                    // (the folder's numbering is taken in turns), so nothing slips in between.
+                    // A store configured without conditional writes: check, then write. Numbers are
+                    // taken in turn, so each name has one writer and nothing slips in between.
                     match store.head(&f).await {
-                        Ok(_) => Err(object_store::Error::AlreadyExists {
-                            path: f.to_string(),
-                            source: "the final name is taken".into(),
-                        }),
+                        Ok(_) => Err(taken()),
                         Err(object_store::Error::NotFound { .. }) => store.put(&f, PutPayload::from_bytes(b)).await,
                         Err(e) => Err(e),
                     }
@@ -636,12 +646,20 @@ impl CloudTarget {
         match put {
             Ok(_) => Ok(()),
             Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::Precondition { .. }) => {
+                // Read what holds the name only if it has this file's size (a snapshot file can be
+                // large).
                 let store = self.store.clone();
-                let f = fin.clone();
+                let (f, size) = (fin.clone(), bytes.len() as u64);
                 let theirs = self
-                    .run(async move { store.get(&f).await?.bytes().await })?
+                    .run(async move {
+                        let got = store.get(&f).await?;
+                        if got.meta.size != size {
+                            return Ok(None);
+                        }
+                        got.bytes().await.map(Some)
+                    })?
                     .map_err(|e| self.error("compare", fin, e))?;
-                if theirs != bytes {
+                if theirs.as_ref() != Some(&bytes) {
                     return Err(already_published(fin));
                 }
                 Ok(())
@@ -912,6 +930,10 @@ mod tests {
     use super::*;
 
     fn in_memory(part_size: usize) -> Arc<CloudTarget> {
+        in_memory_with(part_size, false)
+    }
+
+    fn in_memory_with(part_size: usize, head_first: bool) -> Arc<CloudTarget> {
         let mut settings = CloudSettings::worker(MIN_PART_SIZE);
         settings.part_size = part_size;
         Arc::new(CloudTarget {
@@ -922,6 +944,7 @@ mod tests {
             runtime: IoRuntime::new().unwrap(),
             url: "memory:///root".into(),
             pending: Default::default(),
+            head_first,
         })
     }
 
@@ -957,6 +980,18 @@ mod tests {
         t.publish_data_file("s.schema/t", 2, b"two").unwrap();
         assert!(t.publish_data_file("s.schema/t", 2, b"not two").is_err());
         assert_eq!(names_in(&t, "s.schema/t"), vec![names::data_file_name(1), names::data_file_name(2)]);
+    }
+
+    #[test]
+    fn looking_first_where_the_condition_may_be_ignored_keeps_the_same_rules() {
+        let t = in_memory_with(1 << 20, true);
+        write_file(&t, 1, b"first");
+        t.publish_temp_data_file("s.schema/t", 1, 1).unwrap();
+        write_file(&t, 2, b"first");
+        t.publish_temp_data_file("s.schema/t", 2, 1).unwrap();
+        write_file(&t, 3, b"other");
+        assert!(t.publish_temp_data_file("s.schema/t", 3, 1).unwrap_err().message.contains("already published"));
+        assert_eq!(t.read("s.schema/t/00000000000000000001.parquet").unwrap(), Bytes::from_static(b"first"));
     }
 
     #[test]

@@ -29,8 +29,9 @@ use crate::shmem::{MAX_SPLITS, PUBLISH_TURNS, REGISTRY};
 
 /// What a snapshot worker scans next.
 pub enum Work {
-    /// A whole table (index in the attempt's list), which it may split.
-    Table(usize),
+    /// A whole table (index in the attempt's list), which it may split; drop the [`Deciding`] once
+    /// it has decided.
+    Table(usize, Deciding),
     /// A part of split `.1` of table `.0`; the worker now holds the table.
     Part(usize, usize, Part),
     /// Nothing now, but a table claimed whole may still be split: ask again shortly.
@@ -67,8 +68,9 @@ static FINISHED: AtomicBool = AtomicBool::new(false);
 
 /// However this snapshot process exits before [`finished`] (an error; FATAL after SIGTERM, which ends
 /// the process without returning to the worker's code; a lost postmaster), the other workers stop
-/// waiting for publish turns it may hold (its encoder thread ends with it), and a helper's exit
-/// counts as a failed helper. `helper`: the helper's progress slot; None for the snapshot worker.
+/// waiting for publish turns it may hold (its encoder thread ends with it) and stop claiming work:
+/// the attempt has failed (`helper_failed`, which the snapshot worker also reads as that). `helper`:
+/// the helper's progress slot; None for the snapshot worker.
 pub fn fail_all_at_exit(index: usize, helper: Option<usize>) {
     let arg = index | (usize::from(helper.is_some()) << 8);
     // SAFETY: registers a callback PostgreSQL runs on this process's exit, before shared memory is
@@ -91,14 +93,13 @@ unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, arg: pg_sys::Datum) 
         return;
     }
     fail_all(index);
-    if (arg.value() >> 8) & 1 == 1 {
-        REGISTRY.exclusive().entries[index].helper_failed = true;
-    }
+    // The attempt has failed, whichever process this is: workers stop claiming and waiting.
+    REGISTRY.exclusive().entries[index].helper_failed = true;
 }
 
 /// The next work of the attempt: a whole table while one is left, else a part of a split table, else
-/// a wait while a worker still decides whether to split the table it claimed; nothing once a helper
-/// has failed. A table claimed whole must be followed by a [`Deciding`].
+/// a wait while a worker still decides whether to split the table it claimed; nothing once the
+/// attempt has failed.
 pub fn claim(index: usize) -> Option<Work> {
     let mut r = REGISTRY.exclusive();
     let e = &mut r.entries[index];
@@ -109,7 +110,7 @@ pub fn claim(index: usize) -> Option<Work> {
     if e.next_table < e.tables_total {
         e.next_table += 1;
         e.deciding += 1;
-        return Some(Work::Table(e.next_table as usize - 1));
+        return Some(Work::Table(e.next_table as usize - 1, Deciding(index)));
     }
     let part = e.splits.iter_mut().enumerate().find_map(|(k, s)| s.join().map(|p| Work::Part(s.table_index(), k, p)));
     part.or((e.deciding > 0).then_some(Work::Wait))
@@ -118,12 +119,6 @@ pub fn claim(index: usize) -> Option<Work> {
 /// The worker that claimed a table whole has decided whether to split it (or will not copy it):
 /// workers waiting for that decision may stop if nothing was split. Dropping the value says so.
 pub struct Deciding(usize);
-
-impl Deciding {
-    pub fn new(index: usize) -> Deciding {
-        Deciding(index)
-    }
-}
 
 impl Drop for Deciding {
     fn drop(&mut self) {

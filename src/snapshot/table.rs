@@ -86,37 +86,48 @@ pub fn copy_claimed_tables(
     let copy = Copy { index, progress_slot, encoder: &encoder };
     let job = Job { tables, target, copy, owner };
     let mut outcomes = Vec::new();
+    // Waiting for another worker's decision is bounded: that worker may itself wait for a lock held
+    // by a session that waits for one of ours, which PostgreSQL's deadlock detector cannot see.
+    let mut waits = 0;
     while let Some(work) = parts::claim(index) {
-        let (i, joined) = match work {
-            Work::Table(i) => (i, None),
-            Work::Part(i, k, p) => (i, Some((k, p))),
-            Work::Wait => {
+        let (i, joined, deciding) = match work {
+            Work::Table(i, deciding) => (i, None, Some(deciding)),
+            Work::Part(i, k, p) => (i, Some((k, p)), None),
+            Work::Wait if waits < 200 => {
+                waits += 1;
                 if !worker::wait(std::time::Duration::from_millis(10)) {
                     return Err(Error::new(ErrorKind::Internal, "the snapshot worker was asked to stop"));
                 }
                 continue;
             }
+            Work::Wait => break,
         };
-        outcomes.extend(snapshot_table(&job, i, joined)?);
+        waits = 0;
+        outcomes.extend(snapshot_table(&job, i, joined, deciding)?);
         shmem::set_progress(index, progress_slot, 0, 0);
     }
     Ok(outcomes)
 }
 
 /// Copies table `i`, or, when `joined`, parts of it from the given one on (split `k`), until none is
-/// left. A large plain table claimed whole is split ([`parts`]) and its first part scanned here.
+/// left. A large plain table claimed whole is split ([`parts`]) and its first part scanned here;
+/// `deciding` (a table claimed whole) is dropped once that is decided.
 /// Returns the table's outcome if this process records it: a table copied whole; the last holder of a
 /// split table; the first to park a split table. Errors that park only this table come back as an
 /// outcome with `parked`; any other error fails the attempt.
-fn snapshot_table(job: &Job, i: usize, joined: Option<(usize, Part)>) -> Result<Option<Outcome>> {
+fn snapshot_table(
+    job: &Job,
+    i: usize,
+    joined: Option<(usize, Part)>,
+    mut deciding: Option<parts::Deciding>,
+) -> Result<Option<Outcome>> {
     let t = job
         .tables
         .get(i)
         .ok_or_else(|| Error::new(ErrorKind::Internal, "snapshot workers disagree on the table list"))?;
     let index = job.copy.index;
-    // A table claimed whole: until this is dropped, workers with nothing else to do wait in case it
-    // is split.
-    let mut deciding = joined.is_none().then(|| parts::Deciding::new(index));
+    // A table claimed whole: until `deciding` is dropped, workers with nothing else to do wait in
+    // case it is split.
     let folder = names::table_folder(&t.schema, &t.table);
     let mut outcome = Outcome {
         relid: t.relid,
