@@ -635,24 +635,26 @@ pub unsafe fn scan_heap(
         let desc = (*rel).rd_att;
         let mut rows: i64 = 0;
         let result = (|| -> Result<i64> {
-            while !empty {
-                let tuple = pg_sys::heap_getnext(sd, pg_sys::ScanDirection::ForwardScanDirection);
-                if tuple.is_null() {
-                    break;
-                }
-                let old = pg_sys::MemoryContextSwitchTo(batch_cxt);
-                pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-                let appended = conv.append_row(&values, &nulls, None, builder);
-                pg_sys::MemoryContextSwitchTo(old);
-                appended?;
-                rows += 1;
-                if builder.is_full() {
-                    let go_on = on_batch(builder.finish()?, rows)?;
-                    pg_sys::MemoryContextReset(batch_cxt);
-                    pg_sys::check_for_interrupts!();
-                    crate::worker::exit_if_postmaster_died();
-                    if !go_on {
+            if !empty {
+                loop {
+                    let tuple = pg_sys::heap_getnext(sd, pg_sys::ScanDirection::ForwardScanDirection);
+                    if tuple.is_null() {
                         break;
+                    }
+                    let old = pg_sys::MemoryContextSwitchTo(batch_cxt);
+                    pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+                    let appended = conv.append_row(&values, &nulls, None, builder);
+                    pg_sys::MemoryContextSwitchTo(old);
+                    appended?;
+                    rows += 1;
+                    if builder.is_full() {
+                        let go_on = on_batch(builder.finish()?, rows)?;
+                        pg_sys::MemoryContextReset(batch_cxt);
+                        pg_sys::check_for_interrupts!();
+                        crate::worker::exit_if_postmaster_died();
+                        if !go_on {
+                            break;
+                        }
                     }
                 }
             }

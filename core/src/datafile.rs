@@ -155,26 +155,6 @@ impl TableFileSink {
         schema: SchemaRef,
         compression: Compression,
         max_file_bytes: usize,
-        first_number: u64,
-        metadata: Vec<(String, String)>,
-    ) -> Self {
-        Self::numbered(
-            target,
-            folder,
-            schema,
-            compression,
-            max_file_bytes,
-            Numbering::Own { first: first_number },
-            metadata,
-        )
-    }
-
-    pub fn numbered(
-        target: Arc<Target>,
-        folder: String,
-        schema: SchemaRef,
-        compression: Compression,
-        max_file_bytes: usize,
         numbering: Numbering,
         metadata: Vec<(String, String)>,
     ) -> Self {
@@ -306,8 +286,15 @@ mod tests {
         let target = Arc::new(Target::Local(crate::target::LocalTarget::new(dir.clone())));
         for compression in [Compression::Zstd, Compression::Snappy, Compression::Gzip, Compression::Uncompressed] {
             let folder = format!("public.schema/t_{compression:?}");
-            let mut sink =
-                TableFileSink::new(target.clone(), folder.clone(), schema(), compression, 64 * 1024, 1, vec![]);
+            let mut sink = TableFileSink::new(
+                target.clone(),
+                folder.clone(),
+                schema(),
+                compression,
+                64 * 1024,
+                Numbering::Own { first: 1 },
+                vec![],
+            );
             let mut from = 0;
             for _ in 0..10 {
                 sink.push(&batch(from, 4000)).unwrap();
@@ -390,7 +377,7 @@ mod tests {
                 let turns = Turns { next: next.clone(), published: published.clone(), failed: failed.clone() };
                 let (target, folder) = (target.clone(), folder.clone());
                 std::thread::spawn(move || {
-                    let mut sink = TableFileSink::numbered(
+                    let mut sink = TableFileSink::new(
                         target,
                         folder,
                         schema(),
@@ -442,7 +429,7 @@ mod tests {
         let published = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sink = |w: u32| {
-            TableFileSink::numbered(
+            TableFileSink::new(
                 target.clone(),
                 folder.clone(),
                 schema(),
@@ -469,7 +456,8 @@ mod tests {
     fn an_empty_table_publishes_nothing() {
         let dir = crate::target::tests::temp_dir("empty");
         let target = Arc::new(Target::Local(crate::target::LocalTarget::new(dir.clone())));
-        let sink = TableFileSink::new(target, "s.schema/t".into(), schema(), Compression::Zstd, 1 << 20, 1, vec![]);
+        let own = Numbering::Own { first: 1 };
+        let sink = TableFileSink::new(target, "s.schema/t".into(), schema(), Compression::Zstd, 1 << 20, own, vec![]);
         assert!(sink.close().unwrap().is_empty());
         assert!(
             !dir.join("s.schema/t").exists() || std::fs::read_dir(dir.join("s.schema/t")).unwrap().next().is_none()

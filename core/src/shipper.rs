@@ -18,7 +18,7 @@ use arrow_schema::SchemaRef;
 use parquet::file::metadata::ParquetMetaDataReader;
 
 use crate::changes::{runs_to_text, Position, TxnRun, POSITION_KEY, TRANSACTIONS_KEY};
-use crate::datafile::{Compression, PublishedFile, TableFileSink};
+use crate::datafile::{Compression, Numbering, PublishedFile, TableFileSink};
 use crate::error::{Error, ErrorKind, Result};
 use crate::target::Target;
 
@@ -117,7 +117,7 @@ fn ship_table(target: &Arc<Target>, compression: Compression, t: TableChanges) -
         t.schema,
         compression,
         usize::MAX,
-        t.number,
+        Numbering::Own { first: t.number },
         vec![(POSITION_KEY.to_string(), t.last.to_text()), (TRANSACTIONS_KEY.to_string(), runs_to_text(&t.txns))],
     );
     for b in &t.batches {

@@ -1,6 +1,6 @@
-//! The encoder thread of a process that copies tables (snapshot worker, helper, copier): encodes the batches its main thread scans into
-//! numbered Parquet files and publishes them, one table (or part of a table) at a time. Never calls
-//! PostgreSQL; talks to the main thread over bounded channels.
+//! The encoder thread of a process that copies tables (snapshot worker, helper, copier): encodes the
+//! batches its main thread scans into numbered Parquet files and publishes them, one table (or part
+//! of a table) at a time. Never calls PostgreSQL; talks to the main thread over bounded channels.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -100,7 +100,7 @@ fn encoder_loop(
             match msg {
                 ToEncoder::Begin { folder, schema, compression, max_file_bytes, numbering } => {
                     error = None;
-                    sink = Some(TableFileSink::numbered(
+                    sink = Some(TableFileSink::new(
                         target.clone(),
                         folder,
                         schema,

@@ -55,10 +55,11 @@ pub struct Copied {
 impl Copy<'_> {
     /// Copies the rows of `rel` that `snapshot` sees into snapshot files of `folder` numbered from 1
     /// (or, for parts, in turn with the other workers). `prepare` runs once the table's columns are
-    /// known and before any row is read (the caller writes `_metadata.json` there). On an error the
-    /// files are dropped: a whole table's folder is reset, a part's unpublished file is dropped; the
-    /// caller parks the table or fails. Run it in a subtransaction: a PostgreSQL error while
-    /// converting a value ends it.
+    /// known and before any row is read (a reseed computes its keys and writes `_metadata.json`
+    /// there). Run it in a subtransaction: a PostgreSQL error while converting a value ends it. After
+    /// any error the caller calls [`Copy::abandon`] (an error may come back as a PostgreSQL error,
+    /// past this function), then parks the table or fails; files already published stay for it to
+    /// reset.
     ///
     /// # Safety
     /// `rel` must be an open heap or partitioned relation (a heap for parts) and `snapshot` the active
@@ -139,27 +140,20 @@ impl Copy<'_> {
                 }
             }
         };
-        match scanned {
-            Ok(rows) => {
-                shmem::set_progress(index, slot, relid_u32, rows);
-                let files = self.encoder.finish_table(ToEncoder::End)?;
-                Ok(Copied {
-                    rows,
-                    files: files.len() as i64,
-                    bytes: files.iter().map(|f| f.bytes as i64).sum(),
-                    columns,
-                    partitions,
-                })
-            }
-            Err(e) => {
-                self.abandon();
-                Err(e)
-            }
-        }
+        let rows = scanned?;
+        shmem::set_progress(index, slot, relid_u32, rows);
+        let files = self.encoder.finish_table(ToEncoder::End)?;
+        Ok(Copied {
+            rows,
+            files: files.len() as i64,
+            bytes: files.iter().map(|f| f.bytes as i64).sum(),
+            columns,
+            partitions,
+        })
     }
 
-    /// Drops what the copy of the current table wrote (after a PostgreSQL error ended it half way; a
-    /// second call changes nothing).
+    /// Drops the file of the current table not published yet (after [`Copy::rows`] failed; with no
+    /// table begun, or a second time, it changes nothing).
     pub fn abandon(&self) {
         let _ = self.encoder.finish_table(ToEncoder::Abort);
     }
